@@ -1,0 +1,33 @@
+"""``kd``: KL-only multi-teacher amalgamation onto the concatenated label space (Hinton et al. 2015;
+as in the KA toolkits).
+
+    L_kd = T^2 * mean_i KL( softmax(concat_k z_k,i / T) || softmax(z_s,i / T) )
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from harness import losses
+from harness.methods.base import Batch, Method, Params, register
+
+
+class KDParams(Params):
+    T: float = Field(1.0, gt=0, description="soft-target temperature")
+    w_kd: float = Field(1.0, ge=0)
+
+
+@register("kd")
+class KD(Method):
+    """Multi-teacher KD onto the concatenated teachers' logits."""
+
+    ParamsModel = KDParams
+    terms = {"kd": "w_kd"}
+    description = "KL-only amalgamation onto concatenated teacher logits"
+    params: KDParams
+
+    def loss_terms(self, batch: Batch) -> dict[str, Tensor]:
+        z_s = self.student(batch.x)
+        return {"kd": losses.soft_target_kl(torch.cat(batch.teacher_logits, dim=1), z_s, self.params.T)}

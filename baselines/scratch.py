@@ -1,0 +1,14 @@
+"""``scratch``: the same student trained with the true union labels (cross-entropy).
+
+The supervised reference that amalgamation tries to reach without labels; it sees labels.
+"""
+
+from harness.methods.base import register
+from harness.methods.supervised import SupervisedCE
+
+
+@register("scratch")
+class Scratch(SupervisedCE):
+    """Supervised cross-entropy with the union labels (sees labels)."""
+
+    description = "supervised student with the true union labels (sees labels)"

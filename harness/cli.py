@@ -1,0 +1,105 @@
+"""Command line: ``harness run-study | tune | report | bench | methods``.
+
+Every user error (bad study file, unknown method, missing data root, ...) is printed as one line
+``harness: error: ...`` with exit code 2 and no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Callable
+
+from harness.errors import HarnessError
+
+
+def _cmd_run_study(args: argparse.Namespace) -> int:
+    from harness.runner import run_study
+
+    return run_study(
+        args.study, tracking_uri=args.tracking_uri, dry_run=args.dry_run, workers=args.workers,
+        report=not args.no_report,
+    )
+
+
+def _cmd_methods(args: argparse.Namespace) -> int:
+    from harness.methods.base import discover
+
+    reg = discover()
+    for name in reg.names():
+        cls = reg.get(name)
+        labels = " (sees labels)" if cls.uses_labels else ""
+        print(f"{name}{labels}: {cls.description or (cls.__doc__ or '').strip().splitlines()[0]}")
+        if cls.terms:
+            print("  loss terms: " + ", ".join(f"{t} (weight {w or '1'})" for t, w in cls.terms.items()))
+        if cls.ablations:
+            print("  ablations:  " + ", ".join(f"-{a} sets {w}=0" for a, w in cls.ablations.items()))
+        fields = cls.ParamsModel.model_fields
+        if fields:
+            print("  parameters: " + ", ".join(f"{k}={f.default!r}" for k, f in fields.items()))
+    return 0
+
+
+def _not_built(what: str, issue: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        raise HarnessError(f"'harness {what}' is not built yet (see the {issue} issue)")
+
+    return run
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    try:
+        from harness.report.build import build_report
+    except ImportError:
+        raise HarnessError("'harness report' is not built yet (see the reports issue)") from None
+    out = build_report(args.study, tracking_uri=args.tracking_uri, out_dir=args.out)
+    print(f"report written to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="harness", description="Knowledge-amalgamation study harness.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    r = sub.add_parser("run-study", help="train teachers, run every method/ablation/seed, log to MLflow")
+    r.add_argument("study", help="study YAML file")
+    r.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or MLflow's default)")
+    r.add_argument("--dry-run", action="store_true", help="print the trial table and run nothing")
+    r.add_argument("--workers", type=int, default=None, help="max concurrent trials")
+    r.add_argument("--no-report", action="store_true", help="do not build the report at the end")
+    r.set_defaults(func=_cmd_run_study)
+
+    t = sub.add_parser("tune", help="Optuna search of loss weights and temperatures (not built yet)")
+    t.add_argument("study")
+    t.set_defaults(func=_not_built("tune", "tuning"))
+
+    rep = sub.add_parser("report", help="tables, statistics and plots from MLflow into results/<study>/")
+    rep.add_argument("study", help="study name or study file")
+    rep.add_argument("--tracking-uri")
+    rep.add_argument("--out", default=None, help="output folder (default results/<study>)")
+    rep.set_defaults(func=_cmd_report)
+
+    b = sub.add_parser("bench", help="overhead, cache and makespan ratios (not built yet)")
+    b.set_defaults(func=_not_built("bench", "speed"))
+
+    m = sub.add_parser("methods", help="list registered methods, their loss terms and parameters")
+    m.set_defaults(func=_cmd_methods)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except HarnessError as e:
+        print(f"harness: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("harness: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

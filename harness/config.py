@@ -1,0 +1,227 @@
+"""The study file: schema (pydantic), loading and one-line validation errors.
+
+A study file is YAML. Every field is documented in README.md ("Study-file reference").
+Problems are reported as one line naming the field, e.g.
+``studies/x.yaml: train.lr: Input should be greater than 0``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from harness.errors import HarnessError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatasetConfig(_Strict):
+    """The study's data set: ``name`` from the dataset registry, ``root`` where it needs files."""
+
+    name: str = "digits"
+    root: str | None = None
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    image_size: int | None = Field(None, ge=4)
+
+
+class TaskSource(_Strict):
+    """A task given as a whole data set (the "multiple tasks" form), optionally a class subset."""
+
+    dataset: str
+    root: str | None = None
+    classes: list[int] | None = None
+
+    @field_validator("classes")
+    @classmethod
+    def _classes_ok(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None:
+            _check_class_list(v)
+        return v
+
+
+def _check_class_list(v: list[int]) -> None:
+    if not v:
+        raise ValueError("a task needs at least one class")
+    if any(c < 0 for c in v):
+        raise ValueError("class ids must be >= 0")
+    if len(set(v)) != len(v):
+        raise ValueError("a class is listed twice in one task")
+
+
+Task = Union[list[int], TaskSource]
+
+
+class SplitConfig(_Strict):
+    """A task split: each task is a class list of the study data set or a whole data set."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.+\-]+$")
+    tasks: list[Task] = Field(min_length=2)
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> "SplitConfig":
+        seen: dict[tuple[str, int], int] = {}
+        for k, task in enumerate(self.tasks):
+            if isinstance(task, list):
+                _check_class_list(task)
+                src, classes = "", task
+            else:
+                src, classes = f"{task.dataset}:{task.root}", task.classes or []
+            for c in classes:
+                if (src, c) in seen:
+                    raise ValueError(f"class {c} is in task {seen[(src, c)]} and task {k}: tasks must be disjoint")
+                seen[(src, c)] = k
+        return self
+
+
+class ModelSpec(BaseModel):
+    """A network: ``arch`` from the model registry plus its options (e.g. ``width``)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    arch: str
+
+    def options(self) -> dict[str, Any]:
+        """Model options: every key that is not a field of this class."""
+        return dict(self.model_extra or {})
+
+
+class TeacherConfig(ModelSpec):
+    """A teacher: architecture, options and its own supervised training recipe."""
+
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(128, ge=1)
+    optimizer: Literal["adam", "sgd"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    seed: int = 0
+
+
+class TrainConfig(_Strict):
+    """The student's training recipe, shared by every method of the study."""
+
+    epochs: int = Field(20, ge=1)
+    batch_size: int = Field(128, ge=2)
+    optimizer: Literal["adam", "sgd"] = "adam"
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    scheduler: Literal["none", "cosine"] = "none"
+    augment: bool = False
+
+
+class StudyConfig(_Strict):
+    """A whole study: data, splits, teachers, student, training, methods, ablations, seeds."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    dataset: DatasetConfig = DatasetConfig()
+    splits: list[SplitConfig] = Field(min_length=1)
+    teachers: list[TeacherConfig] = Field(min_length=1)
+    student: ModelSpec
+    train: TrainConfig = TrainConfig()
+    methods: dict[str, dict[str, Any]] = Field(min_length=1)
+    ablations: list[str] = []
+    variants: dict[str, dict[str, dict[str, Any]]] = {}
+    seeds: list[int] = Field([0], min_length=1)
+    devices: Union[Literal["auto", "cpu"], list[str]] = "auto"
+    trials_per_device: int = Field(1, ge=1)
+    max_retries: int = Field(0, ge=0)
+    cache_dir: str | None = None
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _none_params(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: ({} if p is None else p) for k, p in v.items()}
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError("seeds must be unique")
+        return v
+
+    @field_validator("ablations")
+    @classmethod
+    def _ablation_names(cls, v: list[str]) -> list[str]:
+        for a in v:
+            parts = a.split("+")
+            if not all(parts) or len(set(parts)) != len(parts):
+                raise ValueError(f"ablation {a!r}: write one component ('intra') or several joined by '+'")
+        return v
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "StudyConfig":
+        names = [s.name for s in self.splits]
+        if len(set(names)) != len(names):
+            raise ValueError("split names must be unique")
+        return self
+
+    def teachers_for(self, split: SplitConfig) -> list[TeacherConfig]:
+        """One teacher config per task (a single entry is used for every task)."""
+        if len(self.teachers) == 1:
+            return [self.teachers[0]] * len(split.tasks)
+        if len(self.teachers) != len(split.tasks):
+            raise HarnessError(
+                f"teachers: {len(self.teachers)} entries but split '{split.name}' has "
+                f"{len(split.tasks)} tasks (give one entry per task, or a single entry for all)"
+            )
+        return list(self.teachers)
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part in ("list[int]", "TaskSource") or str(part).startswith(("list[", "literal[")):
+            continue  # union-branch names that pydantic puts in the path
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """One line: ``<file>: <field.path>: <message>`` for the first error (and a count of the rest)."""
+    errors = err.errors()
+    # For a union (task as list or mapping) report the branch that matches the input's shape.
+    first = errors[0]
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown field"
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{source}: {_loc(first['loc'])}: {msg}{more}"
+
+
+def parse_study(data: Any, source: str = "study") -> StudyConfig:
+    """Validate a parsed YAML document; HarnessError with one line on any problem."""
+    if not isinstance(data, dict):
+        raise HarnessError(f"{source}: the study file must be a YAML mapping of fields")
+    try:
+        return StudyConfig.model_validate(data)
+    except ValidationError as e:
+        raise HarnessError(format_validation_error(e, source)) from None
+
+
+def load_study(path: str | Path) -> StudyConfig:
+    """Read and validate a study file (``yaml.safe_load``)."""
+    p = Path(path)
+    if not p.is_file():
+        raise HarnessError(f"{p}: study file not found")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise HarnessError(f"{p}: not valid YAML{where}: {problem}") from None
+    return parse_study(data, str(p))
+
+
+def dump_study(study: StudyConfig) -> str:
+    """The study as YAML that :func:`load_study` accepts as is."""
+    return yaml.safe_dump(study.model_dump(mode="json", exclude_none=False), sort_keys=False)

@@ -1,0 +1,156 @@
+"""The method interface and registry.
+
+A method is an ``nn.Module`` that owns its extra parts (projectors, CFL blocks), is built from
+(student, teachers, params, split info) and, on a batch, returns a dict of *named, unweighted*
+loss terms. The training loop computes ``sum(weights[name] * term)`` and logs every term, so
+ablations and logging need no special cases. A method never sees training labels unless it
+declares ``uses_labels = True`` (then it is marked as supervised in every report).
+
+Adding a method: one module with a ``Method`` subclass decorated with ``@register``, plus one
+entry-point line in ``pyproject.toml`` (group ``harness.methods``) if it lives outside harness.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+from torch import Tensor, nn
+
+from harness.errors import HarnessError
+from harness.models import Net
+from harness.registry import Registry
+
+
+class Params(BaseModel):
+    """Base of every method's parameter model: unknown parameters are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(frozen=True)
+class SplitInfo:
+    """What a method may know about the split: task sizes n_k and offsets o_k. No labels."""
+
+    sizes: tuple[int, ...]
+    offsets: tuple[int, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return sum(self.sizes)
+
+
+@dataclass
+class Batch:
+    """One training batch.
+
+    ``teacher_logits``/``teacher_feats`` are the frozen teachers' outputs on ``x`` (one tensor per
+    teacher). ``y`` (union labels) is filled only for methods with ``uses_labels = True``.
+    """
+
+    x: Tensor
+    index: Tensor
+    teacher_logits: list[Tensor] = field(default_factory=list)
+    teacher_feats: list[Tensor] = field(default_factory=list)
+    y: Tensor | None = None
+
+
+class TeacherSet(nn.Module):
+    """The frozen teachers of one split (eval mode, no gradient)."""
+
+    def __init__(self, teachers: list[Net]) -> None:
+        super().__init__()
+        self.nets = nn.ModuleList(teachers)
+        for p in self.nets.parameters():
+            p.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> "TeacherSet":  # teachers stay in eval mode
+        return super().train(False)
+
+    @property
+    def feature_dims(self) -> list[int]:
+        return [t.feature_dim for t in self.nets]
+
+    @torch.no_grad()
+    def outputs(self, x: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """(logits per teacher, penultimate features per teacher)."""
+        pairs = [t.forward_both(x) for t in self.nets]
+        return [p[0] for p in pairs], [p[1] for p in pairs]
+
+    def __len__(self) -> int:
+        return len(self.nets)
+
+
+class Method(nn.Module):
+    """Base class. Subclasses set the class attributes and implement :meth:`loss_terms`."""
+
+    name: ClassVar[str] = ""
+    ParamsModel: ClassVar[type[Params]] = Params
+    #: term name -> name of the parameter holding its weight (None: weight 1).
+    terms: ClassVar[dict[str, str | None]] = {}
+    #: ablation component -> weight parameter set to 0 by the variant ``-<component>``.
+    ablations: ClassVar[dict[str, str]] = {}
+    uses_labels: ClassVar[bool] = False
+    #: False for reference rows that only evaluate (no optimisation of a student).
+    trains: ClassVar[bool] = True
+    description: ClassVar[str] = ""
+
+    def __init__(self, student: Net, teachers: TeacherSet, params: Params, split: SplitInfo) -> None:
+        super().__init__()
+        self.student = student
+        self.teachers = teachers
+        self.params = params
+        self.split = split
+
+    def weights(self) -> dict[str, float]:
+        """Weight of every term the loop should sum; terms with weight 0 are not computed."""
+        return {t: (1.0 if p is None else float(getattr(self.params, p))) for t, p in self.terms.items()}
+
+    def active(self, term: str) -> bool:
+        return self.weights().get(term, 0.0) != 0.0
+
+    def loss_terms(self, batch: Batch) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def predict(self, x: Tensor) -> Tensor:
+        """Union logits used for evaluation (default: the student)."""
+        return self.student(x)
+
+    @classmethod
+    def parse_params(cls, params: dict[str, Any], field: str) -> Params:
+        """Validate overrides; HarnessError naming ``field.<param>`` on a bad one."""
+        try:
+            return cls.ParamsModel.model_validate(params)
+        except ValidationError as e:
+            err = e.errors()[0]
+            loc = ".".join(str(p) for p in err["loc"])
+            msg = "unknown parameter" if err["type"] == "extra_forbidden" else err["msg"]
+            raise HarnessError(f"{field}.{loc}: {msg}") from None
+
+
+METHODS: Registry[type[Method]] = Registry("method")
+register = METHODS.register
+_discovered = False
+
+
+def discover() -> Registry[type[Method]]:
+    """Import every module of the ``harness.methods`` entry-point group once; return the registry."""
+    global _discovered
+    if not _discovered:
+        import harness.methods.cka  # noqa: F401  (the built-in method)
+
+        for ep in entry_points(group="harness.methods"):
+            try:
+                ep.load()
+            except Exception as e:  # a broken plug-in must not hide the others
+                raise HarnessError(f"entry point harness.methods:{ep.name} failed to load: {e}") from None
+        _discovered = True
+    return METHODS
+
+
+def get_method(name: str) -> type[Method]:
+    return discover().get(name)

@@ -1,0 +1,185 @@
+"""The one training/evaluation loop every method uses. It never asks which method it runs.
+
+Per epoch: seeded permutation of the (in-memory) training images, batches as index slices,
+``loss = sum_t w_t * term_t`` over the method's terms, one optimiser step per batch; then the
+validation union accuracy selects the best epoch. Training labels reach the method only when it
+declares ``uses_labels``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from harness.config import TrainConfig
+from harness.data.splits import PartData, SplitData
+from harness.methods.base import Batch, Method
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term became NaN or infinite: the trial fails with this as its reason."""
+
+
+@dataclass
+class FitResult:
+    """Per-epoch history and final metrics (``test/*`` last epoch and ``*_best`` at best val)."""
+
+    history: list[dict[str, float]] = field(default_factory=list)
+    final: dict[str, float] = field(default_factory=dict)
+    best_epoch: int = 0
+    best_state: dict[str, Tensor] | None = None
+
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Adam (small data) or SGD with momentum (CIFAR scale), weight decay from the config."""
+    params = [p for p in params if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def augment(x: Tensor, generator: torch.Generator) -> Tensor:
+    """Random crop with zero padding (H/8) and horizontal flip, on tensors, on x's device."""
+    n, _, h, w = x.shape
+    pad = max(1, h // 8)
+    xp = F.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).tolist()
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).tolist()
+    out = torch.stack([xp[i, :, a : a + h, b : b + w] for i, (a, b) in enumerate(zip(dy, dx))])
+    flip = torch.rand(n, generator=generator) < 0.5
+    out[flip.to(x.device)] = out[flip.to(x.device)].flip(-1)
+    return out
+
+
+@torch.no_grad()
+def predict_all(fn: Callable[[Tensor], Tensor], x: Tensor, batch_size: int = 1024) -> Tensor:
+    return torch.cat([fn(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]) if len(x) else x.new_zeros(0)
+
+
+@torch.no_grad()
+def evaluate(
+    fn: Callable[[Tensor], Tensor], part: PartData, sizes: list[int], offsets: list[int], device: str | torch.device
+) -> dict[str, float]:
+    """Union accuracy (argmax over all n logits) and per-task accuracy (argmax inside S_k)."""
+    if len(part) == 0:
+        return {}
+    logits = predict_all(fn, part.x.to(device)).cpu()
+    out = {"union_acc": (logits.argmax(1) == part.y).float().mean().item()}
+    for k, (o, n) in enumerate(zip(offsets, sizes)):
+        m = part.t == k
+        if m.any():
+            pred = logits[m][:, o : o + n].argmax(1) + o
+            out[f"task_acc/{k}"] = (pred == part.y[m]).float().mean().item()
+    return out
+
+
+def _teacher_outputs(method: Method, x: Tensor, bs: int = 1024) -> tuple[list[Tensor], list[Tensor]]:
+    """Teacher logits/features on all training images, computed once (teachers are frozen)."""
+    if len(method.teachers) == 0:
+        return [], []
+    chunks = [method.teachers.outputs(x[i : i + bs]) for i in range(0, len(x), bs)]
+    k = len(method.teachers)
+    logits = [torch.cat([c[0][j] for c in chunks]) for j in range(k)]
+    feats = [torch.cat([c[1][j] for c in chunks]) for j in range(k)]
+    return logits, feats
+
+
+def _state(method: Method) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in method.state_dict().items()}
+
+
+def train_epoch(
+    method: Method, opt: torch.optim.Optimizer, x: Tensor, y: Tensor | None,
+    cache: tuple[list[Tensor], list[Tensor]] | None, cfg: TrainConfig, gen: torch.Generator,
+) -> dict[str, float]:
+    """One pass over the training images; returns the mean of every term and of the total."""
+    method.train()
+    n = len(x)
+    perm = torch.randperm(n, generator=gen)
+    n_batches = max(1, n // cfg.batch_size)  # the last partial batch is dropped (BatchNorm)
+    weights = method.weights()
+    sums: dict[str, float] = {}
+    for b in range(n_batches):
+        idx = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size] if n >= cfg.batch_size else perm
+        idx_d = idx.to(x.device)
+        xb = x[idx_d]
+        if cfg.augment:
+            xb = augment(xb, gen)
+        if cache is not None:
+            tl, tf = [c[idx_d] for c in cache[0]], [c[idx_d] for c in cache[1]]
+        else:
+            tl, tf = method.teachers.outputs(xb) if len(method.teachers) else ([], [])
+        batch = Batch(xb, idx, tl, tf, y[idx_d] if y is not None else None)
+        terms = method.loss_terms(batch)
+        total = sum(weights.get(t, 1.0) * v for t, v in terms.items())
+        for t, v in list(terms.items()) + [("total", total)]:
+            val = float(v.detach())
+            if not math.isfinite(val):
+                raise NonFiniteLossError(f"loss/{t} is {val} at batch {b}")
+            sums[t] = sums.get(t, 0.0) + val
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+    return {f"loss/{t}": s / n_batches for t, s in sums.items()}
+
+
+def fit(
+    method: Method, data: SplitData, cfg: TrainConfig, seed: int,
+    device: str | torch.device = "cpu", on_epoch: EpochCallback | None = None,
+) -> FitResult:
+    """Train ``method`` on ``data`` for ``cfg.epochs`` epochs; evaluate last and best-val models."""
+    method.to(device)
+    res = FitResult()
+    sizes, offsets = data.sizes, data.offsets
+    if method.trains:
+        train = data.parts["train"]
+        x = train.x.to(device)
+        y = train.y.to(device) if method.uses_labels else None  # unlabelled means unlabelled
+        cache = None if cfg.augment else _teacher_outputs(method, x)
+        opt = make_optimizer(method.parameters(), cfg)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs) if cfg.scheduler == "cosine" else None
+        gen = torch.Generator().manual_seed(seed)
+        best = -1.0
+        for epoch in range(1, cfg.epochs + 1):
+            t0 = time.perf_counter()
+            metrics = train_epoch(method, opt, x, y, cache, cfg, gen)
+            train_s = time.perf_counter() - t0
+            if sched is not None:
+                sched.step()
+            method.eval()
+            val = evaluate(method.predict, data.parts["val"], sizes, offsets, device)
+            metrics.update({f"val/{k}": v for k, v in val.items()})
+            metrics["epoch_seconds"] = time.perf_counter() - t0
+            metrics["images_per_second"] = len(x) / max(train_s, 1e-9)
+            score = val.get("union_acc", float(epoch))  # no val part: the last epoch is the best
+            if score > best:
+                best, res.best_epoch, res.best_state = score, epoch, _state(method)
+            res.history.append(metrics)
+            if on_epoch is not None:
+                on_epoch(epoch, metrics)
+    method.eval()
+    last = evaluate(method.predict, data.parts["test"], sizes, offsets, device)
+    val_last = evaluate(method.predict, data.parts["val"], sizes, offsets, device)
+    if res.best_state is not None:
+        last_state = _state(method)
+        method.load_state_dict(res.best_state)
+        best_m = evaluate(method.predict, data.parts["test"], sizes, offsets, device)
+        val_best = evaluate(method.predict, data.parts["val"], sizes, offsets, device)
+        method.load_state_dict(last_state)
+    else:
+        best_m, val_best = last, val_last
+    res.final = {f"test/{k}": v for k, v in last.items()}
+    res.final.update({f"test/{k.replace('_acc', '_acc_best')}": v for k, v in best_m.items()})
+    if "union_acc" in val_best:
+        res.final["val/union_acc_best"] = val_best["union_acc"]
+    res.final["best_epoch"] = float(res.best_epoch)
+    return res
