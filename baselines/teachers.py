@@ -28,6 +28,7 @@ class TeacherReference(Method):
 
     ParamsModel = TeacherRefParams
     trains = False
+    seeded = False
     description = "reference rows: teachers on their own tasks and the claiming-teacher ensemble"
     params: TeacherRefParams
 

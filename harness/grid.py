@@ -104,7 +104,8 @@ def expand(study: StudyConfig) -> list[Trial]:
     for si, split in enumerate(study.splits):
         study.teachers_for(split)
         for method, variant, params in variants:
-            for seed in study.seeds:
+            seeds = study.seeds if get_method(method).seeded else study.seeds[:1]
+            for seed in seeds:
                 key = trial_key(study, si, method, params, seed)
                 trials.append(Trial(study.name, split.name, method, variant, seed, params, key))
     return trials

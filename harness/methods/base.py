@@ -97,6 +97,8 @@ class Method(nn.Module):
     uses_labels: ClassVar[bool] = False
     #: False for reference rows that only evaluate (no optimisation of a student).
     trains: ClassVar[bool] = True
+    #: False when the result cannot depend on the seed (runs once per split, first seed).
+    seeded: ClassVar[bool] = True
     description: ClassVar[str] = ""
 
     def __init__(self, student: Net, teachers: TeacherSet, params: Params, split: SplitInfo) -> None:
