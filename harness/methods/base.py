@@ -12,6 +12,8 @@ entry-point line in ``pyproject.toml`` (group ``harness.methods``) if it lives o
 
 from __future__ import annotations
 
+import importlib
+import os
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any, ClassVar
@@ -140,10 +142,18 @@ _discovered = False
 
 
 def discover() -> Registry[type[Method]]:
-    """Import every module of the ``harness.methods`` entry-point group once; return the registry."""
+    """Import the built-in methods, every module of the ``harness.methods`` entry-point group and
+    the modules named in ``$HARNESS_PLUGINS`` (comma-separated; for quick experiments and tests),
+    once; return the registry."""
     global _discovered
     if not _discovered:
         import harness.methods.cka  # noqa: F401  (the built-in method)
+
+        for mod in filter(None, (m.strip() for m in os.environ.get("HARNESS_PLUGINS", "").split(","))):
+            try:
+                importlib.import_module(mod)
+            except ImportError as e:
+                raise HarnessError(f"HARNESS_PLUGINS: cannot import {mod!r}: {e}") from None
 
         for ep in entry_points(group="harness.methods"):
             try:
