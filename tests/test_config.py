@@ -1,0 +1,122 @@
+"""Study schema: good files load, every bad file gives one line naming the field."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from harness.config import dump_study, load_study, parse_study
+from harness.errors import HarnessError
+from harness.grid import build_splits, expand
+from tests.conftest import TINY
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_committed_studies_load_and_expand():
+    for path in sorted((ROOT / "studies").glob("*.yaml")):
+        study = load_study(path)
+        assert expand(study), path
+
+
+def test_digits_study_matches_issue_fields():
+    s = load_study(ROOT / "studies/digits.yaml")
+    assert s.name == "digits" and s.dataset.name == "digits" and s.dataset.val_fraction == 0.1
+    assert s.splits[0].tasks == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+    assert [t.arch for t in s.teachers] == ["cnn", "mlp"] and s.teachers[0].options() == {"width": 32}
+    assert s.train.optimizer == "adam" and s.train.lr == 0.001 and s.seeds == [0, 1, 2]
+    assert set(s.methods) == {"cka", "kd", "cfl", "scratch", "teachers"}
+    assert s.ablations == ["intra", "inter", "align", "task"] and s.devices == "auto"
+
+
+def test_dump_roundtrip():
+    s = parse_study(copy.deepcopy(TINY))
+    assert parse_study(yaml.safe_load(dump_study(s))) == s
+
+
+def _err(mutate) -> str:
+    data = copy.deepcopy(TINY)
+    mutate(data)
+    with pytest.raises(HarnessError) as e:
+        study = parse_study(data, "s.yaml")
+        expand(study)
+        build_splits(study)
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (lambda d: d.update(bogus=1), "s.yaml: bogus: unknown field"),
+        (lambda d: d["train"].update(lr=-1), "s.yaml: train.lr: Input should be greater than 0"),
+        (lambda d: d["train"].update(optimizer="rmsprop"), "s.yaml: train.optimizer:"),
+        (lambda d: d["dataset"].update(val_fraction=1.5), "s.yaml: dataset.val_fraction:"),
+        (lambda d: d.update(seeds=[]), "s.yaml: seeds:"),
+        (lambda d: d.update(seeds=[1, 1]), "s.yaml: seeds: seeds must be unique"),
+        (lambda d: d["splits"][0].update(tasks=[[0, 1], [1, 2]]), "s.yaml: splits[0]: class 1 is in task 0 and task 1"),
+        (lambda d: d["splits"][0].update(tasks=[[0, 1], []]), "s.yaml: splits[0]"),
+        (lambda d: d["splits"][0].update(tasks=[[0, 1]]), "s.yaml: splits[0].tasks:"),
+        (lambda d: d["splits"][0].update(tasks=[[0, 1], [2, 12]]), "splits[0].tasks[1]: class 12 is out of range"),
+        (lambda d: d.update(methods={"nope": {}}), "unknown method 'nope'"),
+        (lambda d: d["methods"].update(kd={"TT": 2}), "methods.kd.TT: unknown parameter"),
+        (lambda d: d["methods"].update(kd={"T": -2}), "methods.kd.T: Input should be greater than 0"),
+        (lambda d: d["student"].update(widht=3), "student.widht: unknown option for model 'cnn'"),
+        (lambda d: d["student"].update(arch="vgg"), "unknown model 'vgg'"),
+        (lambda d: d["teachers"].append({"arch": "mlp"}), "teachers: 3 entries but split '2x5' has 2 tasks"),
+        (lambda d: d.update(ablations=["intra"]), "ablations[0]: 'intra' is not a component of any method"),
+        (lambda d: d.update(ablations=["intra+"]), "s.yaml: ablations:"),
+        (lambda d: d["dataset"].update(name="cifar10"), "dataset.root: required for dataset 'cifar10'"),
+        (lambda d: d["dataset"].update(name="npz", root="/does/not/exist.npz"), "/does/not/exist.npz"),
+        (lambda d: d.update(variants={"cka": {"x": {}}}), "variants.cka: method is not in the study's methods"),
+        (lambda d: d.update(variants={"kd": {"hot": {"T": 0}}}), "variants.kd.hot.T:"),
+    ],
+)
+def test_bad_study_one_line_naming_field(mutate, expected):
+    assert expected in _err(mutate)
+
+
+def test_multi_task_form_parses():
+    data = copy.deepcopy(TINY)
+    data["dataset"]["image_size"] = 16
+    data["splits"] = [{"name": "d+m", "tasks": [{"dataset": "digits"}, {"dataset": "mnist5k", "classes": [0, 1]}]}]
+    s = parse_study(data)
+    assert s.splits[0].tasks[1].classes == [0, 1]
+
+
+def test_load_study_errors(tmp_path):
+    with pytest.raises(HarnessError, match="study file not found"):
+        load_study(tmp_path / "none.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    with pytest.raises(HarnessError, match=r"bad.yaml: not valid YAML \(line"):
+        load_study(bad)
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(HarnessError, match="must be a YAML mapping"):
+        load_study(bad)
+
+
+def test_cli_bad_study_exit_2_nothing_created(tmp_path):
+    data = copy.deepcopy(TINY)
+    data["methods"] = {"kd": {"temperature": 3}}
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(data))
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HARNESS_CACHE": str(tmp_path / "cache")}
+    import os
+
+    env = {**os.environ, **env}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "harness.cli", "run-study", str(path)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"harness: error: methods.kd.temperature: unknown parameter"
+    assert "Traceback" not in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.yaml"]  # no mlflow.db, no cache

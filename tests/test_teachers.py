@@ -1,0 +1,78 @@
+"""Teacher cache: miss trains and writes, hit loads the same weights, corrupt entries retrain."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from harness.config import DatasetConfig, SplitConfig, TeacherConfig
+from harness.data.splits import build_split
+from harness.teachers import cache_root, get_teachers, stable_hash, teacher_spec
+
+DS = DatasetConfig(name="digits")
+SPLIT = build_split(SplitConfig(name="s", tasks=[[0, 1, 2], [3, 4]]), DS)
+CFGS = [TeacherConfig(arch="cnn", width=4, epochs=2, batch_size=32, lr=0.01), TeacherConfig(arch="mlp", hidden=16, epochs=2, batch_size=32, lr=0.01)]
+
+
+def _entries(root):
+    return sorted((root / "teachers").glob("*.pt"))
+
+
+def _same(a, b):
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_miss_then_hit(tmp_path):
+    seen = []
+    first = get_teachers(SPLIT, DS, CFGS, str(tmp_path), on_ready=seen.append)
+    assert [r.cached for r in first] == [False, False] and len(_entries(tmp_path)) == 2
+    assert seen == first
+    assert [r.net.num_classes for r in first] == [3, 2] and first[1].net.feature_dim == 16
+    acc = first[0].metrics["test/union_acc_best"]
+    assert 0.5 < acc <= 1.0  # a real (if short) supervised training on 3 digit classes
+    second = get_teachers(SPLIT, DS, CFGS, str(tmp_path))
+    assert [r.cached for r in second] == [True, True]
+    assert all(_same(a.net, b.net) for a, b in zip(first, second))
+    assert second[0].metrics == first[0].metrics and len(second[0].history) == 2
+
+
+def test_key_covers_what_determines_a_teacher():
+    base = stable_hash(teacher_spec(SPLIT, 0, DS, CFGS[0]))
+    assert base == stable_hash(teacher_spec(SPLIT, 0, DS, TeacherConfig(arch="cnn", width=4, epochs=2, batch_size=32, lr=0.01)))
+    changed = [
+        teacher_spec(SPLIT, 0, DS, TeacherConfig(arch="cnn", width=4, epochs=3, batch_size=32, lr=0.01)),
+        teacher_spec(SPLIT, 0, DS, TeacherConfig(arch="cnn", width=5, epochs=2, batch_size=32, lr=0.01)),
+        teacher_spec(SPLIT, 0, DS, TeacherConfig(arch="cnn", width=4, epochs=2, batch_size=32, lr=0.01, seed=1)),
+        teacher_spec(SPLIT, 0, DS, TeacherConfig(arch="cnn", width=4, epochs=2, batch_size=32, lr=0.02)),
+        teacher_spec(SPLIT, 0, DatasetConfig(name="digits", val_fraction=0.2), CFGS[0]),
+        teacher_spec(SPLIT, 1, DS, CFGS[0]),
+    ]
+    assert len({base, *map(stable_hash, changed)}) == 1 + len(changed)
+
+
+@pytest.mark.parametrize("garbage", [b"not a checkpoint", b""])
+def test_corrupt_entry_is_retrained(tmp_path, garbage):
+    first = get_teachers(SPLIT, DS, CFGS[:1] * 2, str(tmp_path))
+    path = tmp_path / "teachers" / f"{first[0].key}.pt"
+    path.write_bytes(garbage)
+    with pytest.warns(UserWarning, match="unreadable"):
+        again = get_teachers(SPLIT, DS, CFGS[:1] * 2, str(tmp_path))
+    assert again[0].cached is False and _same(again[0].net, first[0].net)  # same seed, same weights
+    assert torch.load(path, weights_only=True)["meta"]["key"] == again[0].key
+
+
+def test_entry_of_other_architecture_is_not_trusted(tmp_path):
+    rec = get_teachers(SPLIT, DS, CFGS[:1], str(tmp_path))[0]
+    path = _entries(tmp_path)[0]
+    other = get_teachers(SPLIT, DS, CFGS[1:], str(tmp_path / "o"))[0]
+    torch.save({"state_dict": other.net.state_dict(), "meta": {"key": rec.key, "metrics": {}}}, path)
+    with pytest.warns(UserWarning, match="unreadable"):
+        again = get_teachers(SPLIT, DS, CFGS[:1], str(tmp_path))[0]
+    assert again.cached is False
+
+
+def test_cache_root_resolution(monkeypatch):
+    monkeypatch.setenv("HARNESS_CACHE", "/x/y")
+    assert str(cache_root(None)) == "/x/y" and str(cache_root("/a")) == "/a"
+    monkeypatch.delenv("HARNESS_CACHE")
+    assert str(cache_root(None)) == ".harness_cache"
