@@ -97,12 +97,15 @@ class CKA(Method):
         h_s = F.normalize(self.g_s(f_s), dim=1)
         h_t = [F.normalize(g(f), dim=1) for g, f in zip(self.g_t, ft)]
         keep = conf >= p.conf_threshold
-        if self.active("intra"):
+        if int(keep.sum()) < 2:  # nothing confident enough to contrast in this batch
+            zero = h_s.sum() * 0 + sum(h.sum() * 0 for h in h_t)
+            out.update({t: zero for t in ("intra", "inter") if self.active(t)})
+        elif self.active("intra"):
             intra = losses.supcon(h_s[keep], y[keep], p.tau)
             if p.intra_models == "all":
                 intra = intra + torch.stack([losses.supcon(h[keep], y[keep], p.tau) for h in h_t]).mean()
             out["intra"] = intra
-        if self.active("inter"):
+        if self.active("inter") and "inter" not in out:
             out["inter"] = torch.stack(
                 [losses.cross_supcon(h_s[keep], h[keep], y[keep], p.tau, p.symmetric) for h in h_t]
             ).mean()
