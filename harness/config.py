@@ -56,28 +56,6 @@ def _check_class_list(v: list[int]) -> None:
 Task = Union[list[int], TaskSource]
 
 
-class SplitConfig(_Strict):
-    """A task split: each task is a class list of the study data set or a whole data set."""
-
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.+\-]+$")
-    tasks: list[Task] = Field(min_length=2)
-
-    @model_validator(mode="after")
-    def _disjoint(self) -> "SplitConfig":
-        seen: dict[tuple[str, int], int] = {}
-        for k, task in enumerate(self.tasks):
-            if isinstance(task, list):
-                _check_class_list(task)
-                src, classes = "", task
-            else:
-                src, classes = f"{task.dataset}:{task.root}", task.classes or []
-            for c in classes:
-                if (src, c) in seen:
-                    raise ValueError(f"class {c} is in task {seen[(src, c)]} and task {k}: tasks must be disjoint")
-                seen[(src, c)] = k
-        return self
-
-
 class ModelSpec(BaseModel):
     """A network: ``arch`` from the model registry plus its options (e.g. ``width``)."""
 
@@ -100,6 +78,30 @@ class TeacherConfig(ModelSpec):
     seed: int = 0
 
 
+class SplitConfig(_Strict):
+    """A task split: each task is a class list of the study data set or a whole data set."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.+\-]+$")
+    tasks: list[Task] = Field(min_length=2)
+    #: optional per-split teachers (one per task, or one for all); else the study's ``teachers``
+    teachers: list[TeacherConfig] | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> "SplitConfig":
+        seen: dict[tuple[str, int], int] = {}
+        for k, task in enumerate(self.tasks):
+            if isinstance(task, list):
+                _check_class_list(task)
+                src, classes = "", task
+            else:
+                src, classes = f"{task.dataset}:{task.root}", task.classes or []
+            for c in classes:
+                if (src, c) in seen:
+                    raise ValueError(f"class {c} is in task {seen[(src, c)]} and task {k}: tasks must be disjoint")
+                seen[(src, c)] = k
+        return self
+
+
 class TrainConfig(_Strict):
     """The student's training recipe, shared by every method of the study."""
 
@@ -119,7 +121,7 @@ class StudyConfig(_Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
     dataset: DatasetConfig = DatasetConfig()
     splits: list[SplitConfig] = Field(min_length=1)
-    teachers: list[TeacherConfig] = Field(min_length=1)
+    teachers: list[TeacherConfig] = []
     student: ModelSpec
     train: TrainConfig = TrainConfig()
     methods: dict[str, dict[str, Any]] = Field(min_length=1)
@@ -162,15 +164,21 @@ class StudyConfig(_Strict):
         return self
 
     def teachers_for(self, split: SplitConfig) -> list[TeacherConfig]:
-        """One teacher config per task (a single entry is used for every task)."""
-        if len(self.teachers) == 1:
-            return [self.teachers[0]] * len(split.tasks)
-        if len(self.teachers) != len(split.tasks):
+        """One teacher config per task: the split's own ``teachers`` or else the study's
+        (a single entry is used for every task)."""
+        own = split.teachers is not None
+        cfgs = split.teachers if own else self.teachers
+        field = f"splits[{self.splits.index(split)}].teachers" if own else "teachers"
+        if not cfgs:
+            raise HarnessError(f"teachers: required (split '{split.name}' has no teachers of its own)")
+        if len(cfgs) == 1:
+            return [cfgs[0]] * len(split.tasks)
+        if len(cfgs) != len(split.tasks):
             raise HarnessError(
-                f"teachers: {len(self.teachers)} entries but split '{split.name}' has "
+                f"{field}: {len(cfgs)} entries but split '{split.name}' has "
                 f"{len(split.tasks)} tasks (give one entry per task, or a single entry for all)"
             )
-        return list(self.teachers)
+        return list(cfgs)
 
 
 def _loc(loc: tuple[Any, ...]) -> str:

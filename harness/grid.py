@@ -99,6 +99,9 @@ def expand(study: StudyConfig) -> list[Trial]:
     _check_model(study.student, "student")
     for i, t in enumerate(study.teachers):
         _check_model(t, f"teachers[{i}]")
+    for si, split in enumerate(study.splits):
+        for i, t in enumerate(split.teachers or []):
+            _check_model(t, f"splits[{si}].teachers[{i}]")
     variants = method_variants(study)
     trials = []
     for si, split in enumerate(study.splits):
