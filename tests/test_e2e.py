@@ -1,0 +1,87 @@
+"""One small study end to end through the CLI, checked against the MLflow schema."""
+
+from __future__ import annotations
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from harness.cli import main
+from tests.conftest import write_study
+
+
+@pytest.fixture(scope="module")
+def ran(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("e2e")
+    mp = pytest.MonkeyPatch()
+    mp.chdir(tmp)
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp}/mlflow.db")
+    mp.setenv("HARNESS_CACHE", str(tmp / "cache"))
+    study = write_study(tmp / "tiny.yaml", methods={"cka": {}, "kd": {}, "scratch": {}, "teachers": {}},
+                        ablations=["align"])
+    code = main(["run-study", str(study), "--no-report", "--workers", "1"])
+    client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
+    exp = client.get_experiment_by_name("tiny")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    yield code, client, runs, study, tmp
+    mp.undo()
+
+
+def _trials(runs):
+    return [r for r in runs if r.data.tags.get("harness.kind") == "trial"]
+
+
+def test_every_trial_finished_with_schema_tags(ran):
+    code, _, runs, _, _ = ran
+    assert code == 0
+    trials = _trials(runs)
+    got = sorted((r.data.tags["harness.method"], r.data.tags["harness.variant"], r.data.tags["harness.seed"]) for r in trials)
+    expected = sorted([(m, v, s) for m, v in [("cka", "full"), ("cka", "-align"), ("kd", "full"), ("scratch", "full")]
+                       for s in ("0", "1")] + [("teachers", "full", "0")])
+    assert got == expected
+    for r in trials:
+        assert r.info.status == "FINISHED"
+        t = r.data.tags
+        assert t["harness.study"] == "tiny" and t["harness.split"] == "2x5" and len(t["harness.trial_key"]) == 16
+        assert t["harness.uses_labels"] == ("true" if t["harness.method"] == "scratch" else "false")
+    assert len({r.data.tags["harness.trial_key"] for r in trials}) == len(trials)
+
+
+def test_params_are_the_flattened_resolved_config(ran):
+    _, _, runs, _, _ = ran
+    cka = next(r for r in _trials(runs) if r.data.tags["harness.variant"] == "-align")
+    p = cka.data.params
+    assert p["params.w_align"] == "0.0" and p["params.w_intra"] == "0.1" and p["train.epochs"] == "2"
+    assert p["student.arch"] == "cnn" and p["method"] == "cka" and p["seed"] in ("0", "1")
+
+
+def test_per_epoch_and_final_metrics(ran):
+    _, client, runs, _, _ = ran
+    cka = next(r for r in _trials(runs) if r.data.tags["harness.method"] == "cka" and r.data.tags["harness.variant"] == "full")
+    m = cka.data.metrics
+    for key in ("test/union_acc", "test/union_acc_best", "test/task_acc/0", "test/task_acc/1",
+                "diag/pseudo_label_acc", "diag/ensemble_union_acc"):
+        assert 0.0 <= m[key] <= 1.0, key
+    for key in ("loss/task", "loss/intra", "loss/inter", "loss/align", "loss/total", "val/union_acc",
+                "epoch_seconds", "images_per_second"):
+        hist = client.get_metric_history(cka.info.run_id, key)
+        assert sorted(h.step for h in hist) == [1, 2], key
+    abl = next(r for r in _trials(runs) if r.data.tags["harness.variant"] == "-align")
+    assert client.get_metric_history(abl.info.run_id, "loss/align") == []
+    ref = next(r for r in _trials(runs) if r.data.tags["harness.method"] == "teachers")
+    assert ref.data.metrics["test/union_acc"] == pytest.approx(ref.data.metrics["diag/ensemble_union_acc"])
+
+
+def test_teachers_trained_once_and_logged(ran):
+    _, _, runs, _, tmp = ran
+    teachers = [r for r in runs if r.data.tags.get("harness.kind") == "teacher"]
+    assert sorted(r.data.tags["harness.task"] for r in teachers) == ["0", "1"]
+    assert all(0.0 < r.data.metrics["test/acc"] <= 1.0 for r in teachers)
+    assert len(list((tmp / "cache" / "teachers").glob("*.pt"))) == 2
+
+
+def test_rerun_skips_finished_trials(ran):
+    _, client, runs, study, _ = ran
+    assert main(["run-study", str(study), "--no-report", "--workers", "1"]) == 0
+    exp = client.get_experiment_by_name("tiny")
+    again = client.search_runs([exp.experiment_id], "tags.`harness.kind` = 'trial'", max_results=1000)
+    assert len(again) == len(_trials(runs))
