@@ -2,6 +2,9 @@
 as in the KA toolkits).
 
     L_kd = T^2 * mean_i KL( softmax(concat_k z_k,i / T) || softmax(z_s,i / T) )
+
+With ``routing: {targets: routed}`` the target is instead the claiming teacher's softmax placed in
+its own slice (``harness.routing``).
 """
 
 from __future__ import annotations
@@ -12,11 +15,13 @@ from torch import Tensor
 
 from harness import losses
 from harness.methods.base import Batch, Method, Params, register
+from harness.routing import RoutingConfig, target_logits
 
 
 class KDParams(Params):
     T: float = Field(1.0, gt=0, description="soft-target temperature")
     w_kd: float = Field(1.0, ge=0)
+    routing: RoutingConfig = RoutingConfig()
 
 
 @register("kd")
@@ -30,4 +35,10 @@ class KD(Method):
 
     def loss_terms(self, batch: Batch) -> dict[str, Tensor]:
         z_s = self.student(batch.x)
-        return {"kd": losses.soft_target_kl(torch.cat(batch.teacher_logits, dim=1), z_s, self.params.T)}
+        rule = self.params.routing
+        if rule.targets == "concat":
+            target = torch.cat(batch.teacher_logits, dim=1)
+        else:
+            _, k_star, _ = self.route(batch.teacher_logits, batch.teacher_feats)
+            target = target_logits(batch.teacher_logits, k_star, rule, self.params.T)
+        return {"kd": losses.soft_target_kl(target, z_s, self.params.T)}

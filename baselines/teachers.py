@@ -2,24 +2,20 @@
 
 - per-task accuracy: each teacher on its own task's test images (argmax inside S_k);
 - union accuracy: the claiming-teacher ensemble, every test image routed to k*(x)
-  (``pl_rule`` as in ``harness.losses.pseudo_labels``).
+  under the ``routing`` rule (``harness.routing``; default: max-softmax confidence).
 """
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import Field
 from torch import Tensor
 
-from harness import losses
 from harness.methods.base import Batch, Method, Params, register
+from harness.routing import RoutingConfig
 
 
 class TeacherRefParams(Params):
-    pl_rule: Literal["confidence", "entropy"] = "confidence"
-    T_pl: float = Field(1.0, gt=0)
+    routing: RoutingConfig = RoutingConfig()
 
 
 @register("teachers")
@@ -40,8 +36,8 @@ class TeacherReference(Method):
         """Slice S_k holds teacher k's log-probabilities; slices of non-claiming teachers are
         shifted down, so the argmax inside S_k is teacher k's own prediction and the global
         argmax is the claiming teacher's prediction."""
-        logits, _ = self.teachers.outputs(x)
-        _, k_star, _ = losses.pseudo_labels(logits, self.split.offsets, T=self.params.T_pl, rule=self.params.pl_rule)
+        logits, feats = self.teachers.outputs(x)
+        _, k_star, _ = self.route(logits, feats)
         cols = []
         for k, z in enumerate(logits):
             lp = torch.log_softmax(z.float(), dim=1)

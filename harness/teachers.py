@@ -23,6 +23,7 @@ from harness.data.splits import PartData, SplitData
 from harness.methods.base import SplitInfo, TeacherSet
 from harness.methods.supervised import SupervisedCE
 from harness.models import Net, build_model
+from harness.routing import RoutingStats, TeacherStats, fit_stats
 from harness.train import fit
 
 CACHE_VERSION = 1
@@ -74,6 +75,7 @@ class TeacherRecord:
     cached: bool
     metrics: dict[str, float]
     history: list[dict[str, float]]
+    stats: TeacherStats | None = None
 
 
 def _load(path: Path, net: Net) -> dict[str, Any] | None:
@@ -109,11 +111,33 @@ def train_teacher(data: SplitData, cfg: TeacherConfig, device: str = "cpu") -> t
     return net.cpu().eval(), metrics, res.history
 
 
+def routing_stats(
+    rec: TeacherRecord, split: SplitData, cache_dir: str | None = None, settings: RoutingStats = RoutingStats()
+) -> TeacherStats:
+    """Teacher k's routing statistics, fitted on its own training/validation images only and
+    cached next to its checkpoint (the file name hashes the teacher key and the settings)."""
+    path = cache_root(cache_dir) / "teachers" / f"{rec.key}-routing-{stable_hash(settings.model_dump())}.pt"
+    if path.exists():
+        try:
+            return TeacherStats.from_dict(torch.load(path, map_location="cpu", weights_only=True))
+        except Exception as e:
+            warnings.warn(f"routing statistics {path} are unreadable ({type(e).__name__}); refitting", stacklevel=2)
+    x_tr, y_tr = split.task_part(rec.index, "train")
+    x_va, _ = split.task_part(rec.index, "val")
+    stats = fit_stats(rec.net, x_tr, y_tr, x_va, settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(stats.to_dict(), tmp)
+    os.replace(tmp, path)
+    return stats
+
+
 def get_teachers(
     split: SplitData, dataset: DatasetConfig, cfgs: list[TeacherConfig], cache_dir: str | None = None,
     device: str = "cpu", on_ready: Callable[[TeacherRecord], None] | None = None,
 ) -> list[TeacherRecord]:
-    """Train or load every teacher of a split. ``on_ready`` is called for each (e.g. to log it)."""
+    """Train or load every teacher of a split, with its routing statistics. ``on_ready`` is
+    called for each (e.g. to log it)."""
     records = []
     for k, cfg in enumerate(cfgs):
         spec = teacher_spec(split, k, dataset, cfg)
@@ -127,6 +151,7 @@ def get_teachers(
             net, metrics, history = train_teacher(task_data(split, k), cfg, device)
             _save(path, net, {"key": key, "metrics": metrics, "history": history})
             rec = TeacherRecord(k, key, spec, net, False, metrics, history)
+        rec.stats = routing_stats(rec, split, cache_dir)
         if on_ready is not None:
             on_ready(rec)
         records.append(rec)

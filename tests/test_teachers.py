@@ -15,7 +15,7 @@ CFGS = [TeacherConfig(arch="cnn", width=4, epochs=2, batch_size=32, lr=0.01), Te
 
 
 def _entries(root):
-    return sorted((root / "teachers").glob("*.pt"))
+    return sorted(p for p in (root / "teachers").glob("*.pt") if "-routing-" not in p.name)
 
 
 def _same(a, b):
@@ -76,3 +76,19 @@ def test_cache_root_resolution(monkeypatch):
     assert str(cache_root(None)) == "/x/y" and str(cache_root("/a")) == "/a"
     monkeypatch.delenv("HARNESS_CACHE")
     assert str(cache_root(None)) == ".harness_cache"
+
+
+def test_routing_stats_fitted_on_own_data_and_cached(tmp_path):
+    recs = get_teachers(SPLIT, DS, CFGS, str(tmp_path))
+    stats_files = sorted((tmp_path / "teachers").glob("*-routing-*.pt"))
+    assert len(stats_files) == 2 and all(r.key in f.name for r, f in zip(sorted(recs, key=lambda r: r.key), stats_files))
+    st = recs[0].stats
+    x, y = SPLIT.task_part(0, "train")
+    with torch.no_grad():
+        f = recs[0].net.features(x)
+    # class means are teacher 0's own training features per class (3 classes, not 5)
+    assert st.means.shape == (3, recs[0].net.feature_dim)
+    assert torch.allclose(st.means[1], f[y == 1].mean(0), atol=1e-5)
+    assert st.bank.shape[0] == len(SPLIT.task_part(0, "val")[1])
+    again = get_teachers(SPLIT, DS, CFGS, str(tmp_path))
+    assert torch.equal(again[0].stats.precision, st.precision)

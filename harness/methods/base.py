@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from harness.errors import HarnessError
 from harness.models import Net
 from harness.registry import Registry
+from harness.routing import RoutingConfig, TeacherStats, route
 
 
 class Params(BaseModel):
@@ -63,9 +64,11 @@ class Batch:
 class TeacherSet(nn.Module):
     """The frozen teachers of one split (eval mode, no gradient)."""
 
-    def __init__(self, teachers: list[Net]) -> None:
+    def __init__(self, teachers: list[Net], stats: list[TeacherStats] | None = None) -> None:
         super().__init__()
         self.nets = nn.ModuleList(teachers)
+        #: routing statistics fitted on each teacher's own data (None until a rule needs them)
+        self.stats = stats
         for p in self.nets.parameters():
             p.requires_grad_(False)
         self.eval()
@@ -123,6 +126,15 @@ class Method(nn.Module):
     def predict(self, x: Tensor) -> Tensor:
         """Union logits used for evaluation (default: the student)."""
         return self.student(x)
+
+    def routing_rule(self) -> RoutingConfig:
+        """The method's routing rule (its ``routing`` parameter, else max-softmax confidence)."""
+        rule = getattr(self.params, "routing", None)
+        return rule if isinstance(rule, RoutingConfig) else RoutingConfig()
+
+    def route(self, logits: list[Tensor], feats: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """(pseudo-labels, claiming teacher, confidence) under the method's routing rule."""
+        return route(logits, feats, self.teachers.stats, self.routing_rule(), self.split.offsets)
 
     @classmethod
     def parse_params(cls, params: dict[str, Any], field: str) -> Params:

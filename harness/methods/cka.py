@@ -12,8 +12,10 @@ Formulas as reconstructed in ``cka-spec.md``; every **variant** there is a param
             (``soft_target: per_task``: sum_k of the same on each teacher's slice S_k)
 
 h = normalize(g(f)) with projectors g: Linear(d_in, 256) -> BN -> ReLU -> Linear(256, 128).
-y^ are pseudo-labels from the frozen teachers (no ground truth). With w_task = 0 (the ``-task``
-ablation) the head is trained by cross-entropy on y^ instead, logged as ``task_hard``.
+y^ are pseudo-labels from the frozen teachers (no ground truth), claimed under the ``routing``
+rule (default: highest max-softmax confidence; the spec's lowest-entropy variant is
+``routing: entropy``; ``targets: routed`` also routes L_task's target). With w_task = 0 (the
+``-task`` ablation) the head is trained by cross-entropy on y^ instead, logged as ``task_hard``.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from torch import Tensor, nn
 
 from harness import losses
 from harness.methods.base import Batch, Method, Params, register
+from harness.routing import RoutingConfig, target_logits
 
 
 class CKAParams(Params):
@@ -37,8 +40,7 @@ class CKAParams(Params):
     tau: float = Field(0.1, gt=0, description="contrastive temperature")
     tau_a: float = Field(0.1, gt=0, description="alignment temperature")
     T: float = Field(1.0, gt=0, description="soft-target temperature")
-    T_pl: float = Field(1.0, gt=0, description="pseudo-label softmax temperature")
-    pl_rule: Literal["confidence", "entropy"] = "confidence"
+    routing: RoutingConfig = Field(RoutingConfig(), description="claiming rule and targets (harness.routing)")
     conf_threshold: float = Field(0.0, ge=0, le=1)
     intra_models: Literal["student", "all"] = "student"
     symmetric: bool = False
@@ -79,11 +81,11 @@ class CKA(Method):
         p = self.params
         z_s, f_s = self.student.forward_both(batch.x)
         zt, ft = batch.teacher_logits, batch.teacher_feats
-        y, k_star, conf = losses.pseudo_labels(zt, self.split.offsets, T=p.T_pl, rule=p.pl_rule)
+        y, k_star, conf = self.route(zt, batch.teacher_feats)
         out: dict[str, Tensor] = {}
         if self.active("task"):
             if p.soft_target == "concat":
-                out["task"] = losses.soft_target_kl(torch.cat(zt, dim=1), z_s, p.T)
+                out["task"] = losses.soft_target_kl(target_logits(zt, k_star, p.routing, p.T), z_s, p.T)
             else:
                 out["task"] = sum(
                     losses.soft_target_kl(z, z_s[:, o : o + n], p.T)

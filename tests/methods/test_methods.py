@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from harness import losses
 from harness.methods.base import Batch, SplitInfo, TeacherSet, discover, get_method
 from harness.models import build_model
+from harness.routing import fit_stats
 
 SHAPE = (1, 8, 8)
 SIZES, OFFSETS = (3, 2), (0, 3)
@@ -17,7 +18,11 @@ SIZES, OFFSETS = (3, 2), (0, 3)
 def _teachers():
     torch.manual_seed(0)
     # heterogeneous: different architectures and feature widths (24 vs 40)
-    return TeacherSet([build_model("cnn", SHAPE, 3, width=4, feature_dim=24), build_model("mlp", SHAPE, 2, hidden=40)])
+    nets = [build_model("cnn", SHAPE, 3, width=4, feature_dim=24), build_model("mlp", SHAPE, 2, hidden=40)]
+    g = torch.Generator().manual_seed(5)
+    stats = [fit_stats(n.eval(), torch.rand(64, *SHAPE, generator=g), torch.arange(64) % c, torch.rand(16, *SHAPE, generator=g))
+             for n, c in zip(nets, SIZES)]
+    return TeacherSet(nets, stats)
 
 
 def _method(name: str, **params):
@@ -92,7 +97,7 @@ def test_cka_task_term_is_concat_soft_target_and_per_task_variant():
     "variant",
     [
         {"align": "cosine"}, {"align": "relation"}, {"align_to": "claiming"}, {"align": "relation", "align_to": "claiming"},
-        {"intra_models": "all"}, {"symmetric": True}, {"pl_rule": "entropy"}, {"conf_threshold": 0.6},
+        {"intra_models": "all"}, {"symmetric": True}, {"routing": "entropy"}, {"routing": "max_logit+mahalanobis/z/routed"}, {"routing": "knn/percentile"}, {"conf_threshold": 0.6},
     ],
 )
 def test_every_variant_gives_finite_terms_and_trains_projectors(variant):
