@@ -127,6 +127,9 @@ class StudyConfig(_Strict):
     methods: dict[str, dict[str, Any]] = Field(min_length=1)
     ablations: list[str] = []
     variants: dict[str, dict[str, dict[str, Any]]] = {}
+    #: routing rules compared as a study axis ("score/standardize/targets"); every method with a
+    #: ``routing`` parameter gets one variant per rule (named by the rule)
+    routing: list[str] = []
     seeds: list[int] = Field([0], min_length=1)
     devices: Union[Literal["auto", "cpu"], list[str]] = "auto"
     trials_per_device: int = Field(1, ge=1)
@@ -146,6 +149,21 @@ class StudyConfig(_Strict):
         if len(set(v)) != len(v):
             raise ValueError("seeds must be unique")
         return v
+
+    @field_validator("routing")
+    @classmethod
+    def _routing_rules(cls, v: list[str]) -> list[str]:
+        from harness.routing import RoutingConfig
+
+        names = []
+        for rule in v:
+            try:
+                names.append(RoutingConfig.parse(rule).name)
+            except ValidationError as e:
+                raise ValueError(f"{rule!r}: {e.errors()[0]['msg'].removeprefix('Value error, ')}") from None
+        if len(set(names)) != len(names):
+            raise ValueError("routing rules must be unique")
+        return names
 
     @field_validator("ablations")
     @classmethod

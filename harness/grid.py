@@ -65,6 +65,17 @@ def method_variants(study: StudyConfig) -> list[tuple[str, str, dict[str, Any]]]
         if not any(all(p in comp for p in abl.split("+")) for comp in components.values()):
             have = "; ".join(f"{m}: {', '.join(sorted(c))}" for m, c in components.items() if c) or "none"
             raise HarnessError(f"ablations[{i}]: '{abl}' is not a component of any method in the study ({have})")
+    for mname, overrides in study.methods.items():
+        cls = get_method(mname)
+        if "routing" not in cls.ParamsModel.model_fields:
+            continue
+        own = cls.parse_params(overrides, f"methods.{mname}").model_dump(mode="json")
+        for rule in study.routing:
+            params = cls.parse_params({**overrides, "routing": rule}, "routing").model_dump(mode="json")
+            if params != own:
+                out.append((mname, rule, params))
+    if study.routing and not any("routing" in get_method(m).ParamsModel.model_fields for m in study.methods):
+        raise HarnessError("routing: no method in the study has a routing parameter")
     for mname, variants in study.variants.items():
         if mname not in study.methods:
             raise HarnessError(f"variants.{mname}: method is not in the study's methods")

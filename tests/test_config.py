@@ -77,6 +77,9 @@ def _err(mutate) -> str:
         (lambda d: d.update(ablations=["intra+"]), "s.yaml: ablations:"),
         (lambda d: d["dataset"].update(name="cifar10"), "dataset.root: required for dataset 'cifar10'"),
         (lambda d: d["dataset"].update(name="npz", root="/does/not/exist.npz"), "/does/not/exist.npz"),
+        (lambda d: d.update(routing=["max_logit/zz"]), "s.yaml: routing: 'max_logit/zz': Input should be 'none', 'z' or 'percentile'"),
+        (lambda d: d.update(routing=["maxlogit"]), "s.yaml: routing: 'maxlogit': unknown or repeated claim score"),
+        (lambda d: d.update(methods={"scratch": {}}, routing=["energy"]), "routing: no method in the study has a routing parameter"),
         (lambda d: d.update(variants={"cka": {"x": {}}}), "variants.cka: method is not in the study's methods"),
         (lambda d: d.update(variants={"kd": {"hot": {"T": 0}}}), "variants.kd.hot.T:"),
     ],
@@ -123,3 +126,19 @@ def test_cli_bad_study_exit_2_nothing_created(tmp_path):
     assert proc.stderr.strip() == f"harness: error: methods.kd.temperature: unknown parameter"
     assert "Traceback" not in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.yaml"]  # no mlflow.db, no cache
+
+
+def test_routing_axis_adds_one_variant_per_rule_to_routing_methods():
+    data = copy.deepcopy(TINY)
+    data["methods"] = {"kd": {}, "scratch": {}, "teachers": {}}
+    data["routing"] = ["confidence/none/concat", "max_logit/z/routed", "max_logit+mahalanobis/z/routed"]
+    trials = expand(parse_study(data))
+    variants = sorted({(t.method, t.variant) for t in trials})
+    assert variants == sorted([
+        ("kd", "full"), ("kd", "max_logit/z/routed"), ("kd", "max_logit+mahalanobis/z/routed"),
+        ("teachers", "full"), ("teachers", "max_logit/z/routed"), ("teachers", "max_logit+mahalanobis/z/routed"),
+        ("scratch", "full"),
+    ])  # confidence/none/concat is every method's default: the "full" row
+    kd = next(t for t in trials if t.variant == "max_logit/z/routed" and t.method == "kd")
+    assert kd.params["routing"] == {"score": "max_logit", "standardize": "z", "targets": "routed"}
+    assert len({t.key for t in trials}) == len(trials)
