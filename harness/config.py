@@ -113,6 +113,10 @@ class TrainConfig(_Strict):
     momentum: float = Field(0.9, ge=0, lt=1)
     scheduler: Literal["none", "cosine"] = "none"
     augment: bool = False
+    #: GPU only: bf16 autocast, ``torch.compile`` of the student, and cudnn determinism
+    amp: bool = True
+    compile: bool = False
+    deterministic: bool = False
 
 
 class StudyConfig(_Strict):

@@ -8,6 +8,7 @@ declares ``uses_labels``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -48,16 +49,19 @@ def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 def augment(x: Tensor, generator: torch.Generator) -> Tensor:
-    """Random crop with zero padding (H/8) and horizontal flip, on tensors, on x's device."""
-    n, _, h, w = x.shape
+    """Random crop with zero padding (H/8) and horizontal flip, vectorised, on x's device."""
+    n, c, h, w = x.shape
     pad = max(1, h // 8)
     xp = F.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).tolist()
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).tolist()
-    out = torch.stack([xp[i, :, a : a + h, b : b + w] for i, (a, b) in enumerate(zip(dy, dx))])
-    flip = torch.rand(n, generator=generator) < 0.5
-    out[flip.to(x.device)] = out[flip.to(x.device)].flip(-1)
-    return out
+    dy = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator).to(x.device)
+    dx = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator).to(x.device)
+    flip = (torch.rand(n, 1, generator=generator) < 0.5).to(x.device)
+    rows = dy + torch.arange(h, device=x.device)  # [n, h]
+    cols = torch.arange(w, device=x.device).expand(n, w)
+    cols = dx + torch.where(flip, cols.flip(1), cols)  # [n, w]
+    idx_n = torch.arange(n, device=x.device)[:, None, None, None]
+    idx_c = torch.arange(c, device=x.device)[None, :, None, None]
+    return xp[idx_n, idx_c, rows[:, None, :, None], cols[:, None, None, :]]
 
 
 @torch.no_grad()
@@ -82,12 +86,16 @@ def evaluate(
     return out
 
 
-def _teacher_outputs(method: Method, x: Tensor, bs: int = 1024) -> tuple[list[Tensor], list[Tensor]]:
-    """Teacher logits/features on all training images, computed once (teachers are frozen)."""
-    if len(method.teachers) == 0:
+TeacherOutputs = tuple[list[Tensor], list[Tensor]]
+
+
+def teacher_outputs(teachers: torch.nn.Module, x: Tensor, bs: int = 1024) -> TeacherOutputs:
+    """Frozen teachers' (logits, features) on all of x, computed once (inference mode)."""
+    if len(teachers) == 0:  # type: ignore[arg-type]
         return [], []
-    chunks = [method.teachers.outputs(x[i : i + bs]) for i in range(0, len(x), bs)]
-    k = len(method.teachers)
+    with torch.inference_mode():
+        chunks = [teachers.outputs(x[i : i + bs]) for i in range(0, len(x), bs)]  # type: ignore[operator]
+    k = len(chunks[0][0])
     logits = [torch.cat([c[0][j] for c in chunks]) for j in range(k)]
     feats = [torch.cat([c[1][j] for c in chunks]) for j in range(k)]
     return logits, feats
@@ -99,7 +107,7 @@ def _state(method: Method) -> dict[str, Tensor]:
 
 def train_epoch(
     method: Method, opt: torch.optim.Optimizer, x: Tensor, y: Tensor | None,
-    cache: tuple[list[Tensor], list[Tensor]] | None, cfg: TrainConfig, gen: torch.Generator,
+    cache: TeacherOutputs | None, cfg: TrainConfig, gen: torch.Generator,
 ) -> dict[str, float]:
     """One pass over the training images; returns the mean of every term and of the total."""
     method.train()
@@ -119,32 +127,65 @@ def train_epoch(
         else:
             tl, tf = method.teachers.outputs(xb) if len(method.teachers) else ([], [])
         batch = Batch(xb, idx, tl, tf, y[idx_d] if y is not None else None)
-        terms = method.loss_terms(batch)
-        total = sum(weights.get(t, 1.0) * v for t, v in terms.items())
-        for t, v in list(terms.items()) + [("total", total)]:
-            val = float(v.detach())
-            if not math.isfinite(val):
-                raise NonFiniteLossError(f"loss/{t} is {val} at batch {b}")
-            sums[t] = sums.get(t, 0.0) + val
+        with _autocast(x.device, cfg):
+            terms = method.loss_terms(batch)
+            total = sum(weights.get(t, 1.0) * v for t, v in terms.items())
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
+        # one device->host transfer per batch for all terms (not one per term)
+        names = list(terms) + ["total"]
+        vals = torch.stack([v.detach().float() for v in terms.values()] + [total.detach().float()]).tolist()
+        for t, val in zip(names, vals):
+            if not math.isfinite(val):
+                raise NonFiniteLossError(f"loss/{t} is {val} at batch {b}")
+            sums[t] = sums.get(t, 0.0) + val
     return {f"loss/{t}": s / n_batches for t, s in sums.items()}
+
+
+def _autocast(device: torch.device, cfg: TrainConfig):
+    """bf16 autocast on CUDA when ``train.amp`` (default on); a no-op elsewhere."""
+    enabled = device.type == "cuda" and cfg.amp
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled) if enabled else contextlib.nullcontext()
+
+
+def _gpu_setup(method: Method, cfg: TrainConfig, device: torch.device) -> None:
+    """channels_last, cudnn autotuning (unless deterministic) and optional torch.compile."""
+    if cfg.compile:  # compiles the feature extractor in place; the state dict keeps its keys
+        method.student.features = torch.compile(method.student.features)  # type: ignore[method-assign]
+    if device.type != "cuda":
+        return
+    torch.backends.cudnn.benchmark = not cfg.deterministic
+    torch.backends.cuda.matmul.allow_tf32 = True
+    method.student.to(memory_format=torch.channels_last)
+    torch.cuda.reset_peak_memory_stats(device)
 
 
 def fit(
     method: Method, data: SplitData, cfg: TrainConfig, seed: int,
     device: str | torch.device = "cpu", on_epoch: EpochCallback | None = None,
+    cached_outputs: TeacherOutputs | None = None,
 ) -> FitResult:
-    """Train ``method`` on ``data`` for ``cfg.epochs`` epochs; evaluate last and best-val models."""
+    """Train ``method`` on ``data`` for ``cfg.epochs`` epochs; evaluate last and best-val models.
+
+    Without augmentation the frozen teachers' outputs on the training images are computed once
+    (or taken from ``cached_outputs``, e.g. the on-disk cache) instead of every batch.
+    """
+    device = torch.device(device)
     method.to(device)
+    _gpu_setup(method, cfg, device)
     res = FitResult()
     sizes, offsets = data.sizes, data.offsets
     if method.trains:
         train = data.parts["train"]
         x = train.x.to(device)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
         y = train.y.to(device) if method.uses_labels else None  # unlabelled means unlabelled
-        cache = None if cfg.augment else _teacher_outputs(method, x)
+        cache = None
+        if not cfg.augment:
+            cache = cached_outputs or teacher_outputs(method.teachers, x)
+            cache = ([t.to(device) for t in cache[0]], [t.to(device) for t in cache[1]])
         opt = make_optimizer(method.parameters(), cfg)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs) if cfg.scheduler == "cosine" else None
         gen = torch.Generator().manual_seed(seed)
@@ -160,6 +201,8 @@ def fit(
             metrics.update({f"val/{k}": v for k, v in val.items()})
             metrics["epoch_seconds"] = time.perf_counter() - t0
             metrics["images_per_second"] = len(x) / max(train_s, 1e-9)
+            if device.type == "cuda":
+                metrics["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
             score = val.get("union_acc", float(epoch))  # no val part: the last epoch is the best
             if score > best:
                 best, res.best_epoch, res.best_state = score, epoch, _state(method)

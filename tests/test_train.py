@@ -108,3 +108,18 @@ def test_evaluate_union_and_per_task_accuracy_by_hand():
     part = PartData(logits, y, t)
     out = evaluate(lambda x: x, part, [2, 3], [0, 2], "cpu")
     assert out == {"union_acc": 0.5, "task_acc/0": 1.0, "task_acc/1": 0.5}
+
+
+def test_augment_is_a_padded_crop_with_optional_flip():
+    from harness.train import augment
+
+    x = torch.arange(3 * 2 * 8 * 8, dtype=torch.float).reshape(3, 2, 8, 8) + 1
+    out = augment(x, torch.Generator().manual_seed(0))
+    assert out.shape == x.shape
+    assert torch.equal(out, augment(x, torch.Generator().manual_seed(0)))
+    xp = torch.nn.functional.pad(x, (1, 1, 1, 1))
+    for i in range(3):  # every output is one of the 3x3 crops of the padded image, maybe flipped
+        crops = [xp[i, :, a : a + 8, b : b + 8] for a in range(3) for b in range(3)]
+        assert any(torch.equal(out[i], c) or torch.equal(out[i], c.flip(-1)) for c in crops)
+    outs = torch.stack([augment(x, torch.Generator().manual_seed(s)) for s in range(20)])
+    assert len({o.sum().item() for o in outs[:, 0]}) > 1  # the crops vary with the seed
