@@ -156,3 +156,30 @@ def get_teachers(
             on_ready(rec)
         records.append(rec)
     return records
+
+
+def cached_outputs(
+    records: list[TeacherRecord], split: SplitData, cache_dir: str | None = None
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The frozen teachers' (logits, features) on the split's training images, computed once per
+    split and stored next to the checkpoints (keyed by the teachers' keys and the split's tasks),
+    so every method, variant and seed of the split reuses them."""
+    from harness.methods.base import TeacherSet
+    from harness.train import teacher_outputs
+
+    desc = {"teachers": [r.key for r in records], "split": split.describe()["tasks"],
+            "sources": [(t.dataset, t.root) for t in split.tasks], "n": len(split.parts["train"])}
+    path = cache_root(cache_dir) / "teachers" / f"outputs-{stable_hash(desc)}.pt"
+    if path.exists():
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+            if len(blob["logits"]) == len(records) and all(len(t) == desc["n"] for t in blob["logits"]):
+                return blob["logits"], blob["feats"]
+        except Exception as e:
+            warnings.warn(f"teacher-output cache {path} is unreadable ({type(e).__name__}); recomputing", stacklevel=2)
+    logits, feats = teacher_outputs(TeacherSet([r.net for r in records]), split.parts["train"].x)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save({"logits": logits, "feats": feats}, tmp)
+    os.replace(tmp, path)
+    return logits, feats

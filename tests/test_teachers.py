@@ -92,3 +92,23 @@ def test_routing_stats_fitted_on_own_data_and_cached(tmp_path):
     assert st.bank.shape[0] == len(SPLIT.task_part(0, "val")[1])
     again = get_teachers(SPLIT, DS, CFGS, str(tmp_path))
     assert torch.equal(again[0].stats.precision, st.precision)
+
+
+def test_teacher_outputs_cached_once_per_split(tmp_path):
+    from harness.methods.base import TeacherSet
+    from harness.teachers import cached_outputs
+
+    recs = get_teachers(SPLIT, DS, CFGS, str(tmp_path))
+    logits, feats = cached_outputs(recs, SPLIT, str(tmp_path))
+    files = list((tmp_path / "teachers").glob("outputs-*.pt"))
+    assert len(files) == 1
+    direct = TeacherSet([r.net for r in recs]).outputs(SPLIT.parts["train"].x)
+    assert all(torch.allclose(a, b) for a, b in zip(logits, direct[0]))
+    assert [f.shape[1] for f in feats] == [r.net.feature_dim for r in recs]
+    mtime = files[0].stat().st_mtime_ns
+    again = cached_outputs(recs, SPLIT, str(tmp_path))
+    assert files[0].stat().st_mtime_ns == mtime and torch.equal(again[0][1], logits[1])
+    files[0].write_bytes(b"junk")
+    with pytest.warns(UserWarning, match="unreadable"):
+        fixed = cached_outputs(recs, SPLIT, str(tmp_path))
+    assert torch.equal(fixed[0][0], logits[0])
