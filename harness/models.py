@@ -103,16 +103,16 @@ class MLP(Net):
 
 @MODELS.register("cnn")
 class CNN(Net):
-    """conv3x3(C,w) BN ReLU, conv3x3(w,2w) BN ReLU, maxpool2, conv3x3(2w,2w) BN ReLU,
+    """conv3x3(C,w) BN ReLU, maxpool2, conv3x3(w,2w) BN ReLU, maxpool2, conv3x3(2w,2w) BN ReLU,
     global avg pool, flatten [, Linear(2w, feature_dim) ReLU]; feature_dim = 2w unless set.
-    w = width. Any input >= 8x8."""
+    w = width. Any input >= 8x8 (two poolings give the last conv a receptive field of 18 px)."""
 
     def __init__(self, in_shape: tuple[int, int, int], num_classes: int, *,
                  width: int = 32, feature_dim: int | None = None) -> None:
         super().__init__(in_shape, num_classes)
         w = _check_positive("width", width)
         layers: list[nn.Module] = [
-            *_conv_bn(in_shape[0], w), *_conv_bn(w, 2 * w), nn.MaxPool2d(2),
+            *_conv_bn(in_shape[0], w), nn.MaxPool2d(2), *_conv_bn(w, 2 * w), nn.MaxPool2d(2),
             *_conv_bn(2 * w, 2 * w), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         ]
         if feature_dim is not None:

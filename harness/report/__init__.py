@@ -1,0 +1,13 @@
+"""Reports: MLflow store -> pandas frames -> tables, statistics and seaborn figures.
+
+``build_report(study)`` rebuilds ``results/<study>/`` from the tracking store alone. Nothing in
+this package imports torch (the report runs where only the store is available).
+
+Modules: :mod:`.frames` (MLflow -> pandas), :mod:`.stats` (mean ± std, paired tests, bootstrap),
+:mod:`.tables` (comparison/ablation frames, Markdown and LaTeX), :mod:`.plots` (PNG figures),
+:mod:`.build` (the report folder).
+"""
+
+from harness.report.build import build_report
+
+__all__ = ["build_report"]

@@ -1,0 +1,278 @@
+"""``harness report STUDY``: rebuild ``results/<study>/`` from the MLflow store alone.
+
+Outputs: ``report.md`` (tables, figures, statistics notes, failed/duplicate runs, the study
+configuration, the parameters that vary between runs, software versions, build date),
+``comparison.csv``/``ablation.csv`` (raw fractions), ``comparison.tex``/``ablation.tex``
+(booktabs tabulars) and the PNG figures. Every table is sorted and every random draw seeded, so
+two builds from the same store differ only in the one ``Built:`` line of ``report.md``.
+"""
+
+from __future__ import annotations
+
+import platform
+import re
+import time
+from importlib import metadata
+from pathlib import Path
+
+import pandas as pd
+
+from harness.report import plots, stats
+from harness.report.frames import StudyData, load_study, row_label
+from harness.report.tables import (
+    METRIC_TITLES, ablation_display, ablation_frame, comparison_display, comparison_frame, diagnostics_display, latex,
+    markdown, seed_differences,
+)
+
+BUILT_PREFIX = "_Built:"
+PACKAGES = ("ka-harness", "mlflow", "pandas", "numpy", "scipy", "matplotlib", "seaborn", "torch")
+SKIP_PARAMS = ("seed", "method", "variant", "study")
+
+
+def build_report(study: str, tracking_uri: str | None = None, out_dir: str | Path | None = None) -> Path:
+    """Build the report of ``study`` (a name or a study file) and return its folder."""
+    data = load_study(study, tracking_uri)
+    out = Path(out_dir) if out_dir is not None else Path("results") / data.name
+    out.mkdir(parents=True, exist_ok=True)
+    comp = comparison_frame(data)
+    abl = ablation_frame(data)
+    comp.to_csv(out / "comparison.csv", index=False)
+    abl.to_csv(out / "ablation.csv", index=False)
+    (out / "comparison.tex").write_text("\n".join(
+        latex(comparison_display(comp, s, "tex"), f"comparison, split {s} (union / per-task accuracy, %)")
+        for s in data.splits if (comp["split"] == s).any()))
+    (out / "ablation.tex").write_text("\n".join(
+        latex(ablation_display(abl, s, m, metric, "tex"), f"ablation, split {s}, {m}, {metric}")
+        for s, m, metric in _ablation_tables(abl)))
+    figures = _figures(data, comp, abl, out)
+    (out / "report.md").write_text(_markdown(data, comp, abl, figures))
+    return out
+
+
+def _ablation_blocks(abl: pd.DataFrame) -> list[tuple[str, str]]:
+    """(split, method) of every ablation table, in the frame's order."""
+    return list(dict.fromkeys(zip(abl["split"], abl["method"])))
+
+
+def _ablation_tables(abl: pd.DataFrame) -> list[tuple[str, str, str]]:
+    """(split, method, metric) of every ablation table: one per metric of each block."""
+    have = set(zip(abl["split"], abl["method"], abl["metric"]))
+    return [(s, m, metric) for s, m in _ablation_blocks(abl) for metric in METRIC_TITLES if (s, m, metric) in have]
+
+
+def _orders(comp: pd.DataFrame, kinds: tuple[str, ...] = ("reference", "method")) -> dict[str, list[str]]:
+    """Per split, the comparison table's row labels of these kinds, in the table's order."""
+    rows = comp[comp["kind"].isin(kinds)]
+    return {s: list(g["row"]) for s, g in rows.groupby("split", sort=False)}
+
+
+def _figures(data: StudyData, comp: pd.DataFrame, abl: pd.DataFrame, out: Path) -> dict[str, Path]:
+    trials = data.trials.assign(label=[row_label(m, v) for m, v in zip(data.trials["method"], data.trials["variant"])])
+    labels = list(comp.loc[comp["kind"] != "teacher", "row"]) + list(abl["row"])
+    pal = plots.palette(labels)
+    figs: dict[str, Path | None] = {
+        "accuracy": plots.accuracy_plot(trials, _orders(comp), pal, out / "accuracy.png"),
+        "curves": plots.curves_plot(data.history, _orders(comp, ("method",)), pal, out / "curves.png"),
+        "ablation": plots.ablation_plot(abl, seed_differences(data, abl), pal, out / "ablation.png"),
+    }
+    for split, method in _loss_blocks(data, abl):
+        order = [row_label(method, v) for v in dict.fromkeys(
+            ["full"] + list(abl.loc[(abl["split"] == split) & (abl["method"] == method), "variant"]))]
+        ran = trials.loc[(trials["split"] == split) & (trials["method"] == method), "label"]
+        order += sorted(set(ran) - set(order))
+        figs[f"losses/{split}/{method}"] = plots.loss_plot(data.history, split, method, order, pal,
+                                                           out / f"losses_{split}_{method}.png")
+    return {k: v for k, v in figs.items() if v is not None}
+
+
+def _loss_blocks(data: StudyData, abl: pd.DataFrame) -> list[tuple[str, str]]:
+    """Loss-term figures: every method with ablations, and ``cka`` wherever it ran."""
+    blocks = _ablation_blocks(abl)
+    t = data.trials
+    blocks += [(s, "cka") for s in data.splits if ((t["split"] == s) & (t["method"] == "cka")).any()]
+    return list(dict.fromkeys(blocks))
+
+
+# ----------------------------------------------------------------------------- report.md
+def _markdown(data: StudyData, comp: pd.DataFrame, abl: pd.DataFrame, figs: dict[str, Path]) -> str:
+    att = data.attempts
+    bad = att[att["status"] != "FINISHED"]
+    md = [f"# Study `{data.name}`: results\n",
+          f"{BUILT_PREFIX} {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}_\n",
+          f"Rebuilt from the MLflow store alone: `{_redact(data.uri)}`, experiment `{data.name}` (id {data.experiment_id}). "
+          f"{len(data.trials)} trials used ({len(att[att['status'] == 'FINISHED'])} finished trial runs, "
+          f"{len(bad)} failed, killed or still running), {len(data.teachers)} teacher runs; "
+          f"splits: {', '.join(f'`{s}`' for s in data.splits)}.\n"]
+    md += _comparison_section(data, comp, figs)
+    md += _ablation_section(data, abl, figs)
+    md += _problems_section(data)
+    md += _params_section(data)
+    md += _config_section(data)
+    md += _software_section(data)
+    return "\n".join(md)
+
+
+def _redact(uri: str) -> str:
+    """A tracking URI without any ``user:password@`` part."""
+    return re.sub(r"//[^/@]*@", "//", uri)
+
+
+def _fig(figs: dict[str, Path], key: str, alt: str) -> list[str]:
+    return [f"![{alt}]({figs[key].name})\n"] if key in figs else []
+
+
+def _comparison_section(data: StudyData, comp: pd.DataFrame, figs: dict[str, Path]) -> list[str]:
+    md = ["## Comparison\n",
+          "Cells: mean ± std over seeds (sample std, ddof = 1) of the accuracy on the test split, in %; "
+          "*last* = model after the last epoch, *best val.* = model at the epoch with the best validation "
+          "union accuracy. n = finished seeds (failed, killed, running and missing seeds are named). "
+          "A cell whose n differs from its row's n shows its own. **Bold**: best label-free amalgamation "
+          "method per column.\n"]
+    labelled = sorted({r for r, k, u in zip(comp["row"], comp["kind"], comp["uses_labels"]) if k == "method" and u})
+    md.append("Labels: † marks methods trained with the true training labels "
+              f"({', '.join(f'`{x}`' for x in labelled) or 'none here'}; references, not amalgamation). "
+              "Teachers saw the labels of their own task only; every other method saw no label. Teacher rows: "
+              "each cached teacher on its own task's test images; claiming ensemble: each test image routed to "
+              "the teacher that claims it.\n")
+    for split in data.splits:
+        if not (comp["split"] == split).any():
+            continue
+        md += [f"### Split `{split}`\n", markdown(comparison_display(comp, split, "md"))]
+        diag = diagnostics_display(comp, split)
+        if diag is not None:
+            md += ["Diagnostics (labels read only to measure): accuracy of the pseudo-labels on the training "
+                   "images, the claiming ensemble on the test split, a linear probe on the student's features "
+                   "fitted to pseudo-labels; best epoch and wall time per trial.\n", markdown(diag)]
+    md += _fig(figs, "accuracy", "Union accuracy per method")
+    if "curves" in figs:
+        md += ["### Learning curves\n"] + _fig(figs, "curves", "Validation union accuracy per epoch")
+    return md
+
+
+def _ablation_section(data: StudyData, abl: pd.DataFrame, figs: dict[str, Path]) -> list[str]:
+    if abl.empty:
+        return ["## Ablations\n", "No method of this study has ablation variants.\n"]
+    md = ["## Ablations\n",
+          "Each variant switches one component (or a pair) off. Acc.: mean ± std over seeds, in %. "
+          "Δ in percentage points. " + stats.TEST_DESCRIPTION + "\n"]
+    for split, method in _ablation_blocks(abl):
+        md.append(f"### Split `{split}`: `{method}`\n")
+        for s, m, metric in _ablation_tables(abl):
+            if (s, m) == (split, method):
+                md += [f"{METRIC_TITLES[metric]}:\n", markdown(ablation_display(abl, split, method, metric, "md"))]
+    md += _fig(figs, "ablation", "Ablation deltas with bootstrap intervals")
+    losses = [k for k in figs if k.startswith("losses/")]
+    if losses:
+        md.append("### Loss terms per epoch\n")
+        md.append("Every logged term (unweighted means over the epoch's batches; `loss/total` is the weighted sum "
+                  "that was optimised). A switched-off component is not computed, so its curve is absent.\n")
+        for k in losses:
+            md += _fig(figs, k, f"Loss terms of {k.split('/')[2]} on split {k.split('/')[1]}")
+    return md
+
+
+def _problems_section(data: StudyData) -> list[str]:
+    md = ["## Failed, missing and duplicate runs\n"]
+    att = data.attempts
+    bad = att[att["status"] != "FINISHED"]
+    done = set(zip(data.trials["split"], data.trials["method"], data.trials["variant"], data.trials["seed"]))
+    if bad.empty:
+        md.append("No trial run failed, was killed or is still running.\n")
+    else:
+        rows = {"Run": [], "Status": [], "Reason": [], "Redone": []}
+        for r in bad.itertuples(index=False):
+            rows["Run"].append(f"`{r.run_name or r.run_id}`")
+            rows["Status"].append(r.status + (f" ({r.failure_kind})" if r.failure_kind else ""))
+            rows["Reason"].append((r.failure or "–").replace("|", "/").replace("\n", " ")[:160])
+            rows["Redone"].append("yes (another run finished it)" if (r.split, r.method, r.variant, r.seed) in done
+                                  else "no: not in the tables")
+        md += ["Only FINISHED runs give numbers; these runs did not finish:\n", markdown(pd.DataFrame(rows), left=4)]
+    dup = data.duplicates()
+    if dup.empty:
+        md.append("No trial has more than one finished run.\n")
+    else:
+        md.append("**Warning**: these trials have several FINISHED runs (only by mistake: two studies writing to "
+                  "one experiment, or a study rerun after a parameter changed); the latest run of each is used:\n")
+        md.append(markdown(pd.DataFrame({
+            "Trial": [f"`{r.split}/{row_label(r.method, r.variant)}/seed{r.seed}`" for r in dup.itertuples()],
+            "Finished runs": dup["n_finished"].astype(str), "Used run": [f"`{x}`" for x in dup["used_run_id"]]}),
+            left=3))
+    return md
+
+
+def _params_section(data: StudyData) -> list[str]:
+    p = data.params.drop(columns=[c for c in SKIP_PARAMS if c in data.params.columns])
+    where = {rid: (s, row_label(m, v)) for rid, s, m, v in
+             zip(data.trials["run_id"], data.trials["split"], data.trials["method"], data.trials["variant"])}
+    rows: dict[str, list[str]] = {"Parameter": [], "Value": [], "Runs (method, on every split unless named)": []}
+    for col in p.columns:
+        vals = p[col].dropna()
+        if vals.nunique() < 2:
+            continue
+        counts = vals.value_counts()
+        common = sorted(counts.index[counts == counts.max()], key=str)[0]
+        for value in sorted(vals.unique(), key=lambda v: (v == common, str(v))):
+            runs = "every other run that has it" if value == common else _runs_text(
+                [where[r] for r in vals.index[vals == value]], [where[r] for r in vals.index], data.splits)
+            rows["Parameter"].append(f"`{col}`")
+            rows["Value"].append(f"`{_short(value)}`")
+            rows["Runs (method, on every split unless named)"].append(runs)
+    md = ["## Parameters that vary between runs\n",
+          "Flattened trial configs (MLflow params); seed, method and variant are left out (they are the tables' "
+          "rows). A parameter that only some methods have counts as varying only if its values differ.\n"]
+    md.append(markdown(pd.DataFrame(rows), left=3) if rows["Parameter"] else "None besides method, variant and seed.\n")
+    return md
+
+
+def _runs_text(pairs: list[tuple[str, str]], having: list[tuple[str, str]], splits: list[str]) -> str:
+    """``cka-intra, 2x5/kd``: a label alone when it has this value on every split, a whole split
+    when every run of that split (that has the parameter) has it."""
+    whole = [s for s in splits if {p for p in having if p[0] == s} <= set(pairs) and any(p[0] == s for p in pairs)]
+    by_label: dict[str, set[str]] = {}
+    for split, label in pairs:
+        if split not in whole:
+            by_label.setdefault(label, set()).add(split)
+    parts = [f"every run on split {s}" for s in whole]
+    for label in sorted(by_label):
+        on = by_label[label]
+        parts += [label] if on >= set(splits) else [f"{s}/{label}" for s in splits if s in on]
+    return ", ".join(parts)
+
+
+def _short(value: object, n: int = 60) -> str:
+    s = str(value).replace("|", "/").replace("`", "'")
+    return s if len(s) <= n else s[: n - 1] + "…"
+
+
+def _config_section(data: StudyData) -> list[str]:
+    md = ["## Study configuration\n"]
+    if data.study_yaml:
+        return md + ["The study file:\n", "```yaml\n" + data.study_yaml.rstrip() + "\n```\n"]
+    p = data.params
+    common = [c for c in p.columns if p[c].nunique() == 1 and c not in SKIP_PARAMS]
+    body = "\n".join(f"{c}: {_short(p[c].dropna().iloc[0], 200)}" for c in common) or "(none)"
+    return md + ["The study file is not in the store (run `harness report` with the study file to include it). "
+                 "Parameters with a single value across the trials that have them:\n", f"```\n{body}\n```\n"]
+
+
+def _software_section(data: StudyData) -> list[str]:
+    versions = []
+    for pkg in PACKAGES:
+        try:
+            versions.append(f"{pkg} {metadata.version(pkg)}")
+        except metadata.PackageNotFoundError:
+            versions.append(f"{pkg} (not installed)")
+    used = data.attempts[data.attempts["run_id"].isin(data.trials["run_id"])]
+    logged = []
+    for col, name in (("version", "harness"), ("torch_version", "torch"), ("mlflow_version", "mlflow"),
+                      ("numpy_version", "numpy"), ("python_version", "Python")):
+        values = sorted({v for v in used[col] if v})
+        if values:
+            logged.append(f"{name} {' / '.join(values)}")
+    commits = sorted({(c, d) for c, d in zip(used["git_commit"], used["git_dirty"]) if c})
+    if commits:
+        logged.append("git commit " + " / ".join(f"{c[:12]}{' (uncommitted changes)' if d == 'true' else ''}"
+                                                   for c, d in commits))
+    return ["## Software\n",
+            f"Report built with Python {platform.python_version()} ({platform.system()}); {', '.join(versions)}.\n",
+            f"Trials run with {', '.join(logged) or 'unrecorded versions'} (tags of the runs in the tables).\n"]

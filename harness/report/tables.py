@@ -1,0 +1,366 @@
+"""Comparison and ablation tables: numeric frames (the CSVs) and their Markdown/LaTeX renderings.
+
+Numeric frames keep raw fractions (``<metric>.mean``, ``<metric>.std``, ``<metric>.n``); the
+renderings show percentages with one decimal, ``mean ± std`` over seeds. Row order: teachers
+(each on its own task), the claiming-teacher ensemble, then methods in the preferred order
+(``scratch``, ``kd``, ``cfl``, ``cka``, then any other alphabetically), each method's ``full``
+run first and its named variants after it. Ablation variants (``-intra`` ...) go to the
+ablation table, which compares each with its method's ``full`` run over matching seeds.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pandas as pd
+
+from harness.report import stats
+from harness.report.frames import REFERENCE_METHOD, StudyData, is_final, natural_key, row_label
+
+PREFERRED = (REFERENCE_METHOD, "scratch", "kd", "cfl", "cka")
+PREFERRED_COMPONENTS = ("intra", "inter", "align", "task")  # ablation order when the study file is unknown
+ABLATION_METRICS = ("test/union_acc", "test/union_acc_best")
+_METRIC_GROUPS = ("test/union_acc", "test/union_acc_best", "test/task_acc/", "test/task_acc_best/",
+                  "val/union_acc_best", "diag/", "best_epoch", "trial_seconds", "peak_rss_mb")
+METRIC_TITLES = {"test/union_acc": "Union acc., last epoch", "test/union_acc_best": "Union acc., best-val. model"}
+
+
+# ----------------------------------------------------------------------------- ordering
+def method_rank(method: str) -> tuple:
+    return (PREFERRED.index(method), "") if method in PREFERRED else (len(PREFERRED), method)
+
+
+def variant_rank(variant: str, order: list[str] | None = None) -> tuple:
+    """``full``, then named variants (alphabetically), then ablations (singles, pairs, ...)."""
+    if variant == "full":
+        return (0, 0, 0, "")
+    if not variant.startswith("-"):
+        return (1, 0, 0, variant)
+    pos = order.index(variant) if order and variant in order else len(order or [])
+    return (2, variant.count("-"), pos, variant)
+
+
+def metric_rank(metric: str) -> tuple:
+    for i, g in enumerate(_METRIC_GROUPS):
+        if metric == g or (g.endswith("/") and metric.startswith(g)):
+            return (i, natural_key(metric))
+    return (len(_METRIC_GROUPS), natural_key(metric))
+
+
+def ablation_order(data: StudyData) -> list[str]:
+    """Ablation variant names in the study file's order (``intra+inter`` -> ``-intra-inter``),
+    else the preferred component order; variants in neither sort alphabetically after them."""
+    listed = data.study.get("ablations") or list(PREFERRED_COMPONENTS)
+    return ["".join(f"-{p}" for p in str(a).split("+")) for a in listed]
+
+
+# ----------------------------------------------------------------------------- seeds and counts
+def seed_independent(data: StudyData, split: str, method: str) -> bool:
+    """A method run once per split whatever the seeds (e.g. ``teachers``): its runs say so with
+    ``harness.seeded=false``, or, without that tag, it trained nothing (``best_epoch`` 0) and was
+    run with a single seed."""
+    a = data.attempts
+    att = a[(a["split"] == split) & (a["method"] == method)]
+    flags = set(att["seeded"]) - {""}
+    if flags:
+        return flags == {"false"}
+    t = data.trials[(data.trials["split"] == split) & (data.trials["method"] == method)]
+    return (att["seed"].nunique() == 1 and not t.empty and "best_epoch" in t
+            and bool((t["best_epoch"] == 0).all()))
+
+
+def expected_seeds(data: StudyData, split: str, method: str) -> list[int]:
+    """The seeds a row should have: the study's seeds (file, else every seed seen in the split),
+    or its one seed for a seed-independent method."""
+    att = data.attempts[data.attempts["split"] == split]
+    if seed_independent(data, split, method):
+        return sorted(set(att.loc[att["method"] == method, "seed"]))
+    listed = [int(s) for s in data.study.get("seeds", []) if isinstance(s, int)]
+    return sorted(set(listed) | set(att["seed"]))
+
+
+def seed_counts(data: StudyData, split: str, method: str, variant: str) -> dict[str, Any]:
+    """Finished seeds of a row, and why the others are absent (failed, killed, running, missing)."""
+    expected = expected_seeds(data, split, method)
+    t = data.trials
+    done = sorted(t.loc[(t["split"] == split) & (t["method"] == method) & (t["variant"] == variant), "seed"])
+    a = data.attempts
+    att = a[(a["split"] == split) & (a["method"] == method) & (a["variant"] == variant)]
+    out = {"seeds": ",".join(map(str, done)), "n": len(done), "n_expected": len(set(expected) | set(done)),
+           "n_failed": 0, "n_killed": 0, "n_running": 0, "n_missing": 0}
+    for seed in sorted(set(expected) - set(done)):
+        last = att[att["seed"] == seed].tail(1)["status"].tolist()  # attempts are sorted by start time
+        out[f"n_{_WHY.get(last[0] if last else '', 'missing')}"] += 1
+    return out
+
+
+_WHY = {"FAILED": "failed", "KILLED": "killed", "RUNNING": "running"}
+
+
+def n_text(row: pd.Series | dict[str, Any]) -> str:
+    """``3``, or ``2 of 3; 1 failed``."""
+    if row["n"] == row["n_expected"]:
+        return str(row["n"])
+    why = [f"{row[f'n_{k}']} {k}" for k in ("failed", "killed", "running", "missing") if row[f"n_{k}"]]
+    return f"{row['n']} of {row['n_expected']}" + (f"; {', '.join(why)}" if why else "")
+
+
+# ----------------------------------------------------------------------------- numeric frames
+def _values(data: StudyData, split: str, method: str, variant: str, metric: str) -> dict[int, float]:
+    t = data.trials
+    rows = t[(t["split"] == split) & (t["method"] == method) & (t["variant"] == variant)]
+    if metric not in rows:
+        return {}
+    return {int(s): float(v) for s, v in zip(rows["seed"], rows[metric]) if not pd.isna(v)}
+
+
+def _cells(values: dict[int, float], metric: str) -> dict[str, Any]:
+    s = stats.summarize([values[k] for k in sorted(values)])
+    return {f"{metric}.mean": s.mean, f"{metric}.std": s.std, f"{metric}.n": s.n}
+
+
+def _teacher_rows(data: StudyData, split: str) -> list[dict[str, Any]]:
+    """Teacher k on its own task: its own teacher run (``test/acc``: the cached best-val weights),
+    else the task accuracies of the ``teachers`` reference run."""
+    accs: list[tuple[int, float]] = []
+    tr = data.teachers[data.teachers["split"] == split]
+    if not tr.empty and "test/acc" in tr:
+        accs = [(int(k), float(a)) for k, a in zip(tr["task"], tr["test/acc"])]
+    else:
+        t = data.trials
+        ref = t[(t["split"] == split) & (t["method"] == REFERENCE_METHOD) & (t["variant"] == "full")].tail(1)
+        accs = [(int(c.rsplit("/", 1)[1]), float(ref[c].iloc[0])) for c in ref.columns
+                if c.startswith("test/task_acc/")]
+    out = []
+    for k, acc in sorted(accs):
+        if math.isnan(acc):
+            continue
+        row = {"split": split, "row": f"teacher{k}", "kind": "teacher", "method": "teacher", "variant": f"task{k}",
+               "uses_labels": True, "seeds": "", "n": 1, "n_expected": 1, "n_failed": 0, "n_killed": 0,
+               "n_running": 0, "n_missing": 0}
+        for m in (f"test/task_acc/{k}", f"test/task_acc_best/{k}"):
+            row.update({f"{m}.mean": acc, f"{m}.std": math.nan, f"{m}.n": 1})
+        out.append(row)
+    return out
+
+
+def comparison_frame(data: StudyData) -> pd.DataFrame:
+    """One row per split and teacher / reference / method (variant), every final metric's stats."""
+    metrics = sorted((c for c in data.trials.columns if is_final(c)), key=metric_rank)
+    rows: list[dict[str, Any]] = []
+    for split in data.splits:
+        rows.extend(_teacher_rows(data, split))
+        a = data.attempts[(data.attempts["split"] == split) & ~data.attempts["variant"].str.startswith("-")]
+        keys = sorted(set(zip(a["method"], a["variant"])), key=lambda k: (method_rank(k[0]), variant_rank(k[1])))
+        for method, variant in keys:
+            uses_labels = a.loc[(a["method"] == method) & (a["variant"] == variant), "uses_labels"].any()
+            row = {"split": split, "row": row_label(method, variant),
+                   "kind": "reference" if method == REFERENCE_METHOD else "method",
+                   "method": method, "variant": variant, "uses_labels": bool(uses_labels),
+                   **seed_counts(data, split, method, variant)}
+            for m in metrics:
+                row.update(_cells(_values(data, split, method, variant, m), m))
+            rows.append(row)
+    df = pd.DataFrame(rows)
+    stat_cols = [f"{m}.{s}" for m in sorted({c.rsplit(".", 1)[0] for c in df.columns if c.endswith(".mean")},
+                                            key=metric_rank) for s in ("mean", "std", "n")]
+    head = ["split", "row", "kind", "method", "variant", "uses_labels", "seeds", "n", "n_expected", "n_failed",
+            "n_killed", "n_running", "n_missing"]
+    df = df.reindex(columns=head + stat_cols)
+    for c in df.columns:
+        if c.endswith(".n"):
+            df[c] = df[c].fillna(0).astype(int)
+    return df
+
+
+def ablation_frame(data: StudyData) -> pd.DataFrame:
+    """Every method with ``-component`` variants: full and each variant, Δ vs full and its evidence."""
+    order = ablation_order(data)
+    rows = []
+    for split in data.splits:
+        a = data.attempts[data.attempts["split"] == split]
+        for method in sorted(set(a.loc[a["variant"].str.startswith("-"), "method"]), key=method_rank):
+            variants = sorted({"full"} | {v for v in a.loc[a["method"] == method, "variant"] if v.startswith("-")},
+                              key=lambda v: variant_rank(v, order))
+            for metric in [m for m in ABLATION_METRICS if m in data.trials]:
+                full = _values(data, split, method, "full", metric)
+                for variant in variants:
+                    vals = _values(data, split, method, variant, metric)
+                    s = stats.summarize([vals[k] for k in sorted(vals)])
+                    row = {"split": split, "method": method, "variant": variant, "row": row_label(method, variant),
+                           "metric": metric, **seed_counts(data, split, method, variant),
+                           "mean": s.mean, "std": s.std, "n_metric": s.n}
+                    if variant != "full":
+                        p = stats.paired_delta(full, vals)
+                        row.update({"n_paired": p.n, "paired_seeds": ",".join(map(str, p.seeds)), "delta": p.delta,
+                                    "delta_std": p.delta_std, "ci_low": p.ci_low, "ci_high": p.ci_high,
+                                    "t_stat": p.t_stat, "p_ttest": p.p_ttest, "p_wilcoxon": p.p_wilcoxon,
+                                    "test": p.test, "note": p.note})
+                    rows.append(row)
+    cols = ["split", "method", "variant", "row", "metric", "seeds", "n", "n_expected", "n_failed", "n_killed",
+            "n_running", "n_missing", "n_metric", "mean", "std", "n_paired", "paired_seeds", "delta", "delta_std",
+            "ci_low", "ci_high", "t_stat", "p_ttest", "p_wilcoxon", "test", "note"]
+    df = pd.DataFrame(rows).reindex(columns=cols)
+    df["n_paired"] = df["n_paired"].astype("Int64")
+    return df
+
+
+def seed_differences(data: StudyData, abl: pd.DataFrame) -> pd.DataFrame:
+    """Per-seed Δ (variant − full) behind every ablation row (for plots)."""
+    rows = []
+    for r in abl[abl["variant"] != "full"].itertuples(index=False):
+        full = _values(data, r.split, r.method, "full", r.metric)
+        var = _values(data, r.split, r.method, r.variant, r.metric)
+        rows += [{"split": r.split, "method": r.method, "variant": r.variant, "row": r.row, "metric": r.metric,
+                  "seed": s, "diff": var[s] - full[s]} for s in sorted(set(full) & set(var))]
+    return pd.DataFrame(rows, columns=["split", "method", "variant", "row", "metric", "seed", "diff"])
+
+
+# ----------------------------------------------------------------------------- rendering
+def tex_escape(s: str) -> str:
+    table = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+             "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}
+    return "".join(table.get(c, c) for c in s)
+
+
+class Fmt:
+    """How a cell is written in Markdown (``md``) or LaTeX (``tex``)."""
+
+    def __init__(self, kind: str) -> None:
+        self.tex = kind == "tex"
+        self.pm = r" $\pm$ " if self.tex else " ± "
+        self.dagger = r"$^\dagger$" if self.tex else " †"
+        self.dash = "--" if self.tex else "–"
+
+    def text(self, s: str) -> str:
+        return tex_escape(s) if self.tex else s.replace("|", r"\|")
+
+    def bold(self, s: str) -> str:
+        return rf"\textbf{{{s}}}" if self.tex else f"**{s}**"
+
+    def num(self, x: float, signed: bool = False) -> str:
+        if x is None or pd.isna(x):
+            return self.dash
+        v = round(x, 1) + 0.0  # no "-0.0"
+        s = f"{v:+.1f}" if signed else f"{v:.1f}"
+        return f"${s}$" if self.tex and signed else s
+
+    def pct(self, mean: float, std: float, n: int, row_n: int | None = None, bold: bool = False) -> str:
+        if not n or pd.isna(mean):
+            return self.dash
+        s = f"{100 * mean:.1f}" + ("" if pd.isna(std) else f"{self.pm}{100 * std:.1f}")
+        s = self.bold(s) if bold else s
+        return s + (f" (n={n})" if row_n is not None and n != row_n else "")
+
+    def p(self, p: float, n: int, minimum: int, constant: bool = False) -> str:
+        if n < minimum:
+            return f"n {'$<$' if self.tex else '<'} {minimum}" if minimum > stats.MIN_TEST_N else "n too small"
+        if pd.isna(p):
+            if constant:
+                return r"equal $\Delta$s" if self.tex else "equal Δs"
+            return self.dash
+        return (f"{'$<$' if self.tex else '<'} 0.001") if p < 0.001 else f"{p:.3f}"
+
+
+def task_ids(comp: pd.DataFrame, split: str) -> list[int]:
+    sub = comp[comp["split"] == split]
+    cols = [c for c in comp.columns if c.startswith("test/task_acc/") and c.endswith(".mean")]
+    return sorted(int(c.split("/")[2].split(".")[0]) for c in cols if sub[c].notna().any())
+
+
+def comparison_display(comp: pd.DataFrame, split: str, kind: str = "md") -> pd.DataFrame:
+    """The comparison table of one split as strings; best label-free method per column in bold."""
+    f = Fmt(kind)
+    sub = comp[comp["split"] == split]
+    metrics = [m for m in ("test/union_acc", "test/union_acc_best") if f"{m}.mean" in sub]
+    metrics += [f"test/task_acc/{k}" for k in task_ids(comp, split)]
+    heads = {"test/union_acc": "Union acc., last (%)", "test/union_acc_best": "Union acc., best val. (%)"}
+    amalg = (sub["kind"] == "method") & ~sub["uses_labels"].astype(bool)
+    best = {m: sub.loc[amalg, f"{m}.mean"].max() for m in metrics}
+    out: dict[str, list[str]] = {"Method": [], "n": []}
+    for _, r in sub.iterrows():
+        name = {"teacher": f"teacher {r['row'][7:]} (own task)", "reference": f"{r['row']} (claiming ensemble)"}
+        dagger = f.dagger if r["kind"] == "method" and r["uses_labels"] else ""
+        out["Method"].append(f.text(name.get(r["kind"], r["row"])) + dagger)
+        out["n"].append(f.text(n_text(r)))
+        for m in metrics:
+            head = f.text(heads.get(m, f"Task {m.rsplit('/', 1)[1]} acc. (%)"))
+            is_best = bool(amalg[r.name]) and r[f"{m}.mean"] == best[m]
+            out.setdefault(head, []).append(f.pct(r[f"{m}.mean"], r[f"{m}.std"], r[f"{m}.n"],
+                                                  None if r["kind"] == "teacher" else r["n"], is_best))
+    return pd.DataFrame(out)
+
+
+def diagnostics_display(comp: pd.DataFrame, split: str) -> pd.DataFrame | None:
+    """Label-free diagnostics (Markdown only): pseudo-label, ensemble and probe accuracy, time."""
+    f = Fmt("md")
+    sub = comp[(comp["split"] == split) & (comp["kind"] != "teacher")]
+    cols = {"diag/pseudo_label_acc": "Pseudo-label acc. (%)", "diag/ensemble_union_acc": "Ensemble union acc. (%)",
+            "diag/probe_acc": "Linear probe acc. (%)"}
+    have = [m for m in cols if f"{m}.mean" in sub and sub[f"{m}.mean"].notna().any()]
+    sub = sub[sub[[f"{m}.mean" for m in have]].notna().any(axis=1)] if have else sub.iloc[:0]
+    if sub.empty:
+        return None
+    out: dict[str, list[str]] = {"Method": [f.text(r) for r in sub["row"]]}
+    for m in have:
+        out[cols[m]] = [f.pct(r[f"{m}.mean"], r[f"{m}.std"], r[f"{m}.n"], r["n"]) for _, r in sub.iterrows()]
+    for m, head in (("best_epoch", "Best epoch"), ("trial_seconds", "Trial time (s)")):
+        if f"{m}.mean" in sub:
+            out[head] = [_plain(r[f"{m}.mean"], r[f"{m}.std"], f.dash) for _, r in sub.iterrows()]
+    return pd.DataFrame(out)
+
+
+def _plain(mean: float, std: float, dash: str) -> str:
+    if pd.isna(mean):
+        return dash
+    return f"{mean:.1f}" + ("" if pd.isna(std) else f" ± {std:.1f}")
+
+
+ABLATION_HEADS = {  # Markdown header -> LaTeX header
+    "Variant": "Variant", "n": "n", "Acc. (%)": r"Acc.\ (\%)", "Δ (pp)": r"$\Delta$ (pp)",
+    "95% CI of Δ (pp)": r"95\% CI of $\Delta$ (pp)", "Pairs": "Pairs", "p (paired t)": r"$p$ (paired $t$)",
+    "p (Wilcoxon)": r"$p$ (Wilcoxon)",
+}
+
+
+def ablation_display(abl: pd.DataFrame, split: str, method: str, metric: str, kind: str = "md") -> pd.DataFrame:
+    """One split/method/metric block of the ablation table as strings."""
+    f = Fmt(kind)
+    sub = abl[(abl["split"] == split) & (abl["method"] == method) & (abl["metric"] == metric)]
+    out: dict[str, list[str]] = {k: [] for k in ABLATION_HEADS}
+    for _, r in sub.iterrows():
+        full = r["variant"] == "full"
+        out["Variant"].append(f.text(f"{method} (full)" if full else r["row"]))
+        out["n"].append(f.text(n_text(r)))
+        out["Acc. (%)"].append(f.pct(r["mean"], r["std"], r["n_metric"], r["n"]))
+        if full:
+            for k in ("Δ (pp)", "95% CI of Δ (pp)", "Pairs", "p (paired t)", "p (Wilcoxon)"):
+                out[k].append(f.dash)
+            continue
+        n = int(r["n_paired"])
+        out["Δ (pp)"].append(f.num(100 * r["delta"], signed=True))
+        lo, hi = f.num(100 * r["ci_low"], signed=True), f.num(100 * r["ci_high"], signed=True)
+        out["95% CI of Δ (pp)"].append(f.dash if pd.isna(r["ci_low"]) else f"[{lo}, {hi}]")
+        out["Pairs"].append(str(n))
+        constant = r["note"] == stats.CONSTANT_NOTE
+        out["p (paired t)"].append(f.p(r["p_ttest"], n, stats.MIN_TEST_N, constant=constant))
+        out["p (Wilcoxon)"].append(f.p(r["p_wilcoxon"], n, stats.MIN_WILCOXON_N))
+    df = pd.DataFrame(out)
+    return df.rename(columns=ABLATION_HEADS) if f.tex else df
+
+
+def markdown(df: pd.DataFrame, left: int = 1) -> str:
+    """A GitHub pipe table: the first ``left`` columns left-aligned, the others right-aligned."""
+    cols = [str(c).replace("|", r"\|") for c in df.columns]
+    align = [":---" if i < left else "---:" for i in range(len(cols))]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines) + "\n"
+
+
+def latex(df: pd.DataFrame, caption: str) -> str:
+    """A booktabs ``tabular`` (cells already escaped), preceded by a comment naming it."""
+    body = df.style.hide(axis="index").to_latex(hrules=True, column_format="l" + "r" * (len(df.columns) - 1))
+    return f"% {caption}\n{body}"
+

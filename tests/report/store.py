@@ -1,0 +1,125 @@
+"""A small MLflow store with known metric values, logged through MlflowClient in the harness schema.
+
+Study ``toy``. Split ``2x5`` (2 tasks, seeds 0-2) has every kind of row and mishap; split ``3x3``
+(3 tasks, seeds 0-5) has six paired seeds (Wilcoxon) and no teacher runs (teacher rows then come
+from the ``teachers`` reference run). The expected numbers are in the tests.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+
+STUDY = "toy"
+EPOCHS = 3
+_clock = itertools.count(1_700_000_000_000, 1000)  # distinct, increasing start times
+
+# (method, variant, uses_labels) -> per-seed (test/union_acc, test/union_acc_best) on split 2x5
+SPLIT_A = {
+    ("scratch", "full", True): {0: (0.95, 0.95), 1: (0.96, 0.96), 2: (0.97, 0.97)},
+    ("kd", "full", False): {0: (0.91, 0.92), 2: (0.93, 0.94)},  # seed 1 FAILED
+    ("cfl", "full", False): {0: (0.89, 0.90), 1: (0.90, 0.91), 2: (0.91, 0.92)},  # seed 2 KILLED, then redone
+    ("cka", "full", False): {0: (0.90, 0.94), 1: (0.92, 0.95), 2: (0.94, 0.96)},
+    ("cka", "-intra", False): {0: (0.88, 0.90), 1: (0.91, 0.91), 2: (0.91, 0.92)},
+    ("cka", "-inter", False): {0: (0.91, 0.91), 1: (0.93, 0.93)},  # seed 2 never ran
+    ("cka", "-align", False): {0: (0.92, 0.92), 1: (0.94, 0.94), 2: (0.96, 0.96)},  # Δ = +0.02 on every seed
+    ("cka", "-task", False): {0: (0.80, 0.80), 1: (0.85, 0.85), 2: (0.87, 0.87)},
+    ("cka", "-intra-inter", False): {0: (0.85, 0.85), 1: (0.86, 0.86), 2: (0.87, 0.87)},
+    ("cka", "wide", False): {0: (0.93, 0.93), 1: (0.94, 0.94), 2: (0.95, 0.95)},
+}
+SPLIT_B_FULL = [0.80, 0.81, 0.82, 0.83, 0.84, 0.85]
+SPLIT_B_INTRA = [v - 0.01 * (i + 1) for i, v in enumerate(SPLIT_B_FULL)]
+TERMS = {"cka": ["task", "intra", "inter", "align"], "kd": ["kd"], "cfl": ["kd", "mmd", "recon"], "scratch": ["ce"]}
+
+
+def log_run(
+    client: MlflowClient, exp_id: str, tags: dict[str, str], final: dict[str, float],
+    history: dict[str, list[float]] | None = None, status: str = "FINISHED", params: dict[str, str] | None = None,
+) -> str:
+    """One run in the harness schema: tags, then params, per-epoch history (step = epoch) and final
+    metrics (step = last epoch) in one batch, then the status."""
+    start = next(_clock)
+    variant = tags.get("harness.variant", "full")
+    suffix = "" if variant == "full" else variant if variant.startswith("-") else f":{variant}"
+    name = f"{tags.get('harness.split')}/{tags.get('harness.method')}{suffix}/seed{tags.get('harness.seed')}"
+    if status in ("FAILED", "KILLED"):
+        kind = "exception" if status == "FAILED" else "interrupted"
+        tags = {**tags, "harness.failure": f"RuntimeError: {status.lower()} on purpose", "harness.failure_kind": kind}
+    run = client.create_run(exp_id, start_time=start, tags=tags, run_name=name)
+    rid = run.info.run_id
+    history = history or {}
+    n = max((len(v) for v in history.values()), default=0)
+    metrics = [Metric(k, v[e - 1], start + e, e) for e in range(1, n + 1) for k, v in history.items()]
+    metrics += [Metric(k, v, start + 100, n) for k, v in final.items()]
+    client.log_batch(rid, metrics=metrics, params=[Param(k, v) for k, v in (params or {}).items()])
+    if status != "RUNNING":
+        client.set_terminated(rid, status=status, end_time=start + 500)
+    return rid
+
+
+def trial_tags(split: str, method: str, variant: str, seed: int, uses_labels: bool) -> dict[str, str]:
+    return {"harness.study": STUDY, "harness.split": split, "harness.method": method, "harness.variant": variant,
+            "harness.seed": str(seed), "harness.kind": "trial", "harness.trial_key": f"{split}{method}{variant}{seed}",
+            "harness.uses_labels": str(uses_labels).lower(), "harness.version": "0.1.0",
+            "harness.torch_version": "2.5.0", "harness.python_version": "3.11.7",
+            "harness.git_commit": "0123456789abcdef0123", "harness.git_dirty": "false"}
+
+
+def _history(method: str, acc: float) -> dict[str, list[float]]:
+    h = {f"loss/{t}": [1.0 / e + 0.1 * i for e in range(1, EPOCHS + 1)] for i, t in enumerate(TERMS.get(method, []))}
+    h["loss/total"] = [2.0 / e for e in range(1, EPOCHS + 1)]
+    h["val/union_acc"] = [acc - 0.1 / e for e in range(1, EPOCHS + 1)]
+    h["epoch_seconds"] = [1.0] * EPOCHS
+    return h
+
+
+def _params(split: str, method: str, variant: str, seed: int) -> dict[str, str]:
+    p = {"seed": str(seed), "method": method, "variant": variant, "study": STUDY, "train.epochs": str(EPOCHS),
+         "split.name": split}
+    if method == "cka":
+        p.update({"params.w_intra": "0.0" if "intra" in variant else "0.1", "params.w_align": "1.0"})
+    return p
+
+
+def trial(client: MlflowClient, exp_id: str, split: str, method: str, variant: str, seed: int, uses_labels: bool,
+          last: float, best: float, ntasks: int = 2, status: str = "FINISHED", **extra: float) -> str:
+    final = {"test/union_acc": last, "test/union_acc_best": best, "val/union_acc_best": best, "best_epoch": 2.0,
+             **{f"test/task_acc/{k}": last + 0.01 * (k + 1) for k in range(ntasks)},
+             **{f"test/task_acc_best/{k}": best + 0.01 * (k + 1) for k in range(ntasks)},
+             "diag/pseudo_label_acc": 0.91, "diag/ensemble_union_acc": 0.90, "trial_seconds": 10.0 + seed, **extra}
+    return log_run(client, exp_id, trial_tags(split, method, variant, seed, uses_labels), final,
+                   _history(method, best), status, _params(split, method, variant, seed))
+
+
+def build(uri: str) -> MlflowClient:
+    """Log the whole known store at ``uri`` (a fresh sqlite file)."""
+    client = MlflowClient(uri)
+    exp = client.create_experiment(STUDY)
+    log_run(client, exp, {"harness.kind": "study", "harness.study": STUDY}, {}, status="FAILED")
+    for k, acc in enumerate([0.99, 0.97]):
+        log_run(client, exp, {"harness.study": STUDY, "harness.split": "2x5", "harness.kind": "teacher",
+                              "harness.task": str(k), "harness.method": "teacher", "harness.variant": "full",
+                              "harness.uses_labels": "true"},
+                {"test/acc": acc, "test/acc_last": acc - 0.01, "val/acc_best": acc})
+    ref = {"test/union_acc": 0.90, "test/union_acc_best": 0.90, "test/task_acc/0": 0.99, "test/task_acc/1": 0.97,
+           "diag/ensemble_union_acc": 0.90, "best_epoch": 0.0}  # trained nothing: seed-independent
+    log_run(client, exp, trial_tags("2x5", "teachers", "full", 0, False), ref,
+            params=_params("2x5", "teachers", "full", 0))
+    # mishaps first, so that the good runs are the latest
+    trial(client, exp, "2x5", "scratch", "full", 0, True, 0.50, 0.50)  # duplicate FINISHED, superseded
+    trial(client, exp, "2x5", "kd", "full", 1, False, 0.10, 0.10, status="FAILED")  # partial metrics must not count
+    trial(client, exp, "2x5", "cfl", "full", 2, False, 0.20, 0.20, status="KILLED")
+    for (method, variant, labels), seeds in SPLIT_A.items():
+        for seed, (last, best) in seeds.items():
+            trial(client, exp, "2x5", method, variant, seed, labels, last, best,
+                  **({"diag/probe_acc": 0.88} if method == "cka" and seed < 2 else {}))
+    ref3 = {"test/union_acc": 0.75, "test/union_acc_best": 0.75, "test/task_acc/0": 0.95, "test/task_acc/1": 0.94,
+            "test/task_acc/2": 0.93, "best_epoch": 0.0}
+    log_run(client, exp, trial_tags("3x3", "teachers", "full", 0, False), ref3)
+    for seed, (full, intra) in enumerate(zip(SPLIT_B_FULL, SPLIT_B_INTRA)):
+        trial(client, exp, "3x3", "cka", "full", seed, False, full, full, ntasks=3)
+        trial(client, exp, "3x3", "cka", "-intra", seed, False, intra, intra, ntasks=3)
+    trial(client, exp, "3x3", "cka", "full", 6, False, 0.0, 0.0, ntasks=3, status="RUNNING")
+    return client

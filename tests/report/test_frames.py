@@ -1,0 +1,89 @@
+"""MLflow -> pandas: which runs count, histories, teachers, study names and files, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from harness.errors import HarnessError
+from harness.report.frames import load_study, resolve_study, row_label
+from tests.report import store
+
+
+def test_trials_are_the_latest_finished_run_per_key(study_data) -> None:
+    t = study_data.trials
+    assert set(t["status"]) == {"FINISHED"}
+    assert not t.duplicated(["split", "method", "variant", "seed"]).any()
+    kd = t[(t["split"] == "2x5") & (t["method"] == "kd")]
+    assert sorted(kd["seed"]) == [0, 2]  # seed 1 failed; its partial metrics are not used
+    scratch0 = t[(t["method"] == "scratch") & (t["seed"] == 0)]
+    assert scratch0["test/union_acc"].tolist() == [0.95]  # the later of two finished runs
+    assert "val/union_acc" not in t and "loss/total" not in t  # per-epoch metrics live in history
+    assert {"test/task_acc/0", "test/task_acc_best/1", "diag/probe_acc", "best_epoch"} <= set(t.columns)
+    dup = study_data.duplicates()
+    keys = dup[["split", "method", "variant", "seed", "n_finished"]].values.tolist()
+    assert keys == [["2x5", "scratch", "full", 0, 2]]
+
+
+def test_attempts_keep_failed_killed_and_running_runs(study_data) -> None:
+    a = study_data.attempts
+    bad = a[a["status"] != "FINISHED"]
+    assert sorted(zip(bad["method"], bad["seed"], bad["status"])) == [
+        ("cfl", 2, "KILLED"), ("cka", 6, "RUNNING"), ("kd", 1, "FAILED")]
+    assert bad.loc[bad["status"] == "FAILED", "failure"].tolist() == ["RuntimeError: failed on purpose"]
+
+
+def test_history_is_per_epoch_for_used_runs_only(study_data) -> None:
+    h = study_data.history
+    assert set(h["run_id"]) <= set(study_data.trials["run_id"])
+    one = h[(h["split"] == "2x5") & (h["label"] == "cka-intra") & (h["seed"] == 1) & (h["metric"] == "val/union_acc")]
+    assert one["step"].tolist() == [1, 2, 3]
+    assert one["value"].tolist() == pytest.approx([0.91 - 0.1 / e for e in (1, 2, 3)])
+    cka_terms = {m for m in h.loc[h["method"] == "cka", "metric"] if m.startswith("loss/")}
+    assert cka_terms == {"loss/task", "loss/intra", "loss/inter", "loss/align", "loss/total"}
+    assert not any(m.startswith("test/") for m in h["metric"])
+
+
+def test_teacher_runs_and_splits(study_data) -> None:
+    tr = study_data.teachers
+    assert tr[["split", "task", "test/acc"]].values.tolist() == [["2x5", 0, 0.99], ["2x5", 1, 0.97]]
+    assert study_data.splits == ["2x5", "3x3"]
+    assert study_data.study_yaml is None
+
+
+def test_row_labels() -> None:
+    assert [row_label("cka", v) for v in ("full", "-intra", "-intra-inter", "wide")] == [
+        "cka", "cka-intra", "cka-intra-inter", "cka:wide"]
+
+
+def test_study_file_gives_the_name_and_the_split_order(tmp_path: Path, store_uri: str) -> None:
+    f = tmp_path / "toy.yaml"
+    f.write_text("name: toy\nsplits:\n  - {name: 3x3}\n  - {name: 2x5}\nablations: [task, intra]\nseeds: [0, 1, 2]\n")
+    assert resolve_study(str(f))[0] == "toy"
+    data = load_study(str(f), store_uri, history=False)
+    assert data.splits == ["3x3", "2x5"] and "ablations: [task, intra]" in (data.study_yaml or "")
+    assert resolve_study("toy") == ("toy", None)
+
+
+@pytest.mark.parametrize("text, message", [("seeds: [1]\n", "has no 'name:'"), ("name: [\n", "not valid YAML")])
+def test_bad_study_files(tmp_path: Path, text: str, message: str) -> None:
+    f = tmp_path / "s.yaml"
+    f.write_text(text)
+    with pytest.raises(HarnessError, match=message):
+        resolve_study(str(f))
+    with pytest.raises(HarnessError, match="no study file"):
+        resolve_study(str(tmp_path / "missing.yaml"))
+
+
+def test_unknown_experiment_and_no_finished_trials(store_uri: str) -> None:
+    uri = store_uri  # another experiment in the same store (a new sqlite file costs seconds)
+    client = MlflowClient(uri)
+    exp = client.create_experiment("broken")
+    store.log_run(client, exp, store.trial_tags("2x5", "cka", "full", 0, False), {"test/union_acc": 0.5},
+                  status="FAILED")
+    with pytest.raises(HarnessError, match=r"^report: no experiment 'nope' in sqlite:///"):
+        load_study("nope", uri)
+    with pytest.raises(HarnessError, match="^report: experiment 'broken' has no finished trial runs in"):
+        load_study("broken", uri)
