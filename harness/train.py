@@ -211,18 +211,15 @@ def fit(
                 on_epoch(epoch, metrics)
     method.eval()
     last = evaluate(method.predict, data.parts["test"], sizes, offsets, device)
-    val_last = evaluate(method.predict, data.parts["val"], sizes, offsets, device)
-    if res.best_state is not None:
+    best_m = last
+    if res.best_state is not None and res.best_epoch != len(res.history):
         last_state = _state(method)
         method.load_state_dict(res.best_state)
         best_m = evaluate(method.predict, data.parts["test"], sizes, offsets, device)
-        val_best = evaluate(method.predict, data.parts["val"], sizes, offsets, device)
         method.load_state_dict(last_state)
-    else:
-        best_m, val_best = last, val_last
     res.final = {f"test/{k}": v for k, v in last.items()}
     res.final.update({f"test/{k.replace('_acc', '_acc_best')}": v for k, v in best_m.items()})
-    if "union_acc" in val_best:
-        res.final["val/union_acc_best"] = val_best["union_acc"]
+    if res.history and "val/union_acc" in res.history[0]:
+        res.final["val/union_acc_best"] = res.history[res.best_epoch - 1]["val/union_acc"]
     res.final["best_epoch"] = float(res.best_epoch)
     return res
