@@ -20,7 +20,7 @@ def _cmd_run_study(args: argparse.Namespace) -> int:
 
     return run_study(
         args.study, tracking_uri=args.tracking_uri, dry_run=args.dry_run, workers=args.workers,
-        report=not args.no_report,
+        report=not args.no_report, backend=args.backend, address=args.address,
     )
 
 
@@ -67,7 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("study", help="study YAML file")
     r.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or MLflow's default)")
     r.add_argument("--dry-run", action="store_true", help="print the trial table and run nothing")
-    r.add_argument("--workers", type=int, default=None, help="max concurrent trials")
+    r.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="run at most N trials at a time (default: one per slot of the device pool)")
+    r.add_argument("--backend", choices=("local", "ray"), default="local",
+                   help="local: worker processes on this machine's devices; ray: Ray tasks on a Ray cluster")
+    r.add_argument("--address", default=None,
+                   help="Ray cluster address (with --backend ray; default: start Ray on this machine), "
+                        "e.g. auto or ray://head:10001")
     r.add_argument("--no-report", action="store_true", help="do not build the report at the end")
     r.set_defaults(func=_cmd_run_study)
 

@@ -1,80 +1,197 @@
-"""``harness run-study``: validate, expand, train teachers, run trials, summarise.
+"""``harness run-study``: validate, expand, train teachers, run trials on a pool, summarise.
 
-Validation (study file, methods, parameters, model options, class ranges, data roots) happens
-before anything is created, so bad input leaves no experiment, cache entry or run behind.
-Resume: a trial whose key already has a FINISHED run is skipped; RUNNING runs of the same key
-(left by a killed study) are marked KILLED and the trial is redone.
+Order of a study invocation:
+
+1. validate (study file, methods, parameters, model options, class ranges, data roots, devices)
+   before anything is created, so bad input leaves no experiment, cache entry or run behind;
+2. resume: a trial whose key already has a FINISHED run is skipped; RUNNING runs of the other
+   keys (left by a killed study) are marked KILLED, and the trial is redone;
+3. a parent run for this invocation (kind ``study``), then the teacher stage: each split's
+   teachers are trained (or loaded) once, here, so workers only load them from the cache;
+4. the trials on the pool: the parent opens each trial's run (RUNNING) and a worker executes it;
+   a trial that raises, hits a NaN/inf loss or runs out of memory ends FAILED with the reason,
+   and so does one whose worker dies; failed trials are retried up to ``max_retries`` times;
+5. a summary, exit code 0 if every trial finished, 1 otherwise; the report when all finished.
 """
 
 from __future__ import annotations
 
+import os
+import platform
+import signal
+import sys
 import time
+from collections import deque
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Iterator, Union
+from urllib.parse import urlparse
 
-from harness.config import StudyConfig, load_study
+from harness.config import StudyConfig, dump_study, load_study
+from harness.errors import HarnessError
 from harness.grid import Trial, build_splits, expand
-from harness.tracking import TAG, Tracker
-from harness.trial import prepare_teachers, run_trial
+from harness.methods.base import get_method
+from harness.progress import Progress, make_progress
+from harness.scheduler import LocalPool, RayPool, Slot, TrialJob, WorkerContext, build_slots, run_trial_job
+from harness.teachers import cache_root
+from harness.tracking import TAG, Tracker, git_tags, version_tags
+from harness.trial import open_trial_run, prepare_teachers
+
+Pool = Union[LocalPool, RayPool]
 
 
-def finished_keys(tracker: Tracker, experiment_id: str) -> set[str]:
+def finished_keys(tracker: Tracker, experiment_id: str | None) -> set[str]:
+    if experiment_id is None:
+        return set()
     runs = tracker.find(experiment_id, {f"{TAG}kind": "trial"}, ("FINISHED",))
     return {r.data.tags.get(f"{TAG}trial_key", "") for r in runs}
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def check_not_running(tracker: Tracker, experiment_id: str, study: str) -> None:
+    """HarnessError if another runner on this host is running this study now (its runs would be
+    marked stale and its trials run twice)."""
+    for r in tracker.find(experiment_id, {f"{TAG}kind": "study"}, ("RUNNING",)):
+        tags = r.data.tags
+        pid = int(tags.get(f"{TAG}runner_pid", "0") or 0)
+        if tags.get(f"{TAG}host") == platform.node() and pid and pid != os.getpid() and _alive(pid):
+            raise HarnessError(f"study {study!r} is already being run by process {pid} on this host; "
+                               "wait for it or stop it first")
+
+
 def mark_stale(tracker: Tracker, experiment_id: str, keys: set[str]) -> int:
-    """Runs left RUNNING by a killed study for these keys become KILLED."""
+    """Runs left RUNNING by a killed study become KILLED: its study runs, and the trial runs of
+    these keys (so their trials are redone). Returns the number of trial runs marked."""
     n = 0
+    reason = {f"{TAG}failure": "stale: the study running it was killed", f"{TAG}failure_kind": "stale"}
+    for r in tracker.find(experiment_id, {f"{TAG}kind": "study"}, ("RUNNING",)):
+        tracker.finish_if_running(r.info.run_id, "KILLED", reason)
     for r in tracker.find(experiment_id, {f"{TAG}kind": "trial"}, ("RUNNING",)):
         if r.data.tags.get(f"{TAG}trial_key") in keys:
-            tracker.set_tags(r.info.run_id, {f"{TAG}failure": "stale: the study running it was killed"})
-            tracker.finish(r.info.run_id, "KILLED")
-            n += 1
+            n += tracker.finish_if_running(r.info.run_id, "KILLED", reason)
     return n
 
 
-def print_table(trials: list[Trial], done: set[str]) -> None:
+def print_table(trials: list[Trial], done: set[str], pool: str) -> None:
+    """The trial table of ``--dry-run`` (a rich table on a terminal, plain columns otherwise)."""
+    rows = [(t.split, t.method, t.variant, str(t.seed), t.key, "yes" if t.key in done else "no") for t in trials]
+    footer = f"{len(trials)} trials, {sum(t.key in done for t in trials)} already finished; pool: {pool}"
+    if sys.stdout.isatty():
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table("split", "method", "variant", "seed", "trial key", "cached")
+        for row in rows:
+            table.add_row(*row, style="dim" if row[-1] == "yes" else None)
+        console = Console()
+        console.print(table)
+        console.print(footer)
+        return
     print(f"{'split':<12} {'method':<10} {'variant':<16} {'seed':>4}  {'trial key':<16}  cached")
-    for t in trials:
-        print(f"{t.split:<12} {t.method:<10} {t.variant:<16} {t.seed:>4}  {t.key:<16}  {'yes' if t.key in done else 'no'}")
-    print(f"{len(trials)} trials, {sum(t.key in done for t in trials)} already finished")
+    for split, method, variant, seed, key, cached in rows:
+        print(f"{split:<12} {method:<10} {variant:<16} {seed:>4}  {key:<16}  {cached}")
+    print(footer)
+
+
+def make_pool(study: StudyConfig, backend: str, workers: int | None, address: str | None) -> Pool:
+    if workers is not None and workers < 1:
+        raise HarnessError(f"--workers must be at least 1, got {workers}")
+    if backend == "ray":
+        return RayPool(study.devices, study.trials_per_device, workers, address)
+    if backend != "local":
+        raise HarnessError(f"--backend must be local or ray, got {backend!r}")
+    if address:
+        raise HarnessError("--address is for --backend ray")
+    return LocalPool(build_slots(study.devices, study.trials_per_device), workers)
+
+
+def teacher_files(study: StudyConfig, keys: list[str]) -> dict[str, bytes]:
+    """Every cache entry of these teachers (``<key>.pt``, ``<key>-<...>.pt``) by path, relative to
+    here when inside, for workers on nodes that do not share this file system."""
+    out = {}
+    folder = (cache_root(study.cache_dir) / "teachers").resolve()
+    for key in keys:
+        for path in sorted(folder.glob(f"{key}*.pt")):
+            rel = os.path.relpath(path) if path.is_relative_to(Path.cwd()) else str(path)
+            out[rel] = path.read_bytes()
+    return out
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a batch system stopping the job) ends the study like Ctrl-C: runs marked KILLED."""
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        old = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+@dataclass
+class Session:
+    """One invocation of a study: where it logs, where its trials run, its parent run."""
+
+    study: StudyConfig
+    tracker: Tracker
+    experiment_id: str
+    pool: Pool
+    parent: str = ""
+    context: WorkerContext = field(default_factory=WorkerContext.capture)
+    provenance: dict[str, str] = field(default_factory=git_tags)
+    started: float = field(default_factory=time.time)
 
 
 def run_study(
     path: str | Path, tracking_uri: str | None = None, dry_run: bool = False, workers: int | None = None,
-    report: bool = True,
+    report: bool = True, backend: str = "local", address: str | None = None, live: bool | None = None,
 ) -> int:
-    study: StudyConfig = load_study(path)
+    """Run (or resume) a whole study; 0 if every trial finished, 1 if any finally failed."""
+    study = load_study(path)
     trials = expand(study)
     splits = build_splits(study)
     tracker = Tracker(tracking_uri)
-    exp_id = tracker.experiment(study.name)
+    exp_id = tracker.experiment(study.name, create=not dry_run)
     done = finished_keys(tracker, exp_id)
     if dry_run:
-        print_table(trials, done)
+        plan = "Ray places the trials" if backend == "ray" else make_pool(study, backend, workers, address).describe()
+        print_table(trials, done, plan)
         return 0
+    assert exp_id is not None
     todo = [t for t in trials if t.key not in done]
-    mark_stale(tracker, exp_id, {t.key for t in todo})
-    parent = tracker.start(exp_id, f"study/{time.strftime('%Y%m%d-%H%M%S')}",
-                           {f"{TAG}kind": "study", f"{TAG}study": study.name})
-    print(f"study {study.name}: {len(trials)} trials, {len(trials) - len(todo)} already finished, "
-          f"tracking at {tracker.uri}")
-    for name, data in splits.items():
-        recs = prepare_teachers(study, data, tracker, exp_id)
-        accs = ", ".join(f"{r.metrics.get('test/union_acc_best', float('nan')):.3f}" for r in recs)
-        print(f"teachers of {name}: {'cached' if all(r.cached for r in recs) else 'trained'} (test acc {accs})")
-    failed: list[tuple[Trial, str]] = []
-    t0 = time.time()
-    for i, trial in enumerate(todo, 1):
-        try:
-            final = run_trial(study, trial, tracker, exp_id, data=splits[trial.split], parent_run_id=parent)
-            print(f"[{i}/{len(todo)}] {trial.run_name}: union acc {final.get('test/union_acc', float('nan')):.4f} "
-                  f"({time.time() - t0:.0f}s)")
-        except Exception as e:
-            failed.append((trial, f"{type(e).__name__}: {e}"))
-            print(f"[{i}/{len(todo)}] {trial.run_name}: FAILED ({type(e).__name__}: {e})")
-    tracker.finish(parent, "FAILED" if failed else "FINISHED")
-    print(f"done: {len(todo) - len(failed)} finished, {len(failed)} failed, {len(trials) - len(todo)} skipped")
+    pool = make_pool(study, backend, workers, address)
+    if backend == "ray" and address and urlparse(tracker.uri).scheme in ("", "file", "sqlite"):
+        print(f"warning: workers on other machines cannot write to {tracker.uri}; give --tracking-uri "
+              "http://<mlflow server> (see docs/cluster.md)", file=sys.stderr)
+    try:
+        pool.warm()
+        check_not_running(tracker, exp_id, study.name)
+        stale = mark_stale(tracker, exp_id, {t.key for t in todo})
+        print(f"study {study.name}: {len(trials)} trials, {len(trials) - len(todo)} already finished"
+              f"{f', {stale} stale runs marked KILLED' if stale else ''}; tracking at {tracker.uri}")
+        print(f"pool: {pool.describe()}")
+        session = Session(study, tracker, exp_id, pool)
+        with _sigterm_as_interrupt():
+            failed = execute(session, todo, splits, backend, live)
+    finally:
+        pool.close()
+    summarise(session, len(trials), todo, failed)
     if report and not failed:
         try:
             from harness.report.build import build_report
@@ -83,3 +200,103 @@ def run_study(
         else:
             print(f"report written to {build_report(study.name, tracking_uri=tracker.uri)}")
     return 1 if failed else 0
+
+
+def execute(session: Session, todo: list[Trial], splits: dict, backend: str, live: bool | None) -> list[tuple[Trial, str]]:
+    """The parent run, the teacher stage, then the trials; returns the trials that failed."""
+    s = session
+    s.parent = s.tracker.start(s.experiment_id, f"study/{time.strftime('%Y%m%d-%H%M%S')}", {
+        f"{TAG}kind": "study", f"{TAG}study": s.study.name, f"{TAG}host": platform.node(),
+        f"{TAG}runner_pid": os.getpid(), f"{TAG}backend": backend, f"{TAG}pool": s.pool.describe(),
+        **s.provenance, **version_tags(),
+    })
+    try:
+        s.tracker.log_text(s.parent, dump_study(s.study), "study.yaml")
+        keys = []
+        for name in dict.fromkeys(t.split for t in todo):  # only splits with trials to run
+            recs = prepare_teachers(s.study, splits[name], s.tracker, s.experiment_id, device=s.pool.teacher_device)
+            keys += [r.key for r in recs]
+            accs = ", ".join(f"{r.metrics.get('test/union_acc_best', float('nan')):.3f}" for r in recs)
+            print(f"teachers of {name}: {'cached' if all(r.cached for r in recs) else 'trained'} (test acc {accs})")
+        if isinstance(s.pool, RayPool):  # nodes without this file system get the teachers with the jobs
+            s.context = WorkerContext.capture(teacher_files(s.study, keys))
+        with make_progress(len(todo), s.pool.limit, live) as progress:
+            return run_trials(s, todo, progress)
+    except BaseException as e:
+        stopped = isinstance(e, KeyboardInterrupt)
+        reason = "interrupted" if stopped else f"{type(e).__name__}: {e}".splitlines()[0][:500]
+        s.tracker.set_tags(s.parent, {f"{TAG}failure": reason})
+        s.tracker.finish(s.parent, "KILLED" if stopped else "FAILED")
+        raise
+
+
+def run_trials(s: Session, todo: list[Trial], progress: Progress) -> list[tuple[Trial, str]]:
+    """Keep the pool full until every trial finished or failed ``max_retries + 1`` times.
+
+    Each attempt is a new run opened here; if its worker dies, it is marked FAILED here. On an
+    interrupt, running workers are stopped and their runs marked KILLED. Returns the failures."""
+    queue = deque((t, 0) for t in todo)
+    inflight: dict[str, tuple[Trial, int]] = {}
+    failed: list[tuple[Trial, str]] = []
+    try:
+        while queue or inflight:
+            while queue and s.pool.has_room():
+                trial, attempt = queue.popleft()
+                run_id, slot = submit(s, trial, attempt)
+                inflight[run_id] = (trial, attempt)
+                progress.started(trial.run_name, slot.name if slot else None, attempt)
+            for out in s.pool.wait(timeout=1.0):
+                trial, attempt = inflight.pop(out.key)
+                if out.ok:
+                    cls = get_method(trial.method)
+                    progress.finished(trial.run_name, out.result, ranked=cls.trains and not cls.uses_labels)
+                    continue
+                reason = settle_failure(s.tracker, out.key, out.error, out.kind)
+                retry = attempt < s.study.max_retries
+                if retry:
+                    queue.append((trial, attempt + 1))
+                else:
+                    failed.append((trial, reason))
+                progress.failed_attempt(trial.run_name, reason, retry)
+            progress.tick()
+    except BaseException:
+        for run_id in s.pool.stop():
+            s.tracker.finish_if_running(run_id, "KILLED", {f"{TAG}failure": "interrupted: the study was stopped",
+                                                           f"{TAG}failure_kind": "interrupted",
+                                                           f"{TAG}end": f"{time.time():.3f}"})
+        raise
+    return failed
+
+
+def submit(s: Session, trial: Trial, attempt: int) -> tuple[str, Slot | None]:
+    """Open the attempt's run here (RUNNING), then hand the trial to a worker."""
+    run_id = open_trial_run(s.tracker, s.experiment_id, s.study, trial, parent_run_id=s.parent,
+                            extra_tags={f"{TAG}attempt": attempt, **s.provenance})
+    try:
+        slot = s.pool.submit(run_id, run_trial_job, TrialJob(s.study, trial, run_id, s.tracker.uri), s.context)
+    except BaseException as e:
+        s.tracker.finish_if_running(run_id, "FAILED", {f"{TAG}failure": f"could not start a worker: {e}",
+                                                       f"{TAG}failure_kind": "exception"})
+        raise
+    return run_id, slot
+
+
+def settle_failure(tracker: Tracker, run_id: str, error: str, kind: str) -> str:
+    """The reason a run failed: the worker's own (it tagged the run), else the pool's (the worker
+    died before it could), in which case the run is marked FAILED here."""
+    tags = {f"{TAG}failure": error, f"{TAG}failure_kind": kind or "exception", f"{TAG}end": f"{time.time():.3f}"}
+    if tracker.finish_if_running(run_id, "FAILED", tags):
+        return error
+    return tracker.run(run_id).data.tags.get(f"{TAG}failure", error)
+
+
+def summarise(s: Session, n_trials: int, todo: list[Trial], failed: list[tuple[Trial, str]]) -> None:
+    """Counts on the parent run (then ended), and a summary with every failed trial's reason."""
+    finished, skipped = len(todo) - len(failed), n_trials - len(todo)
+    seconds = time.time() - s.started
+    s.tracker.log_metrics(s.parent, {"trials_total": n_trials, "trials_skipped": skipped, "trials_finished": finished,
+                                     "trials_failed": len(failed), "study_seconds": seconds})
+    s.tracker.finish(s.parent, "FAILED" if failed else "FINISHED")
+    print(f"done: {finished} finished, {len(failed)} failed, {skipped} skipped in {seconds:.0f}s")
+    for trial, reason in failed:
+        print(f"  FAILED {trial.run_name} (key {trial.key}): {reason}")

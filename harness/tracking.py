@@ -10,23 +10,45 @@ Schema (the reports and the runner rely on it):
   ``val/task_acc/<k>``, ``epoch_seconds``, ``images_per_second``; one ``log_batch`` per epoch;
 - final metrics: ``test/union_acc`` (last epoch), ``test/union_acc_best`` (best validation
   epoch), ``test/task_acc/<k>``, ``test/task_acc_best/<k>``, ``val/union_acc_best``,
-  ``best_epoch`` and ``diag/*`` diagnostics.
+  ``best_epoch``, ``diag/*`` diagnostics, ``peak_rss_mb``, ``cuda_max_allocated_mb`` (CUDA only),
+  ``trial_seconds``;
+- execution tags of a trial run: ``harness.attempt`` (0 for the first try), ``harness.slot``,
+  ``harness.device``, ``harness.host``, ``harness.pid``, ``harness.start`` and ``harness.end``
+  (unix seconds), ``harness.failure`` and ``harness.failure_kind`` (``exception``, ``nonfinite``,
+  ``oom``, ``worker_died``, ``interrupted``, ``stale``, ``duplicate``) when it did not finish;
+- provenance tags: ``mlflow.source.git.commit`` and ``harness.git_commit`` (empty outside a git
+  checkout), ``harness.git_dirty``, ``harness.version`` and ``harness.<package>_version`` for
+  torch, mlflow, numpy and python;
+- a study invocation is a run of kind ``study`` (tags ``harness.host``, ``harness.runner_pid``,
+  ``harness.backend``); its trials point to it with ``mlflow.parentRunId``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import platform
 import random
+import re
+import subprocess
 import time
-from typing import Any, Callable, TypeVar
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable, Iterator, TypeVar
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+try:
+    import fcntl
+except ImportError:  # Windows: no lock (run one process per new store there)
+    fcntl = None  # type: ignore[assignment]
+
 TAG = "harness."
 F = TypeVar("F", bound=Callable[..., Any])
 MAX_PARAM = 6000
+RETRIES = 14
 
 
 def resolve_uri(cli_uri: str | None = None) -> str:
@@ -50,21 +72,88 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
+#: Store errors that go away when retried a little later (several processes writing one file).
+_TRANSIENT = ("database is locked", "database table is locked", "database is busy")
+
+
+def _transient(e: Exception) -> bool:
+    """A locked SQLite store (the runner and its workers write to one file) is worth a retry."""
+    return any(m in str(e).lower() for m in _TRANSIENT)
+
+
+@contextlib.contextmanager
+def _opening(uri: str) -> Iterator[None]:
+    """Lock a SQLite store's file while it is opened: MLflow creates and migrates a new store on
+    first open, and two processes doing that at once leave it broken. A new (empty) file is
+    opened under an exclusive ``flock``, an existing one under a shared one, which waits for a
+    creator but not for other readers. (SQLite's own locks are POSIX record locks, independent
+    of ``flock``.)"""
+    path = uri[len("sqlite:///"):].split("?")[0] if uri.startswith("sqlite:///") else ""
+    if not path or fcntl is None:
+        yield
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    new = not os.path.exists(path) or os.path.getsize(path) == 0
+    with open(path, "ab") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX if new else fcntl.LOCK_SH)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def _retry(fn: F) -> F:
-    """Retry on a locked SQLite store (several worker processes write to one file)."""
+    """Retry ``fn`` on a transient store error, with exponential back-off and jitter (about 25 s of
+    waiting in all, on top of SQLite's own 20 s busy timeout per attempt). Wrap only calls that
+    are safe to repeat: one MLflow request each."""
 
     @functools.wraps(fn)
     def wrapper(*a: Any, **kw: Any) -> Any:
-        for attempt in range(12):
+        for attempt in range(RETRIES):
             try:
                 return fn(*a, **kw)
             except Exception as e:  # MlflowException wraps sqlalchemy's OperationalError
-                if "locked" not in str(e).lower() or attempt == 11:
+                if not _transient(e) or attempt == RETRIES - 1:
                     raise
-                time.sleep(0.05 * 2**min(attempt, 6) * (0.5 + random.random()))
+                time.sleep(0.05 * 2 ** min(attempt, 6) * (0.5 + random.random()))
         raise AssertionError("unreachable")
 
     return wrapper  # type: ignore[return-value]
+
+
+def _git(args: list[str], cwd: Path) -> str:
+    try:
+        out = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return out.stdout.strip() if out.returncode == 0 else ""
+
+
+@functools.lru_cache(maxsize=1)
+def git_tags() -> dict[str, str]:
+    """Commit of the checkout that holds the harness code (empty when it is not a git checkout)
+    and whether it had uncommitted changes."""
+    import harness
+
+    where = Path(harness.__file__).resolve().parent
+    commit = _git(["rev-parse", "HEAD"], where)
+    dirty = bool(commit) and bool(_git(["status", "--porcelain", "--untracked-files=no"], where))
+    tags = {f"{TAG}git_commit": commit, f"{TAG}git_dirty": str(dirty).lower()}
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def version_tags() -> dict[str, str]:
+    """Versions of the packages that determine a result (read without importing them)."""
+    out = {f"{TAG}python_version": platform.python_version()}
+    for dist, name in (("ka-harness", "version"), ("torch", "torch_version"), ("mlflow", "mlflow_version"),
+                       ("numpy", "numpy_version")):
+        try:
+            out[f"{TAG}{name}"] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[f"{TAG}{name}"] = ""
+    return out
 
 
 class Tracker:
@@ -72,16 +161,22 @@ class Tracker:
 
     def __init__(self, uri: str | None = None) -> None:
         self.uri = resolve_uri(uri)
-        self.client = MlflowClient(self.uri)
+        with _opening(self.uri):
+            self.client = _retry(MlflowClient)(self.uri)  # opens (and may first create) the store
 
     @_retry
-    def experiment(self, name: str) -> str:
-        """The id of experiment ``name``, created if needed."""
+    def experiment(self, name: str, create: bool = True) -> str | None:
+        """The id of experiment ``name``, created if needed (None if it does not exist and not
+        ``create``)."""
         exp = self.client.get_experiment_by_name(name)
         if exp is not None:
             if exp.lifecycle_stage == "deleted":
+                if not create:
+                    return None
                 self.client.restore_experiment(exp.experiment_id)
             return exp.experiment_id
+        if not create:
+            return None
         try:
             return self.client.create_experiment(name)
         except Exception:  # created concurrently by another worker
@@ -90,30 +185,29 @@ class Tracker:
                 raise
             return exp.experiment_id
 
-    @_retry
     def start(
         self, experiment_id: str, run_name: str, tags: dict[str, Any], params: dict[str, Any] | None = None,
         parent_run_id: str | None = None,
     ) -> str:
-        """Create a run with tags (and the parent link) and log its params in one batch."""
-        all_tags = {k: str(v) for k, v in tags.items()}
+        """Create a run (status RUNNING) with tags and the parent link, and log its params in batches.
+
+        Each request is retried on its own, so a locked store never creates a run twice."""
+        all_tags = {k: str(v)[:MAX_PARAM] for k, v in tags.items()}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
-        run = self.client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+        run_id = _retry(self.client.create_run)(experiment_id, run_name=run_name, tags=all_tags).info.run_id
         if params:
-            flat = flatten(params)
-            items = [Param(k, v) for k, v in flat.items()]
+            items = [Param(k, v) for k, v in flatten(params).items()]
             for i in range(0, len(items), 100):
-                self.client.log_batch(run.info.run_id, params=items[i : i + 100])
-        return run.info.run_id
+                _retry(self.client.log_batch)(run_id, params=items[i : i + 100])
+        return run_id
 
-    @_retry
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
-        """All metrics of one step in a single call."""
+        """All metrics of one step in a single request (chunks of 1000, each retried on its own)."""
         ts = int(time.time() * 1000)
         items = [Metric(k, float(v), ts, step) for k, v in metrics.items()]
         for i in range(0, len(items), 1000):
-            self.client.log_batch(run_id, metrics=items[i : i + 1000])
+            _retry(self.client.log_batch)(run_id, metrics=items[i : i + 1000])
 
     @_retry
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
@@ -126,6 +220,23 @@ class Tracker:
     @_retry
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
+
+    @_retry
+    def run(self, run_id: str) -> Any:
+        """The run (``info.status``, ``data.tags``, ``data.metrics``)."""
+        return self.client.get_run(run_id)
+
+    def finish_if_running(self, run_id: str, status: str, tags: dict[str, Any] | None = None) -> bool:
+        """End a run that is still RUNNING with ``status`` (and tags); False if it already ended.
+
+        The parent uses this for a worker that died or was stopped: a run the worker ended
+        itself keeps the worker's status and reason."""
+        if self.run(run_id).info.status != "RUNNING":
+            return False
+        if tags:
+            self.set_tags(run_id, tags)
+        self.finish(run_id, status)
+        return True
 
     @_retry
     def find(self, experiment_id: str, tags: dict[str, str], statuses: tuple[str, ...] | None = None) -> list:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import platform
 import resource
+import sys
 import time
 import traceback
 from typing import Any
@@ -17,18 +18,18 @@ import numpy as np
 import torch
 import yaml
 
-from harness import __version__, losses
+from harness import __version__
 from harness.config import StudyConfig
 from harness.data.splits import SplitData, build_split
 from harness.grid import Trial, resolved_config
 from harness.methods.base import SplitInfo, TeacherSet, get_method
 from harness.models import build_model
-from harness.teachers import TeacherRecord, get_teachers
-from harness.tracking import TAG, Tracker
-from harness.train import fit, predict_all
+from harness.teachers import TeacherRecord, cached_outputs, get_teachers
+from harness.tracking import TAG, Tracker, version_tags
+from harness.train import NonFiniteLossError, fit, predict_all, teacher_outputs
 
 
-def trial_tags(trial: Trial, uses_labels: bool) -> dict[str, str]:
+def trial_tags(trial: Trial, uses_labels: bool, seeded: bool = True) -> dict[str, str]:
     return {
         f"{TAG}study": trial.study,
         f"{TAG}split": trial.split,
@@ -38,6 +39,7 @@ def trial_tags(trial: Trial, uses_labels: bool) -> dict[str, str]:
         f"{TAG}trial_key": trial.key,
         f"{TAG}kind": "trial",
         f"{TAG}uses_labels": str(uses_labels).lower(),
+        f"{TAG}seeded": str(seeded).lower(),
         f"{TAG}version": __version__,
     }
 
@@ -78,7 +80,9 @@ def prepare_teachers(
 
 
 @torch.no_grad()
-def diagnostics(method: Any, teachers: TeacherSet, data: SplitData, device: str) -> dict[str, float]:
+def diagnostics(
+    method: Any, teachers: TeacherSet, data: SplitData, device: str, train_outputs: Any = None
+) -> dict[str, float]:
     """Label-free quality measures; labels are read here only to *measure*, never to train.
 
     - ``diag/pseudo_label_acc``: accuracy of the pseudo-labels on the training images;
@@ -88,14 +92,14 @@ def diagnostics(method: Any, teachers: TeacherSet, data: SplitData, device: str)
     """
     from sklearn.linear_model import LogisticRegression
 
-    rule = getattr(method.params, "pl_rule", "confidence")
-    temp = getattr(method.params, "T_pl", 1.0)
     out = {}
     pls = {}
     for part in ("train", "test"):
-        x = data.parts[part].x.to(device)
-        logits = [predict_all(t, x).cpu() for t in teachers.nets]
-        pls[part] = losses.pseudo_labels(logits, data.offsets, T=temp, rule=rule)[0]
+        if part == "train" and train_outputs is not None:
+            logits, feats = train_outputs
+        else:
+            logits, feats = teacher_outputs(teachers, data.parts[part].x.to(device))
+        pls[part] = method.route([t.cpu() for t in logits], [f.cpu() for f in feats])[0]
     out["diag/pseudo_label_acc"] = (pls["train"] == data.parts["train"].y).float().mean().item()
     out["diag/ensemble_union_acc"] = (pls["test"] == data.parts["test"].y).float().mean().item()
     if method.trains:
@@ -109,24 +113,47 @@ def diagnostics(method: Any, teachers: TeacherSet, data: SplitData, device: str)
     return out
 
 
-def run_trial(
-    study: StudyConfig, trial: Trial, tracker: Tracker, experiment_id: str, *, data: SplitData | None = None,
-    parent_run_id: str | None = None, device: str = "cpu", extra_tags: dict[str, Any] | None = None,
-) -> dict[str, float]:
-    """Run one trial and log it as a run; the run ends FAILED (reason tagged) on any exception."""
+def open_trial_run(
+    tracker: Tracker, experiment_id: str, study: StudyConfig, trial: Trial, *, parent_run_id: str | None = None,
+    extra_tags: dict[str, Any] | None = None,
+) -> str:
+    """Create the trial's run (status RUNNING) with its tags, params and ``trial.yaml``.
+
+    The runner calls this in the parent process, so the run exists, and can be marked FAILED,
+    even when the worker that executes it dies."""
     cls = get_method(trial.method)
-    tags = {**trial_tags(trial, cls.uses_labels), **(extra_tags or {})}
-    tags.update({f"{TAG}pid": os.getpid(), f"{TAG}device": device, f"{TAG}host": platform.node()})
+    tags = {**trial_tags(trial, cls.uses_labels, cls.seeded), **(extra_tags or {})}
     cfg = resolved_config(study, trial)
     run_id = tracker.start(experiment_id, trial.run_name, tags, cfg, parent_run_id)
-    t0 = time.time()
-    tracker.set_tags(run_id, {f"{TAG}start": f"{t0:.3f}"})
     try:
         tracker.log_text(run_id, yaml.safe_dump(cfg, sort_keys=False), "trial.yaml")
+    except BaseException:
+        tracker.finish(run_id, "FAILED")
+        raise
+    return run_id
+
+
+def execute_trial(
+    study: StudyConfig, trial: Trial, tracker: Tracker, run_id: str, *, data: SplitData | None = None,
+    device: str = "cpu", extra_tags: dict[str, Any] | None = None,
+) -> dict[str, float]:
+    """Run one trial in this process and log it to the open run ``run_id``.
+
+    The run ends FINISHED, or FAILED/KILLED with ``harness.failure`` on any exception (re-raised).
+    Teachers are loaded from the cache (the runner trained them before the trials)."""
+    t0 = time.time()
+    tracker.set_tags(run_id, {
+        f"{TAG}pid": os.getpid(), f"{TAG}host": platform.node(), f"{TAG}device": device,
+        f"{TAG}start": f"{t0:.3f}", **version_tags(), **(extra_tags or {}),
+    })
+    try:
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats(device)
+        cls = get_method(trial.method)
         split_cfg = next((i, s) for i, s in enumerate(study.splits) if s.name == trial.split)
         data = data or build_split(split_cfg[1], study.dataset, f"splits[{split_cfg[0]}]")
         records = prepare_teachers(study, data, device=device)
-        teachers = TeacherSet([r.net for r in records])
+        teachers = TeacherSet([r.net for r in records], [r.stats for r in records])
         torch.manual_seed(trial.seed)
         np.random.seed(trial.seed)
         student = build_model(study.student.arch, data.in_shape, data.num_classes, **study.student.options())
@@ -136,20 +163,72 @@ def run_trial(
         def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
             tracker.log_metrics(run_id, metrics, step=epoch)
 
-        res = fit(method, data, study.train, trial.seed, device, on_epoch)
+        # frozen teachers, no augmentation: their outputs come from the per-split disk cache
+        outputs = None if study.train.augment else cached_outputs(records, data, study.cache_dir)
+        res = fit(method, data, study.train, trial.seed, device, on_epoch, cached_outputs=outputs)
         final = dict(res.final)
-        final.update(diagnostics(method, teachers, data, device))
-        final["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        final.update(diagnostics(method, teachers, data, device, outputs))
+        final.update(memory_metrics(device))
         final["trial_seconds"] = time.time() - t0
         tracker.log_metrics(run_id, final, step=study.train.epochs if cls.trains else 0)
         tracker.set_tags(run_id, {f"{TAG}end": f"{time.time():.3f}"})
-        tracker.finish(run_id, "FINISHED")
+        finish_unique(tracker, run_id, trial.key)
         return final
     except BaseException as e:
-        reason = f"{type(e).__name__}: {e}".splitlines()[0][:500] if str(e) else type(e).__name__
+        kind, reason = failure_reason(e)
         try:
-            tracker.set_tags(run_id, {f"{TAG}failure": reason, f"{TAG}end": f"{time.time():.3f}",
+            tracker.set_tags(run_id, {f"{TAG}failure": reason, f"{TAG}failure_kind": kind,
+                                      f"{TAG}end": f"{time.time():.3f}",
                                       f"{TAG}traceback": traceback.format_exc()[-4000:]})
-            tracker.finish(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            tracker.finish(run_id, "KILLED" if kind == "interrupted" else "FAILED")
         finally:
             raise
+
+
+def run_trial(
+    study: StudyConfig, trial: Trial, tracker: Tracker, experiment_id: str, *, data: SplitData | None = None,
+    parent_run_id: str | None = None, device: str = "cpu", extra_tags: dict[str, Any] | None = None,
+) -> dict[str, float]:
+    """Open the trial's run and execute it here, in this process (no worker)."""
+    run_id = open_trial_run(tracker, experiment_id, study, trial, parent_run_id=parent_run_id, extra_tags=extra_tags)
+    return execute_trial(study, trial, tracker, run_id, data=data, device=device)
+
+
+def memory_metrics(device: str) -> dict[str, float]:
+    """Peak resident memory of this process and, on CUDA, the peak memory torch allocated."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = {"peak_rss_mb": rss / (2**20 if sys.platform == "darwin" else 1024)}  # bytes on macOS, KiB on Linux
+    if device.startswith("cuda"):
+        out["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return out
+
+
+def failure_reason(e: BaseException) -> tuple[str, str]:
+    """(``harness.failure_kind``, ``harness.failure``) of an exception, the reason on one line."""
+    first = (str(e).strip().splitlines() or [""])[0][:500]
+    text = f"{type(e).__name__}: {first}" if first else type(e).__name__
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted", "interrupted"
+    if isinstance(e, NonFiniteLossError):
+        return "nonfinite", f"non-finite loss: {first}"
+    if isinstance(e, MemoryError) or (
+        isinstance(e, RuntimeError) and any(m in str(e).lower() for m in ("out of memory", "not enough memory"))
+    ):
+        return "oom", f"out of memory: {text}"
+    return "exception", text
+
+
+def finish_unique(tracker: Tracker, run_id: str, key: str) -> None:
+    """End the run FINISHED unless the trial key already has a FINISHED run or the run was ended
+    by someone else (a rerun marked it stale): exactly one FINISHED run per trial key."""
+    run = tracker.run(run_id)
+    if run.info.status != "RUNNING":
+        return
+    others = [r.info.run_id for r in tracker.find(run.info.experiment_id, {f"{TAG}trial_key": key}, ("FINISHED",))
+              if r.info.run_id != run_id]
+    if others:
+        tracker.set_tags(run_id, {f"{TAG}failure": f"duplicate: run {others[0]} already finished this trial",
+                                  f"{TAG}failure_kind": "duplicate"})
+        tracker.finish(run_id, "KILLED")
+    else:
+        tracker.finish(run_id, "FINISHED")

@@ -76,7 +76,11 @@ def test_teachers_trained_once_and_logged(ran):
     teachers = [r for r in runs if r.data.tags.get("harness.kind") == "teacher"]
     assert sorted(r.data.tags["harness.task"] for r in teachers) == ["0", "1"]
     assert all(0.0 < r.data.metrics["test/acc"] <= 1.0 for r in teachers)
-    assert len(list((tmp / "cache" / "teachers").glob("*.pt"))) == 2
+    files = sorted(p.name for p in (tmp / "cache" / "teachers").glob("*.pt"))
+    keys = sorted(r.data.tags["harness.teacher_key"] for r in teachers)
+    assert [f for f in files if "-" not in f] == [f"{k}.pt" for k in keys]  # two checkpoints
+    assert len([f for f in files if "-routing-" in f]) == 2  # their routing statistics
+    assert len([f for f in files if f.startswith("outputs-")]) == 1  # one teacher-output cache per split
 
 
 def test_rerun_skips_finished_trials(ran):

@@ -1,0 +1,30 @@
+"""Where trials run: a pool of device slots with one worker process per trial, or Ray tasks.
+
+A *slot* holds one trial at a time: a GPU (``trials_per_device`` slots each, to pack small
+trials) or a CPU slot with a fixed number of torch threads (``max(1, cores // slots)``), so
+concurrent trials never oversubscribe the cores and a trial's result does not depend on how
+many run beside it (``--workers`` only bounds concurrency; it never changes the slots).
+
+Two pools share one small interface (``limit``, ``has_room``, ``submit``, ``wait``, ``stop``,
+``close``), so the runner's loop is the same for both:
+
+- :class:`LocalPool`: one fresh process per job on a free slot. Workers fork from a forkserver
+  that imported torch and the harness once (~30 ms per worker instead of ~6 s for spawn); a
+  worker sees only its GPU (``CUDA_VISIBLE_DEVICES``), dies with the runner, and a worker that
+  crashes (SIGKILL, segfault, the OOM killer) is reported as such while the pool goes on.
+- :class:`RayPool`: the same jobs as Ray tasks with ``num_gpus`` per trial (fractional for
+  packing), so Ray places them on a cluster.
+
+The pools run any picklable ``target(payload, slot)``; the runner passes :func:`run_trial_job`.
+The scheduler never imports a method.
+"""
+
+from harness.scheduler._local import PRELOAD, LocalPool
+from harness.scheduler._ray import RayPool
+from harness.scheduler._slots import Slot, build_slots, cpu_cores, describe_slots, visible_gpus
+from harness.scheduler._worker import Outcome, TrialJob, WorkerContext, enter_worker, run_trial_job
+
+__all__ = [
+    "PRELOAD", "LocalPool", "Outcome", "RayPool", "Slot", "TrialJob", "WorkerContext", "build_slots", "cpu_cores",
+    "describe_slots", "enter_worker", "run_trial_job", "visible_gpus",
+]

@@ -1,0 +1,182 @@
+"""The local pool: one fresh worker process per job on a free slot of this machine."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import multiprocessing.connection
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from harness.errors import HarnessError
+from harness.scheduler._slots import Slot, describe_slots
+from harness.scheduler._worker import Outcome, Target, WorkerContext, enter_worker, error_text
+
+#: Imported once by the forkserver, so every worker starts with them loaded.
+PRELOAD = ("harness.trial", "sklearn.linear_model", "mlflow.store.tracking.sqlalchemy_store")
+
+
+def _die_with_runner(lifeline: Any) -> None:
+    """Kill this worker when the runner dies: only the runner holds the other end of ``lifeline``
+    and never writes to it, so EOF means the runner is gone (even by SIGKILL). A killed runner
+    thus leaves no orphan that would later finish a run the resume has redone."""
+
+    def watch() -> None:
+        try:
+            lifeline.recv()
+        except (EOFError, OSError):
+            pass
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="harness-lifeline", daemon=True).start()
+
+
+def _local_main(target: Target, payload: Any, slot: Slot, ctx: WorkerContext, conn: Any, lifeline: Any) -> None:
+    """Entry point of a local worker process: one job, its result sent back through ``conn``."""
+    _die_with_runner(lifeline)
+    try:
+        enter_worker(ctx, slot)
+        result = target(payload, slot)
+    except BaseException as e:
+        conn.send(("error", error_text(e)))
+        conn.close()
+        sys.exit(1)
+    conn.send(("ok", result))
+    conn.close()
+
+
+def signal_text(code: int) -> str:
+    try:
+        return f"signal {code} {signal.Signals(code).name}"
+    except ValueError:
+        return f"signal {code}"
+
+
+@dataclass
+class _Running:
+    proc: Any
+    conn: Any
+    lifeline: Any
+    slot: Slot
+    message: tuple | None = None  # ("ok", result) or ("error", text); () once the pipe hit EOF
+
+    def close(self) -> None:
+        self.conn.close()
+        self.lifeline.close()
+
+
+class LocalPool:
+    """One worker process per job on a free slot of this machine; at most ``limit`` at a time."""
+
+    def __init__(self, slots: list[Slot], workers: int | None = None, preload: tuple[str, ...] = PRELOAD) -> None:
+        if not slots:
+            raise HarnessError("the device pool has no slots")
+        self.slots = list(slots)
+        self.limit = min(len(slots), workers or len(slots))
+        self._free = list(slots)
+        self._running: dict[str, _Running] = {}
+        if "forkserver" in mp.get_all_start_methods():
+            self._ctx = mp.get_context("forkserver")
+            self._ctx.set_forkserver_preload(list(preload))
+        else:  # Windows
+            self._ctx = mp.get_context("spawn")
+
+    @property
+    def teacher_device(self) -> str:
+        return self.slots[0].parent_device
+
+    def describe(self) -> str:
+        return describe_slots(self.slots, self.limit)
+
+    def warm(self) -> None:
+        """Start the forkserver now (its imports then overlap with the teacher stage)."""
+        if self._ctx.get_start_method() == "forkserver":
+            from multiprocessing import forkserver
+
+            forkserver.ensure_running()
+
+    def has_room(self) -> bool:
+        return len(self._running) < self.limit and bool(self._free)
+
+    def submit(self, key: str, target: Target, payload: Any, ctx: WorkerContext) -> Slot:
+        """Start ``target(payload, slot)`` in a new worker on a free slot; returns the slot."""
+        slot = self._free.pop(0)
+        recv, send = self._ctx.Pipe(duplex=False)
+        life_r, life_w = self._ctx.Pipe(duplex=False)
+        proc = self._ctx.Process(target=_local_main, args=(target, payload, slot, ctx, send, life_r),
+                                 name=f"harness-worker-{slot.name}")
+        try:
+            proc.start()
+        except BaseException:
+            self._free.insert(0, slot)
+            recv.close()
+            life_w.close()
+            raise
+        finally:
+            send.close()
+            life_r.close()
+        self._running[key] = _Running(proc, recv, life_w, slot)
+        return slot
+
+    def wait(self, timeout: float) -> list[Outcome]:
+        """Outcomes of the jobs that ended within ``timeout`` seconds (maybe none)."""
+        if not self._running:
+            return []
+        handles: dict[Any, str] = {}
+        for key, r in self._running.items():
+            handles[r.proc.sentinel] = key
+            if r.message is None:
+                handles[r.conn] = key  # read results as they come: a full pipe would block the worker
+        ready = mp.connection.wait(list(handles), timeout)
+        for h in ready:
+            r = self._running[handles[h]]
+            if h is r.conn:
+                r.message = _recv(r.conn) or ()
+        return [self._reap(handles[h]) for h in ready if isinstance(h, int)]
+
+    def _reap(self, key: str) -> Outcome:
+        r = self._running.pop(key)
+        r.proc.join()
+        if r.message is None and r.conn.poll():
+            r.message = _recv(r.conn) or ()
+        r.close()
+        self._free.append(r.slot)
+        self._free.sort(key=self.slots.index)
+        code = r.proc.exitcode
+        if r.message and r.message[0] == "ok":
+            return Outcome(key, r.slot, True, r.message[1])
+        if r.message:
+            return Outcome(key, r.slot, False, error=r.message[1], kind="exception")
+        if code is not None and code < 0:
+            return Outcome(key, r.slot, False, error=f"worker died ({signal_text(-code)})", kind="worker_died")
+        return Outcome(key, r.slot, False, error=f"worker exited with code {code} and no result", kind="worker_died")
+
+    def stop(self) -> list[str]:
+        """Terminate every running worker (SIGTERM, then SIGKILL); returns their job keys."""
+        for r in self._running.values():
+            r.proc.terminate()
+        deadline = time.time() + 5
+        for r in self._running.values():
+            r.proc.join(max(0.0, deadline - time.time()))
+            if r.proc.is_alive():
+                r.proc.kill()
+                r.proc.join()
+            r.close()
+        keys = list(self._running)
+        self._running.clear()
+        self._free = list(self.slots)
+        return keys
+
+    def close(self) -> None:
+        self.stop()
+
+
+def _recv(conn: Any) -> tuple | None:
+    try:
+        return conn.recv()
+    except (EOFError, OSError):
+        return None

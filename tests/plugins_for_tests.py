@@ -1,0 +1,146 @@
+"""Test-only methods and pool targets.
+
+Worker processes load the methods through ``HARNESS_PLUGINS=tests.plugins_for_tests``; the pool
+targets are pickled by reference, so they live in an importable module too.
+
+- ``test_raise``: every batch raises ``RuntimeError``;
+- ``test_nan``: the loss is NaN (the training loop stops it);
+- ``test_kill``: the worker kills its own process with SIGKILL;
+- ``test_flaky``: raises on the first attempt (no ``marker`` file yet), then behaves like KD;
+- ``test_sleep``: sleeps ``seconds`` when built, then behaves like KD (a slow trial).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from harness import losses
+from harness.methods.base import Batch, Method, Params, register
+
+
+class _KD(Method):
+    terms = {"kd": None}
+
+    def loss_terms(self, batch: Batch) -> dict[str, Tensor]:
+        z = self.student(batch.x)
+        return {"kd": losses.soft_target_kl(torch.cat(batch.teacher_logits, dim=1), z, 1.0)}
+
+
+@register("test_raise")
+class Raises(_KD):
+    description = "test: raises on every batch"
+
+    def loss_terms(self, batch: Batch) -> dict[str, Tensor]:
+        raise RuntimeError("boom: test_raise always fails")
+
+
+@register("test_nan")
+class ReturnsNaN(_KD):
+    description = "test: a NaN loss"
+
+    def loss_terms(self, batch: Batch) -> dict[str, Tensor]:
+        return {"kd": self.student(batch.x).sum() * float("nan")}
+
+
+@register("test_kill")
+class KillsItsWorker(_KD):
+    description = "test: kills its own process with SIGKILL"
+
+    def loss_terms(self, batch: Batch) -> dict[str, Tensor]:
+        os.kill(os.getpid(), signal.SIGKILL)
+        raise AssertionError("unreachable")
+
+
+class FlakyParams(Params):
+    marker: str
+
+
+@register("test_flaky")
+class FailsOnce(_KD):
+    ParamsModel = FlakyParams
+    description = "test: fails on the first attempt only"
+
+    def loss_terms(self, batch: Batch) -> dict[str, Tensor]:
+        marker = Path(self.params.marker)
+        if not marker.exists():
+            marker.write_text("failed once")
+            raise RuntimeError("flaky: first attempt fails")
+        return super().loss_terms(batch)
+
+
+class SleepParams(Params):
+    seconds: float = Field(1.0, ge=0)
+
+
+@register("test_sleep")
+class Sleeps(_KD):
+    ParamsModel = SleepParams
+    description = "test: sleeps when built, then KD"
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        time.sleep(self.params.seconds)
+
+
+# --------------------------------------------------------------------------- pool targets
+
+
+def nap(seconds: float, slot: Any) -> dict[str, Any]:
+    """Sleep, and report what the worker saw."""
+    start = time.time()
+    time.sleep(seconds)
+    return {"pid": os.getpid(), "start": start, "end": time.time(), "slot": slot.name,
+            "cuda_visible": os.environ.get("CUDA_VISIBLE_DEVICES"), "threads": torch.get_num_threads(),
+            "omp": os.environ.get("OMP_NUM_THREADS"), "plugins": os.environ.get("HARNESS_PLUGINS"),
+            "cwd": os.getcwd(), "has_tests_path": any(Path(p, "tests", "plugins_for_tests.py").exists()
+                                                      for p in sys.path)}
+
+
+def fail(message: str, slot: Any) -> None:
+    raise ValueError(message)
+
+
+def kill_self(_: Any, slot: Any) -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def exit_quietly(code: int, slot: Any) -> None:
+    os._exit(code)
+
+
+def log_epochs(args: tuple[str, str, str, int, int], slot: Any) -> str:
+    """Open a run and log ``epochs`` steps of ``n_metrics`` metrics, one request per epoch."""
+    from harness.tracking import Tracker
+
+    uri, experiment_id, name, epochs, n_metrics = args
+    tracker = Tracker(uri)
+    run_id = tracker.start(experiment_id, name, {"harness.kind": "stress", "harness.pid": os.getpid()},
+                           {"epochs": epochs})
+    for epoch in range(1, epochs + 1):
+        tracker.log_metrics(run_id, {f"m{i}": epoch * 1000 + i for i in range(n_metrics)}, step=epoch)
+    tracker.set_tags(run_id, {"harness.end": f"{time.time():.3f}"})
+    tracker.finish(run_id)
+    return run_id
+
+
+def open_store(args: tuple[str, float, bool], slot: Any) -> str:
+    """Open (and so create) the store at ``uri`` at time ``at``; ``unlocked`` skips the file lock."""
+    import contextlib
+
+    from harness import tracking
+
+    uri, at, unlocked = args
+    if unlocked:
+        tracking._opening = lambda uri: contextlib.nullcontext()  # type: ignore[assignment]
+    while time.time() < at:
+        time.sleep(0.001)
+    return tracking.Tracker(uri).experiment("race")

@@ -1,0 +1,304 @@
+"""End-to-end tests of ``harness run-study`` on a tiny digits study: the worker pool, failure
+isolation and retries, resume after SIGKILL (no duplicate, no lost trial), the Ray backend."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+import tests.plugins_for_tests  # noqa: F401  (registers the test methods here; workers use HARNESS_PLUGINS)
+from harness.cli import main
+from harness.runner import run_study
+from harness.tracking import TAG
+
+ROOT = Path(__file__).resolve().parents[1]
+SCORE = "test/union_acc"
+
+
+@pytest.fixture(scope="module")
+def env() -> Iterator[dict[str, Any]]:
+    """A working directory with one sqlite store and one teacher cache for the whole module (not
+    under pytest's basetemp, which a concurrent pytest session may rotate away)."""
+    with tempfile.TemporaryDirectory(prefix="harness-test-runner-") as tmp, pytest.MonkeyPatch.context() as mp:
+        where = Path(tmp)
+        mp.chdir(where)
+        mp.setenv("HARNESS_PLUGINS", "tests.plugins_for_tests")
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        yield {"dir": where, "uri": f"sqlite:///{where}/mlflow.db"}
+
+
+def write_study(env: dict[str, Any], name: str, methods: dict[str, Any], seeds: list[int], **extra: Any) -> Path:
+    study = {
+        "name": name,
+        "dataset": {"name": "digits"},
+        "splits": [{"name": "2x5", "tasks": [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]}],
+        "teachers": [{"arch": "mlp", "hidden": 32, "epochs": 3}],
+        "student": {"arch": "mlp", "hidden": 32},
+        "train": {"epochs": 3, "batch_size": 128},
+        "methods": methods,
+        "seeds": seeds,
+        "cache_dir": str(env["dir"] / "cache"),
+        **extra,
+    }
+    path = env["dir"] / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(study))
+    return path
+
+
+def trial_runs(uri: str, study: str) -> list[Any]:
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(study)
+    return [] if exp is None else client.search_runs([exp.experiment_id], f"tags.`{TAG}kind` = 'trial'")
+
+
+def study_runs(uri: str, study: str) -> list[Any]:
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(study)
+    return client.search_runs([exp.experiment_id], f"tags.`{TAG}kind` = 'study'")
+
+
+def finished_by_key(runs: list[Any]) -> dict[str, list[Any]]:
+    out: dict[str, list[Any]] = {}
+    for r in runs:
+        if r.info.status == "FINISHED":
+            out.setdefault(r.data.tags[f"{TAG}trial_key"], []).append(r)
+    return out
+
+
+def intervals(runs: list[Any]) -> list[tuple[float, float, str, str]]:
+    return sorted((float(r.data.tags[f"{TAG}start"]), float(r.data.tags[f"{TAG}end"]), r.data.tags[f"{TAG}slot"],
+                   r.data.tags[f"{TAG}pid"]) for r in runs)
+
+
+def peak_concurrency(spans: list[tuple[float, float, str, str]]) -> int:
+    """Most trials running at one moment (a sweep over start and end times; ends sort first)."""
+    events = sorted([(start, 1) for start, *_ in spans] + [(end, -1) for _, end, *_ in spans])
+    running = peak = 0
+    for _, step in events:
+        running += step
+        peak = max(peak, running)
+    return peak
+
+
+GRID = {"kd": {}, "cka": {}}  # x seeds [0, 1]: four trials
+
+
+@pytest.fixture(scope="module")
+def sequential(env: dict[str, Any]) -> dict[str, float]:
+    """The grid run one trial at a time: test/union_acc by trial key."""
+    assert run_study(write_study(env, "grid-w1", GRID, [0, 1]), env["uri"], workers=1, report=False, live=False) == 0
+    runs = trial_runs(env["uri"], "grid-w1")
+    assert peak_concurrency(intervals(runs)) == 1
+    return {r.data.tags[f"{TAG}trial_key"]: r.data.metrics[SCORE] for r in runs}
+
+
+def test_dry_run_prints_the_table_and_runs_nothing(env: dict[str, Any], capsys: pytest.CaptureFixture) -> None:
+    path = write_study(env, "grid-dry", GRID, [0, 1], ablations=["intra"])
+    assert main(["run-study", str(path), "--tracking-uri", env["uri"], "--dry-run", "--workers", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "cka        -intra" in out and out.count("  no\n") == 6
+    assert "6 trials, 0 already finished; pool: 2 CPU slots (1 torch thread each), 2 at a time" in out
+    assert MlflowClient(env["uri"]).get_experiment_by_name("grid-dry") is None
+
+
+def test_two_workers_overlap_and_match_one_worker(env: dict[str, Any], sequential: dict[str, float],
+                                                  capsys: pytest.CaptureFixture) -> None:
+    path = write_study(env, "grid-w2", GRID, [0, 1])
+    assert run_study(path, env["uri"], workers=2, report=False, live=False) == 0
+    runs = trial_runs(env["uri"], "grid-w2")
+    assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}
+    # The same trials (keys) with the same results, whatever the number of workers.
+    assert {r.data.tags[f"{TAG}trial_key"]: r.data.metrics[SCORE] for r in runs} == sequential
+    # Two at a time, never more, never two on one slot, one process per trial.
+    spans = intervals(runs)
+    assert peak_concurrency(spans) == 2
+    for i, a in enumerate(spans):
+        for b in spans[i + 1:]:
+            if a[0] < b[1] and b[0] < a[1]:
+                assert a[2] != b[2] and a[3] != b[3]
+    assert len({s[3] for s in spans}) == 4
+    # The schema: parent link, execution and provenance tags, batched metrics, config artifact.
+    (parent,) = study_runs(env["uri"], "grid-w2")
+    assert parent.info.status == "FINISHED" and parent.data.metrics["trials_finished"] == 4
+    client = MlflowClient(env["uri"])
+    for r in runs:
+        tags = r.data.tags
+        assert tags["mlflow.parentRunId"] == parent.info.run_id
+        assert tags[f"{TAG}attempt"] == "0" and tags[f"{TAG}device"] == "cpu" and tags[f"{TAG}slot"].startswith("cpu#")
+        assert {f"{TAG}git_commit", f"{TAG}torch_version", f"{TAG}mlflow_version", f"{TAG}version"} <= set(tags)
+        assert float(tags[f"{TAG}start"]) < float(tags[f"{TAG}end"])
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "loss/total")] == [1, 2, 3]
+        assert r.data.metrics["peak_rss_mb"] > 10 and "cuda_max_allocated_mb" not in r.data.metrics
+        assert r.data.params["seed"] == tags[f"{TAG}seed"]
+        assert "trial.yaml" in [a.path for a in client.list_artifacts(r.info.run_id)]
+    # Rerunning skips every finished trial; changing a parameter reruns only the trials it affects.
+    capsys.readouterr()
+    assert run_study(path, env["uri"], workers=2, report=False, live=False) == 0
+    assert "4 trials, 4 already finished" in capsys.readouterr().out
+    assert len(trial_runs(env["uri"], "grid-w2")) == 4
+    write_study(env, "grid-w2", {"kd": {"T": 4.0}, "cka": {}}, [0, 1])
+    assert run_study(path, env["uri"], dry_run=True) == 0
+    table = capsys.readouterr().out
+    assert [line.split()[1] for line in table.splitlines() if line.endswith("  no")] == ["kd", "kd"]
+    assert "4 trials, 2 already finished" in table
+
+
+def test_failing_trials_do_not_stop_the_others(env: dict[str, Any], capsys: pytest.CaptureFixture) -> None:
+    marker = env["dir"] / "flaky.marker"
+    methods = {"test_raise": {}, "test_nan": {}, "test_kill": {}, "kd": {}, "test_flaky": {"marker": str(marker)}}
+    path = write_study(env, "failures", methods, [0], max_retries=1)
+    assert run_study(path, env["uri"], workers=2, report=False, live=False) == 1
+    out = capsys.readouterr().out
+    assert "done: 2 finished, 3 failed, 0 skipped" in out
+    runs = trial_runs(env["uri"], "failures")
+    by_method: dict[str, list[tuple[str, str, str, str]]] = {}
+    for r in runs:
+        t = r.data.tags
+        by_method.setdefault(t[f"{TAG}method"], []).append(
+            (t[f"{TAG}attempt"], r.info.status, t.get(f"{TAG}failure_kind", ""), t.get(f"{TAG}failure", "")))
+    for m in by_method:
+        by_method[m].sort()
+    assert by_method["kd"] == [("0", "FINISHED", "", "")]
+    assert [a[:3] for a in by_method["test_flaky"]] == [("0", "FAILED", "exception"), ("1", "FINISHED", "")]
+    assert by_method["test_raise"] == [(a, "FAILED", "exception", "RuntimeError: boom: test_raise always fails")
+                                      for a in "01"]
+    assert [a[:3] for a in by_method["test_nan"]] == [(a, "FAILED", "nonfinite") for a in "01"]
+    assert by_method["test_nan"][0][3].startswith("non-finite loss: loss/kd is nan at batch 0")
+    assert by_method["test_kill"] == [(a, "FAILED", "worker_died", "worker died (signal 9 SIGKILL)") for a in "01"]
+    assert "FAILED 2x5/test_kill/seed0" in out and study_runs(env["uri"], "failures")[0].info.status == "FAILED"
+
+
+def _wait_for(cond: Any, timeout: float, what: str) -> Any:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/status").exists() and "zombie" not in Path(f"/proc/{pid}/status").read_text()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="checks worker processes through /proc")
+def test_sigkill_mid_study_then_resume_finishes_only_the_missing(env: dict[str, Any], capsys: pytest.CaptureFixture) -> None:
+    seeds = list(range(5))  # killed after two finished and two started: one never started
+    path = write_study(env, "killed", {"test_sleep": {"seconds": 1.5}}, seeds)
+    cmd = [sys.executable, "-m", "harness.cli", "run-study", str(path), "--tracking-uri", env["uri"],
+           "--workers", "2", "--no-report"]
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        def midway() -> list[Any] | None:
+            runs = trial_runs(env["uri"], "killed")
+            statuses = [r.info.status for r in runs]
+            running = [r for r in runs if r.info.status == "RUNNING" and f"{TAG}pid" in r.data.tags]
+            return runs if statuses.count("FINISHED") >= 2 and running else None
+
+        _wait_for(midway, 120, "two finished trials and one running")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    finally:
+        proc.kill()
+    before = trial_runs(env["uri"], "killed")
+    finished_before = {r.info.run_id for r in before if r.info.status == "FINISHED"}
+    running_before = [r for r in before if r.info.status == "RUNNING"]
+    assert finished_before and running_before and len(finished_before) < len(seeds)
+    # Its workers die with it: nothing is left to finish a run that the resume will redo.
+    pids = [int(r.data.tags[f"{TAG}pid"]) for r in running_before if f"{TAG}pid" in r.data.tags]
+    _wait_for(lambda: not any(_alive(p) for p in pids), 10, f"workers {pids} to die with the runner")
+
+    assert run_study(path, env["uri"], workers=2, report=False, live=False) == 0
+    out = capsys.readouterr().out
+    assert f"{len(seeds)} trials, {len(finished_before)} already finished, {len(running_before)} stale runs" in out
+    after = trial_runs(env["uri"], "killed")
+    by_key = finished_by_key(after)
+    assert len(by_key) == len(seeds), "lost trials"
+    assert all(len(v) == 1 for v in by_key.values()), "duplicate FINISHED runs"
+    assert finished_before <= {r.info.run_id for r in after if r.info.status == "FINISHED"}  # not redone
+    new = [r for r in after if r.info.run_id not in {b.info.run_id for b in before}]
+    assert len(new) == len(seeds) - len(finished_before)
+    stale = {r.info.run_id: r for r in after if r.info.run_id in {b.info.run_id for b in running_before}}
+    assert {(r.info.status, r.data.tags[f"{TAG}failure_kind"]) for r in stale.values()} == {("KILLED", "stale")}
+    assert sorted(r.info.status for r in study_runs(env["uri"], "killed")) == ["FINISHED", "KILLED"]
+
+
+@pytest.mark.ray
+def test_ray_backend_runs_the_same_grid(env: dict[str, Any], sequential: dict[str, float],
+                                        capsys: pytest.CaptureFixture) -> None:
+    pytest.importorskip("ray")
+    path = write_study(env, "grid-ray", {**GRID, "test_kill": {}}, [0, 1])
+    assert run_study(path, env["uri"], workers=2, report=False, backend="ray", live=False) == 1
+    assert "pool: Ray tasks of 1 CPU each, 2 at a time" in capsys.readouterr().out
+    runs = trial_runs(env["uri"], "grid-ray")
+    ok = [r for r in runs if r.data.tags[f"{TAG}method"] != "test_kill"]
+    assert {r.info.status for r in ok} == {"FINISHED"}
+    assert {r.data.tags[f"{TAG}trial_key"]: r.data.metrics[SCORE] for r in ok} == sequential
+    assert peak_concurrency(intervals(ok)) <= 2 and all("/cpu" in r.data.tags[f"{TAG}slot"] for r in ok)
+    killed = [r for r in runs if r.data.tags[f"{TAG}method"] == "test_kill"]
+    assert len(killed) == 2 and {(r.info.status, r.data.tags[f"{TAG}failure_kind"]) for r in killed} == {
+        ("FAILED", "worker_died")}
+
+
+def test_failure_reasons() -> None:
+    import torch
+
+    from harness.train import NonFiniteLossError
+    from harness.trial import failure_reason
+
+    assert failure_reason(ValueError("bad\nsecond line")) == ("exception", "ValueError: bad")
+    assert failure_reason(NonFiniteLossError("loss/kd is nan at batch 3")) == (
+        "nonfinite", "non-finite loss: loss/kd is nan at batch 3")
+    oom = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert failure_reason(oom) == ("oom", "out of memory: OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB")
+    assert failure_reason(MemoryError())[0] == "oom"
+    assert failure_reason(RuntimeError("DefaultCPUAllocator: not enough memory"))[0] == "oom"
+    assert failure_reason(KeyboardInterrupt()) == ("interrupted", "interrupted")
+
+
+def test_progress_counts_eta_and_best(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from harness import progress as prog
+
+    clock = [1000.0]
+    monkeypatch.setattr(prog.time, "time", lambda: clock[0])
+    out = io.StringIO()
+    p = prog.Progress(total=5, concurrency=2, out=out)
+    p.started("a", "cpu#0")
+    p.started("b", "cpu#1")
+    clock[0] += 10
+    p.finished("a", {SCORE: 0.5})
+    p.failed_attempt("b", "RuntimeError: boom", retrying=True)
+    p.started("b", "cpu#1", attempt=1)
+    p.finished("b", {SCORE: 0.9}, ranked=False)  # e.g. a method that sees labels
+    assert (p.done, p.failed, p.retried, p.remaining) == (2, 0, 1, 3)
+    assert p.eta() == pytest.approx(3 * 5.0 / 2)  # mean of 10 s and 0 s, three left, two at a time
+    assert p.status() == "2 done, 0 running, 0 failed, 3 remaining, ETA 8s, best 0.5000 (a)"
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("[0/5 0s] start  a on cpu#0 | 0 done, 1 running")
+    assert "FAILED b: RuntimeError: boom (will retry)" in lines[3] and "start  b on cpu#1 (attempt 2)" in lines[4]
+
+    live_out = io.StringIO()
+    live = prog.LiveProgress(total=2, concurrency=1, out=live_out)
+    live.started("x", "cuda:0")
+    live.failed_attempt("x", "worker died (signal 9 SIGKILL)", retrying=False)
+    live.close()
+    text = live_out.getvalue()
+    assert "FAILED x: worker died (signal 9 SIGKILL)" in text and "1 failed, 1 remaining" in text

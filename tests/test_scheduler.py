@@ -1,0 +1,164 @@
+"""Tests for harness.scheduler: device slots, the local worker pool, crash isolation."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from harness.errors import HarnessError
+from harness.scheduler import LocalPool, Outcome, Slot, WorkerContext, build_slots, visible_gpus
+from tests import plugins_for_tests as plug
+
+# --------------------------------------------------------------------------- slots
+
+
+def test_auto_without_gpus_gives_one_single_threaded_cpu_slot_per_core() -> None:
+    slots = build_slots("auto", trials_per_device=3, cores=4, gpus=[])
+    assert [s.name for s in slots] == ["cpu#0", "cpu#1", "cpu#2", "cpu#3"]
+    assert {(s.device, s.visible, s.threads, s.parent_device) for s in slots} == {("cpu", "", 1, "cpu")}
+    assert build_slots("cpu", cores=2, gpus=["0"]) == build_slots("auto", cores=2, gpus=[])
+
+
+def test_auto_takes_every_gpu_and_packs_trials_per_device() -> None:
+    slots = build_slots("auto", trials_per_device=2, cores=16, gpus=["0", "1"])
+    assert [s.name for s in slots] == ["cuda:0#0", "cuda:0#1", "cuda:1#0", "cuda:1#1"]
+    assert [s.visible for s in slots] == ["0", "0", "1", "1"]  # each worker sees only its GPU ...
+    assert {s.device for s in slots} == {"cuda:0"}  # ... as cuda:0
+    assert {s.threads for s in slots} == {4}  # 16 cores over 4 slots
+
+
+def test_explicit_list_pins_devices_through_cuda_visible_devices_ids() -> None:
+    slots = build_slots(["cuda:1"], cores=8, gpus=["3", "5"])  # CUDA_VISIBLE_DEVICES=3,5
+    assert [(s.name, s.visible, s.parent_device, s.threads) for s in slots] == [("cuda:1", "5", "cuda:1", 8)]
+    mixed = build_slots(["cuda", "cpu", "cpu"], cores=6, gpus=["0"])
+    assert [s.name for s in mixed] == ["cuda:0", "cpu#0", "cpu#1"]
+    assert [s.visible for s in mixed] == ["0", "", ""] and {s.threads for s in mixed} == {2}
+
+
+@pytest.mark.parametrize(
+    ("devices", "message"),
+    [(["cuda:2"], "devices[0]: cuda:2 is not visible here (1 GPU visible)"),
+     (["cpu", "tpu"], "devices[1]: 'tpu' is not a device"),
+     (["cuda:0", "cuda:0"], "devices[1]: cuda:0 is listed twice (use trials_per_device")],
+)
+def test_bad_device_lists_are_user_errors(devices: list[str], message: str) -> None:
+    with pytest.raises(HarnessError) as err:
+        build_slots(devices, gpus=["0"])
+    assert str(err.value).startswith(message)
+
+
+def test_visible_gpus_follow_cuda_visible_devices(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
+    assert visible_gpus() == ["4", "6"]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert visible_gpus() == ["0", "1"]
+
+
+# --------------------------------------------------------------------------- local pool
+
+
+def _drain(pool: LocalPool, jobs: list[tuple[str, object, object]], timeout: float = 60) -> dict[str, Outcome]:
+    """Submit whenever there is room, like the runner; return every outcome by key."""
+    ctx, pending, out = WorkerContext.capture(), list(jobs), {}
+    deadline = time.time() + timeout
+    while pending or len(out) < len(jobs):
+        while pending and pool.has_room():
+            key, target, payload = pending.pop(0)
+            pool.submit(key, target, payload, ctx)
+        out.update({o.key: o for o in pool.wait(0.5)})
+        assert time.time() < deadline, "pool did not finish"
+    return out
+
+
+def test_pool_bounds_concurrency_and_never_shares_a_slot(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HARNESS_PLUGINS", "tests.plugins_for_tests")
+    pool = LocalPool(build_slots("cpu", cores=3), workers=2)
+    assert pool.limit == 2
+    res = _drain(pool, [(f"j{i}", plug.nap, 0.6) for i in range(5)])
+    seen = [o.result for o in res.values()]
+    assert all(o.ok for o in res.values())
+    assert len({r["pid"] for r in seen}) == 5  # one fresh process per job
+    for r in seen:  # what each worker saw: no GPU, one thread, the runner's env, cwd and import path
+        assert (r["cuda_visible"], r["threads"], r["omp"]) == ("", 1, "1")
+        assert r["plugins"] == "tests.plugins_for_tests" and r["cwd"] == os.getcwd() and r["has_tests_path"]
+    events = sorted([(r["start"], 1, r["slot"]) for r in seen] + [(r["end"], -1, r["slot"]) for r in seen])
+    active, peak, busy = 0, 0, set()
+    for _, step, slot in events:
+        active += step
+        peak = max(peak, active)
+        if step == 1:
+            assert slot not in busy, f"two concurrent jobs on {slot}"
+            busy.add(slot)
+        else:
+            busy.discard(slot)
+    assert peak == 2
+
+
+def test_worker_sees_only_its_gpu_and_its_thread_count() -> None:
+    slot = Slot("cuda:1", "cuda:0", "5", 3, "cuda:1")  # no GPU needed: only the environment is checked
+    pool = LocalPool([slot])
+    res = _drain(pool, [("g", plug.nap, 0.0)])["g"]
+    assert res.ok and res.slot == slot
+    assert (res.result["cuda_visible"], res.result["threads"], res.result["omp"]) == ("5", 3, "3")
+
+
+def test_crashing_jobs_do_not_stop_the_pool() -> None:
+    pool = LocalPool(build_slots("cpu", cores=2))
+    res = _drain(pool, [("raise", plug.fail, "bad input"), ("kill", plug.kill_self, None),
+                        ("exit", plug.exit_quietly, 3), ("ok1", plug.nap, 0.0), ("ok2", plug.nap, 0.0)])
+    assert (res["raise"].ok, res["raise"].kind, res["raise"].error) == (False, "exception", "ValueError: bad input")
+    assert (res["kill"].kind, res["kill"].error) == ("worker_died", "worker died (signal 9 SIGKILL)")
+    assert (res["exit"].kind, res["exit"].error) == ("worker_died", "worker exited with code 3 and no result")
+    assert res["ok1"].ok and res["ok2"].ok
+    assert pool.has_room() and sorted(s.name for s in pool._free) == ["cpu#0", "cpu#1"]
+
+
+def test_worker_writes_shipped_files_where_missing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a Ray node without the runner's file system gets: the teacher cache entries."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "kept.pt").write_bytes(b"local")
+    ctx = WorkerContext.capture({"cache/teachers/new.pt": b"shipped", "cache/kept.pt": b"shipped"})
+    pool = LocalPool(build_slots("cpu", cores=1))
+    pool.submit("w", plug.nap, 0.0, ctx)
+    assert _wait_one(pool).ok
+    assert (tmp_path / "cache" / "teachers" / "new.pt").read_bytes() == b"shipped"
+    assert (tmp_path / "cache" / "kept.pt").read_bytes() == b"local"
+
+
+def _wait_one(pool: LocalPool) -> Outcome:
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        for outcome in pool.wait(0.5):
+            return outcome
+    raise AssertionError("no outcome")
+
+
+def test_stop_terminates_running_workers() -> None:
+    pool = LocalPool(build_slots("cpu", cores=2))
+    ctx = WorkerContext.capture()
+    pool.submit("long", plug.nap, 60.0, ctx)
+    proc = pool._running["long"].proc
+    t0 = time.time()
+    assert pool.stop() == ["long"]
+    assert not proc.is_alive() and time.time() - t0 < 10
+    assert pool.wait(0.1) == [] and pool.has_room()
+
+
+def test_workers_must_be_positive() -> None:
+    from harness.runner import make_pool
+    from harness.config import parse_study
+
+    study = parse_study({"name": "s", "splits": [{"name": "a", "tasks": [[0], [1]]}], "teachers": [{"arch": "mlp"}],
+                         "student": {"arch": "mlp"}, "methods": {"kd": {}}})
+    with pytest.raises(HarnessError, match="--workers must be at least 1"):
+        make_pool(study, "local", 0, None)
+    with pytest.raises(HarnessError, match="--address is for --backend ray"):
+        make_pool(study, "local", None, "auto")

@@ -1,0 +1,142 @@
+"""Tests for harness.tracking: retries on a locked store, no lost writes, provenance tags."""
+
+from __future__ import annotations
+
+import re
+import tempfile
+import time
+from typing import Iterator
+
+import pytest
+from mlflow.exceptions import MlflowException
+
+from harness import tracking
+from harness.scheduler import LocalPool, WorkerContext, build_slots
+from harness.tracking import TAG, Tracker, flatten
+from tests import plugins_for_tests as plug
+
+
+@pytest.fixture(scope="module")
+def tracker() -> Iterator[Tracker]:
+    """One store for the module (creating a sqlite store costs seconds); each test its experiment.
+    Not under pytest's basetemp, which a concurrent pytest session may rotate away."""
+    with tempfile.TemporaryDirectory(prefix="harness-test-tracking-") as where, pytest.MonkeyPatch.context() as mp:
+        mp.chdir(where)  # artifacts of a sqlite store go to ./mlruns
+        yield Tracker(f"sqlite:///{where}/mlflow.db")
+
+
+def test_flatten_nested_config() -> None:
+    assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": {}, "f": None}) == {
+        "a.b": "1", "a.c.d": "[1, 2]", "e": "{}", "f": "None"}
+
+
+def test_retry_waits_out_a_locked_store_but_not_other_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tracking.time, "sleep", lambda s: None)
+    calls = []
+
+    @tracking._retry
+    def flaky(n_locked: int) -> str:
+        calls.append(1)
+        if len(calls) <= n_locked:
+            raise MlflowException("(sqlite3.OperationalError) database is locked")
+        return "ok"
+
+    assert flaky(5) == "ok" and len(calls) == 6
+    calls.clear()
+    with pytest.raises(MlflowException, match="locked"):
+        flaky(tracking.RETRIES)
+    assert len(calls) == tracking.RETRIES
+
+    @tracking._retry
+    def broken() -> None:
+        calls.append(1)
+        raise MlflowException("RESOURCE_DOES_NOT_EXIST: run xyz")
+
+    calls.clear()
+    with pytest.raises(MlflowException, match="RESOURCE_DOES_NOT_EXIST"):
+        broken()
+    assert len(calls) == 1
+
+
+def test_a_locked_params_batch_does_not_create_the_run_twice(tracker: Tracker, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tracking.time, "sleep", lambda s: None)
+    exp = tracker.experiment("locked-params")
+    real, failures = tracker.client.log_batch, [1]
+
+    def locked_once(*a, **kw):  # type: ignore[no-untyped-def]
+        if failures:
+            failures.pop()
+            raise MlflowException("database is locked")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(tracker.client, "log_batch", locked_once)
+    run_id = tracker.start(exp, "r", {f"{TAG}kind": "trial"}, {"a": {"b": 1}})
+    runs = tracker.find(exp, {f"{TAG}kind": "trial"})
+    assert [r.info.run_id for r in runs] == [run_id]
+    assert runs[0].data.params == {"a.b": "1"}
+
+
+def test_experiment_lookup_without_creating(tracker: Tracker) -> None:
+    assert tracker.experiment("nope", create=False) is None
+    exp = tracker.experiment("yes")
+    assert tracker.experiment("yes", create=False) == exp == tracker.experiment("yes")
+
+
+def test_finish_if_running_keeps_a_status_already_set(tracker: Tracker) -> None:
+    exp = tracker.experiment("finish-if-running")
+    a, b = tracker.start(exp, "a", {}), tracker.start(exp, "b", {})
+    tracker.finish(b, "FINISHED")
+    assert tracker.finish_if_running(a, "FAILED", {f"{TAG}failure": "worker died"})
+    assert not tracker.finish_if_running(b, "FAILED", {f"{TAG}failure": "worker died"})
+    assert tracker.run(a).info.status == "FAILED" and tracker.run(a).data.tags[f"{TAG}failure"] == "worker died"
+    assert tracker.run(b).info.status == "FINISHED" and f"{TAG}failure" not in tracker.run(b).data.tags
+
+
+def test_provenance_tags() -> None:
+    git = tracking.git_tags()
+    assert set(git) >= {f"{TAG}git_commit", f"{TAG}git_dirty"}
+    commit = git[f"{TAG}git_commit"]
+    assert commit == "" or (re.fullmatch(r"[0-9a-f]{40}", commit) and git["mlflow.source.git.commit"] == commit)
+    versions = tracking.version_tags()
+    assert versions[f"{TAG}torch_version"].startswith(("1.", "2.", "3."))
+    assert versions[f"{TAG}mlflow_version"] and versions[f"{TAG}python_version"] and versions[f"{TAG}version"]
+
+
+def test_concurrent_workers_lose_no_metric(tracker: Tracker) -> None:
+    """Eight processes share one sqlite file, each logging every epoch: every point arrives."""
+    exp = tracker.experiment("stress")
+    n_workers, epochs, n_metrics = 8, 50, 16
+    pool = LocalPool(build_slots("cpu", cores=n_workers))
+    ctx = WorkerContext.capture()
+    for i in range(n_workers):
+        pool.submit(f"w{i}", plug.log_epochs, (tracker.uri, exp, f"w{i}", epochs, n_metrics), ctx)
+    outcomes, deadline = [], time.time() + 120
+    while len(outcomes) < n_workers:
+        outcomes += pool.wait(1.0)
+        assert time.time() < deadline
+    assert [o.error for o in outcomes if not o.ok] == []
+    runs = tracker.find(exp, {f"{TAG}kind": "stress"})
+    assert len(runs) == n_workers and {r.info.status for r in runs} == {"FINISHED"}
+    assert len({r.data.tags[f"{TAG}pid"] for r in runs}) == n_workers
+    for r in runs:
+        assert len(r.data.metrics) == n_metrics
+        for i in range(n_metrics):
+            history = tracker.client.get_metric_history(r.info.run_id, f"m{i}")
+            assert sorted((m.step, m.value) for m in history) == [(e, e * 1000 + i) for e in range(1, epochs + 1)]
+
+
+def test_processes_creating_one_new_store_at_once_all_succeed() -> None:
+    """MLflow migrates a new store on first open; without the file lock, three of these four
+    processes fail (duplicate column, table already exists) and the store stays broken."""
+    with tempfile.TemporaryDirectory(prefix="harness-test-store-") as where:
+        uri = f"sqlite:///{where}/new.db"
+        pool = LocalPool(build_slots("cpu", cores=4))
+        ctx, at = WorkerContext.capture(), time.time() + 1.0
+        for i in range(4):
+            pool.submit(f"p{i}", plug.open_store, (uri, at, False), ctx)
+        outcomes, deadline = [], time.time() + 120
+        while len(outcomes) < 4:
+            outcomes += pool.wait(1.0)
+            assert time.time() < deadline
+        assert [o.error for o in outcomes if not o.ok] == []
+        assert len({o.result for o in outcomes}) == 1
