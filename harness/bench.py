@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import statistics
 import tempfile
 import time
@@ -103,8 +104,11 @@ def bench_overhead(device: str = "cpu", epochs: int = 4, reps: int = 3) -> dict[
         evaluate(student, data.parts["test"], data.sizes, data.offsets, device)
         return time.perf_counter() - t0
 
-    harness_run(), bare_run()  # warm-up (allocator, MLflow connection)
-    th, tb = _alternate(harness_run, bare_run, reps)
+    try:
+        harness_run(), bare_run()  # warm-up (allocator, MLflow connection)
+        th, tb = _alternate(harness_run, bare_run, reps)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return {"overhead_ratio": th / tb, "harness_seconds": th, "bare_seconds": tb,
             "images_per_second": epochs * len(x) / th}
 
@@ -156,13 +160,16 @@ def bench_makespan(workers: int = 2, trials: int = 8) -> dict[str, float]:
     path = tmp / "study.yaml"
     path.write_text(yaml.safe_dump(study))
     uri = f"sqlite:///{tmp}/mlflow.db"
-    t0 = time.time()
-    code = run_study(path, tracking_uri=uri, workers=workers, report=False, quiet=True)
-    wall = time.time() - t0
-    if code != 0:
-        raise RuntimeError("makespan benchmark study failed")
-    tracker = Tracker(uri)
-    runs = tracker.find(tracker.experiment(study["name"]), {f"{TAG}kind": "trial"}, ("FINISHED",))
+    try:
+        t0 = time.time()
+        code = run_study(path, tracking_uri=uri, workers=workers, report=False, live=False)
+        wall = time.time() - t0
+        if code != 0:
+            raise RuntimeError("makespan benchmark study failed")
+        tracker = Tracker(uri)
+        runs = tracker.find(tracker.experiment(study["name"]), {f"{TAG}kind": "trial"}, ("FINISHED",))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     spans = [(float(r.data.tags[f"{TAG}start"]), float(r.data.tags[f"{TAG}end"])) for r in runs]
     first, last = min(s for s, _ in spans), max(e for _, e in spans)
     busy = sum(e - s for s, e in spans)
@@ -170,12 +177,14 @@ def bench_makespan(workers: int = 2, trials: int = 8) -> dict[str, float]:
             "study_wall_seconds": wall, "trial_seconds_sum": busy, "workers": float(workers)}
 
 
-def run_bench(device: str | None = None, workers: int = 2, as_json: bool = False) -> int:
+def run_bench(device: str | None = None, workers: int = 2, as_json: bool = False, quick: bool = False) -> int:
+    """Measure and print every ratio (``quick``: one repetition of each, for smoke tests)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     out: dict[str, Any] = {"device": device, "torch_threads": torch.get_num_threads(), "cores": os.cpu_count()}
-    out.update(bench_overhead(device))
-    out.update(bench_cache(device))
-    out.update(bench_makespan(workers))
+    reps = 1 if quick else 3
+    out.update(bench_overhead(device, epochs=1 if quick else 4, reps=reps))
+    out.update(bench_cache(device, reps=reps))
+    out.update(bench_makespan(workers, trials=4 if quick else 8))
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device.startswith("cuda"):
         out["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20

@@ -49,6 +49,12 @@ def _not_built(what: str, issue: str) -> Callable[[argparse.Namespace], int]:
     return run
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from harness.bench import run_bench
+
+    return run_bench(device=args.device, workers=args.workers, as_json=args.json, quick=args.quick)
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     try:
         from harness.report.build import build_report
@@ -87,8 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--out", default=None, help="output folder (default results/<study>)")
     rep.set_defaults(func=_cmd_report)
 
-    b = sub.add_parser("bench", help="overhead, cache and makespan ratios (not built yet)")
-    b.set_defaults(func=_not_built("bench", "speed"))
+    b = sub.add_parser("bench", help="overhead, cache and makespan ratios measured in one run")
+    b.add_argument("--json", action="store_true", help="print one JSON object")
+    b.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    b.add_argument("--workers", type=int, default=2, help="slots for the makespan study")
+    b.add_argument("--quick", action="store_true", help="one repetition each (a smoke test, not a measurement)")
+    b.set_defaults(func=_cmd_bench)
 
     m = sub.add_parser("methods", help="list registered methods, their loss terms and parameters")
     m.set_defaults(func=_cmd_methods)
