@@ -13,11 +13,13 @@ Absolute images/s and peak memory are printed as context. Each pair is measured 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -162,7 +164,8 @@ def bench_makespan(workers: int = 2, trials: int = 8) -> dict[str, float]:
     uri = f"sqlite:///{tmp}/mlflow.db"
     try:
         t0 = time.time()
-        code = run_study(path, tracking_uri=uri, workers=workers, report=False, live=False)
+        with contextlib.redirect_stdout(sys.stderr):  # stdout stays the figures (--json)
+            code = run_study(path, tracking_uri=uri, workers=workers, report=False, live=False)
         wall = time.time() - t0
         if code != 0:
             raise RuntimeError("makespan benchmark study failed")

@@ -17,7 +17,7 @@ def test_bench_json_quick(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "harness.cli", "bench", "--json", "--quick"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = json.loads(proc.stdout)  # stdout is exactly one JSON object
     for key in ("overhead_ratio", "cache_ratio", "makespan_ratio", "images_per_second", "peak_rss_mb"):
         assert out[key] > 0, key
     assert out["overhead_ratio"] == pytest.approx(out["harness_seconds"] / out["bare_seconds"])
