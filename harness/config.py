@@ -67,14 +67,26 @@ class ModelSpec(BaseModel):
         return dict(self.model_extra or {})
 
 
-class TeacherConfig(ModelSpec):
-    """A teacher: architecture, options and its own supervised training recipe."""
+class Recipe(BaseModel):
+    """A training recipe, the same fields for the teachers (supervised) and the student."""
 
     epochs: int = Field(20, ge=1)
-    batch_size: int = Field(128, ge=1)
+    batch_size: int = Field(128, ge=2)
     optimizer: Literal["adam", "sgd"] = "adam"
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    scheduler: Literal["none", "cosine"] = "none"
+    augment: bool = False
+    #: GPU only: bf16 autocast, ``torch.compile`` of the features, and cudnn determinism
+    amp: bool = True
+    compile: bool = False
+    deterministic: bool = False
+
+
+class TeacherConfig(ModelSpec, Recipe):
+    """A teacher: architecture, options (any other key) and its own supervised recipe and seed."""
+
     seed: int = 0
 
 
@@ -102,21 +114,10 @@ class SplitConfig(_Strict):
         return self
 
 
-class TrainConfig(_Strict):
+class TrainConfig(Recipe):
     """The student's training recipe, shared by every method of the study."""
 
-    epochs: int = Field(20, ge=1)
-    batch_size: int = Field(128, ge=2)
-    optimizer: Literal["adam", "sgd"] = "adam"
-    lr: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(1e-4, ge=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    scheduler: Literal["none", "cosine"] = "none"
-    augment: bool = False
-    #: GPU only: bf16 autocast, ``torch.compile`` of the student, and cudnn determinism
-    amp: bool = True
-    compile: bool = False
-    deterministic: bool = False
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class StudyConfig(_Strict):

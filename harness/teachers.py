@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from harness.config import DatasetConfig, TeacherConfig, TrainConfig
+from harness.config import DatasetConfig, Recipe, TeacherConfig, TrainConfig
 from harness.data.splits import PartData, SplitData
 from harness.methods.base import SplitInfo, TeacherSet
 from harness.methods.supervised import SupervisedCE
@@ -100,10 +100,7 @@ def train_teacher(data: SplitData, cfg: TeacherConfig, device: str = "cpu") -> t
     torch.manual_seed(cfg.seed)
     net = build_model(cfg.arch, data.in_shape, data.num_classes, **cfg.options())
     method = SupervisedCE(net, TeacherSet([]), SupervisedCE.ParamsModel(), SplitInfo(tuple(data.sizes), (0,)))
-    recipe = TrainConfig(
-        epochs=cfg.epochs, batch_size=cfg.batch_size, optimizer=cfg.optimizer, lr=cfg.lr,
-        weight_decay=cfg.weight_decay,
-    )
+    recipe = TrainConfig.model_validate(cfg.model_dump(include=set(Recipe.model_fields)))
     res = fit(method, data, recipe, seed=cfg.seed, device=device)
     if res.best_state is not None:
         method.load_state_dict(res.best_state)

@@ -142,3 +142,13 @@ def test_routing_axis_adds_one_variant_per_rule_to_routing_methods():
     kd = next(t for t in trials if t.variant == "max_logit/z/routed" and t.method == "kd")
     assert kd.params["routing"] == {"score": "max_logit", "standardize": "z", "targets": "routed"}
     assert len({t.key for t in trials}) == len(trials)
+
+
+def test_teachers_share_the_student_recipe_fields():
+    data = copy.deepcopy(TINY)
+    data["teachers"] = [{"arch": "cnn", "width": 8, "optimizer": "sgd", "momentum": 0.5, "scheduler": "cosine"}]
+    t = parse_study(data).teachers[0]
+    assert (t.momentum, t.scheduler, t.options()) == (0.5, "cosine", {"width": 8})
+    data["teachers"] = [{"arch": "cnn", "batch_size": 1}]
+    with pytest.raises(HarnessError, match=r"teachers\[0\]\.batch_size: Input should be greater than or equal to 2"):
+        parse_study(data, "s.yaml")
