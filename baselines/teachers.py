@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from harness.methods.base import Batch, Method, Params, register
-from harness.routing import RoutingConfig
+from harness.routing import RoutingConfig, target_logits
 
 
 class TeacherRefParams(Params):
@@ -38,9 +38,5 @@ class TeacherReference(Method):
         argmax is the claiming teacher's prediction."""
         logits, feats = self.teachers.outputs(x)
         _, k_star, _ = self.route(logits, feats)
-        cols = []
-        for k, z in enumerate(logits):
-            lp = torch.log_softmax(z.float(), dim=1)
-            shift = torch.where(k_star == k, 0.0, -1e6).unsqueeze(1)
-            cols.append(lp + shift)
-        return torch.cat(cols, dim=1)
+        log_probs = [torch.log_softmax(z.float(), dim=1) for z in logits]
+        return target_logits(log_probs, k_star, RoutingConfig(targets="routed"))

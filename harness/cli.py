@@ -65,6 +65,24 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (checked before anything is created)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _device(text: str) -> str:
+    """argparse type: ``cpu``, ``cuda`` or ``cuda:<index>``."""
+    if text == "cpu" or text == "cuda" or (text.startswith("cuda:") and text[5:].isdigit()):
+        return text
+    raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="harness", description="Knowledge-amalgamation study harness.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -73,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("study", help="study YAML file")
     r.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or MLflow's default)")
     r.add_argument("--dry-run", action="store_true", help="print the trial table and run nothing")
-    r.add_argument("--workers", type=int, default=None, metavar="N",
+    r.add_argument("--workers", type=_positive_int, default=None, metavar="N",
                    help="run at most N trials at a time (default: one per slot of the device pool)")
     r.add_argument("--backend", choices=("local", "ray"), default="local",
                    help="local: worker processes on this machine's devices; ray: Ray tasks on a Ray cluster")
@@ -95,8 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="overhead, cache and makespan ratios measured in one run")
     b.add_argument("--json", action="store_true", help="print one JSON object")
-    b.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    b.add_argument("--workers", type=int, default=2, help="slots for the makespan study")
+    b.add_argument("--device", type=_device, default=None, help="cpu or cuda (default: cuda if available)")
+    b.add_argument("--workers", type=_positive_int, default=2, help="slots for the makespan study")
     b.add_argument("--quick", action="store_true", help="one repetition each (a smoke test, not a measurement)")
     b.set_defaults(func=_cmd_bench)
 
