@@ -10,8 +10,6 @@ import argparse
 import logging
 import os
 import sys
-from typing import Callable
-
 from harness.errors import HarnessError
 
 
@@ -42,11 +40,11 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
-def _not_built(what: str, issue: str) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        raise HarnessError(f"'harness {what}' is not built yet (see the {issue} issue)")
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from harness.tune import tune
 
-    return run
+    return tune(args.study, storage=args.storage, workers=args.workers, tracking_uri=args.tracking_uri,
+                trials=args.trials, out=args.out, stale_after=float(args.stale_after), report=not args.no_report)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -101,9 +99,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-report", action="store_true", help="do not build the report at the end")
     r.set_defaults(func=_cmd_run_study)
 
-    t = sub.add_parser("tune", help="Optuna search of loss weights and temperatures (not built yet)")
-    t.add_argument("study")
-    t.set_defaults(func=_not_built("tune", "tuning"))
+    t = sub.add_parser("tune", help="Optuna search of loss weights, temperatures and recipe on the validation split")
+    t.add_argument("study", help="study YAML file with a search: block")
+    t.add_argument("--storage", default=None,
+                   help="Optuna storage: a journal file path (default results/<study>/tune.journal) or an RDB URL "
+                        "(sqlite:///tune.db, postgresql://user@host/db) shared by several machines")
+    t.add_argument("--workers", type=_positive_int, default=None, metavar="N",
+                   help="run at most N trials at a time on the device pool (default: one per slot)")
+    t.add_argument("--trials", type=_positive_int, default=None, metavar="N",
+                   help="trials per tuned method (default: search.trials); raise it to extend a finished search")
+    t.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or MLflow's default)")
+    t.add_argument("--out", default=None, help="tuned study file (default: <study dir>/<name>.tuned.yaml)")
+    t.add_argument("--stale-after", type=_positive_int, default=300, metavar="SECONDS",
+                   help="a RUNNING trial of another host with no heartbeat for this long is failed and rerun")
+    t.add_argument("--no-report", action="store_true", help="do not rebuild the report at the end")
+    t.set_defaults(func=_cmd_tune)
 
     rep = sub.add_parser("report", help="tables, statistics and plots from MLflow into results/<study>/")
     rep.add_argument("study", help="study name or study file")

@@ -14,6 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from harness.errors import HarnessError
+from harness.search import SearchConfig
 
 
 class _Strict(BaseModel):
@@ -140,6 +141,8 @@ class StudyConfig(_Strict):
     trials_per_device: int = Field(1, ge=1)
     max_retries: int = Field(0, ge=0)
     cache_dir: str | None = None
+    #: what ``harness tune`` searches (ignored by ``run-study``); see :mod:`harness.search`
+    search: SearchConfig | None = None
 
     @field_validator("methods", mode="before")
     @classmethod
@@ -255,4 +258,7 @@ def load_study(path: str | Path) -> StudyConfig:
 
 def dump_study(study: StudyConfig) -> str:
     """The study as YAML that :func:`load_study` accepts as is."""
-    return yaml.safe_dump(study.model_dump(mode="json", exclude_none=False), sort_keys=False)
+    data = study.model_dump(mode="json", exclude_none=False)
+    if data.get("search") is None:
+        data.pop("search", None)
+    return yaml.safe_dump(data, sort_keys=False)

@@ -7,7 +7,8 @@ Schema (the reports and the runner rely on it):
   ``trial`` or ``study``), ``harness.uses_labels``; teachers add ``harness.task``;
 - params: the flattened resolved config;
 - per-epoch metrics (step = epoch): ``loss/<term>``, ``loss/total``, ``val/union_acc``,
-  ``val/task_acc/<k>``, ``epoch_seconds``, ``images_per_second``; one ``log_batch`` per epoch;
+  ``val/task_acc/<k>``, ``epoch_seconds``, ``images_per_second``; sent in one ``log_batch``
+  at most every 5 s (and at the end), so short epochs cost no store round trip each;
 - final metrics: ``test/union_acc`` (last epoch), ``test/union_acc_best`` (best validation
   epoch), ``test/task_acc/<k>``, ``test/task_acc_best/<k>``, ``val/union_acc_best``,
   ``best_epoch``, ``diag/*`` diagnostics, ``peak_rss_mb``, ``cuda_max_allocated_mb`` (CUDA only),
@@ -209,6 +210,11 @@ class Tracker:
         for i in range(0, len(items), 1000):
             _retry(self.client.log_batch)(run_id, metrics=items[i : i + 1000])
 
+    def buffered(self, run_id: str, every: float = 5.0) -> "MetricBuffer":
+        """A per-run buffer of step metrics, written at most every ``every`` seconds (and on
+        ``flush``): per-epoch curves stay live while short epochs cost no store round trip each."""
+        return MetricBuffer(self, run_id, every)
+
     @_retry
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)[:MAX_PARAM]) for k, v in tags.items()])
@@ -255,3 +261,26 @@ class Tracker:
         if statuses is not None:
             runs = [r for r in runs if r.info.status in statuses]
         return runs
+
+
+class MetricBuffer:
+    """Step metrics of one run, sent in one ``log_batch`` when ``every`` seconds have passed since
+    the last send, and by ``flush`` (call it before the run ends; a worker killed in between loses
+    at most the last ``every`` seconds of curves, never a final metric)."""
+
+    def __init__(self, tracker: Tracker, run_id: str, every: float = 5.0) -> None:
+        self.tracker, self.run_id, self.every = tracker, run_id, every
+        self._items: list[Metric] = []
+        self._sent = time.monotonic()
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        ts = int(time.time() * 1000)
+        self._items += [Metric(k, float(v), ts, step) for k, v in metrics.items()]
+        if time.monotonic() - self._sent >= self.every:
+            self.flush()
+
+    def flush(self) -> None:
+        items, self._items = self._items, []
+        self._sent = time.monotonic()
+        for i in range(0, len(items), 1000):
+            _retry(self.tracker.client.log_batch)(self.run_id, metrics=items[i : i + 1000])

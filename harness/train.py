@@ -27,6 +27,10 @@ class NonFiniteLossError(RuntimeError):
     """A loss term became NaN or infinite: the trial fails with this as its reason."""
 
 
+class EarlyStop(Exception):
+    """Raised by an epoch callback to end training on purpose (e.g. a tuning pruner)."""
+
+
 @dataclass
 class FitResult:
     """Per-epoch history and final metrics (``test/*`` last epoch and ``*_best`` at best val)."""

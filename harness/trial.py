@@ -26,7 +26,7 @@ from harness.methods.base import SplitInfo, TeacherSet, get_method
 from harness.models import build_model
 from harness.teachers import TeacherRecord, cached_outputs, get_teachers
 from harness.tracking import TAG, Tracker, version_tags
-from harness.train import NonFiniteLossError, fit, predict_all, teacher_outputs
+from harness.train import EarlyStop, EpochCallback, NonFiniteLossError, fit, predict_all, teacher_outputs
 
 
 def trial_tags(trial: Trial, uses_labels: bool, seeded: bool = True) -> dict[str, str]:
@@ -135,12 +135,15 @@ def open_trial_run(
 
 def execute_trial(
     study: StudyConfig, trial: Trial, tracker: Tracker, run_id: str, *, data: SplitData | None = None,
-    device: str = "cpu", extra_tags: dict[str, Any] | None = None,
+    device: str = "cpu", extra_tags: dict[str, Any] | None = None, epoch_hook: EpochCallback | None = None,
+    diagnose: bool = True,
 ) -> dict[str, float]:
     """Run one trial in this process and log it to the open run ``run_id``.
 
-    The run ends FINISHED, or FAILED/KILLED with ``harness.failure`` on any exception (re-raised).
-    Teachers are loaded from the cache (the runner trained them before the trials)."""
+    The run ends FINISHED, or FAILED/KILLED with ``harness.failure`` on any exception (re-raised;
+    ``EarlyStop`` from ``epoch_hook``, called after each epoch is logged, ends it KILLED as pruned).
+    Teachers are loaded from the cache (the runner trained them before the trials). ``diagnose``
+    adds the label-free diagnostics (they read the test split)."""
     t0 = time.time()
     tracker.set_tags(run_id, {
         f"{TAG}pid": os.getpid(), f"{TAG}host": platform.node(), f"{TAG}device": device,
@@ -160,14 +163,22 @@ def execute_trial(
         params = cls.ParamsModel.model_validate(trial.params)
         method = cls(student, teachers, params, SplitInfo(tuple(data.sizes), tuple(data.offsets)))
 
+        curves = tracker.buffered(run_id)
+
         def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
-            tracker.log_metrics(run_id, metrics, step=epoch)
+            curves.log(metrics, step=epoch)
+            if epoch_hook is not None:
+                epoch_hook(epoch, metrics)
 
         # frozen teachers, no augmentation: their outputs come from the per-split disk cache
         outputs = None if study.train.augment else cached_outputs(records, data, study.cache_dir)
-        res = fit(method, data, study.train, trial.seed, device, on_epoch, cached_outputs=outputs)
+        try:
+            res = fit(method, data, study.train, trial.seed, device, on_epoch, cached_outputs=outputs)
+        finally:
+            curves.flush()  # the epochs so far, also of a trial that fails or is pruned
         final = dict(res.final)
-        final.update(diagnostics(method, teachers, data, device, outputs))
+        if diagnose:
+            final.update(diagnostics(method, teachers, data, device, outputs))
         final.update(memory_metrics(device))
         final["trial_seconds"] = time.time() - t0
         tracker.log_metrics(run_id, final, step=study.train.epochs if cls.trains else 0)
@@ -180,7 +191,7 @@ def execute_trial(
             tracker.set_tags(run_id, {f"{TAG}failure": reason, f"{TAG}failure_kind": kind,
                                       f"{TAG}end": f"{time.time():.3f}",
                                       f"{TAG}traceback": traceback.format_exc()[-4000:]})
-            tracker.finish(run_id, "KILLED" if kind == "interrupted" else "FAILED")
+            tracker.finish(run_id, "KILLED" if kind in ("interrupted", "pruned") else "FAILED")
         finally:
             raise
 
@@ -209,6 +220,8 @@ def failure_reason(e: BaseException) -> tuple[str, str]:
     text = f"{type(e).__name__}: {first}" if first else type(e).__name__
     if isinstance(e, KeyboardInterrupt):
         return "interrupted", "interrupted"
+    if isinstance(e, EarlyStop):
+        return "pruned", f"pruned: {first}"
     if isinstance(e, NonFiniteLossError):
         return "nonfinite", f"non-finite loss: {first}"
     if isinstance(e, MemoryError) or (
@@ -224,8 +237,11 @@ def finish_unique(tracker: Tracker, run_id: str, key: str) -> None:
     run = tracker.run(run_id)
     if run.info.status != "RUNNING":
         return
-    others = [r.info.run_id for r in tracker.find(run.info.experiment_id, {f"{TAG}trial_key": key}, ("FINISHED",))
-              if r.info.run_id != run_id]
+    if run.data.tags.get(f"{TAG}kind", "trial") != "trial":  # a tuning run measures one Optuna trial
+        tracker.finish(run_id, "FINISHED")
+        return
+    same = {f"{TAG}trial_key": key, f"{TAG}kind": "trial"}
+    others = [r.info.run_id for r in tracker.find(run.info.experiment_id, same, ("FINISHED",)) if r.info.run_id != run_id]
     if others:
         tracker.set_tags(run_id, {f"{TAG}failure": f"duplicate: run {others[0]} already finished this trial",
                                   f"{TAG}failure_kind": "duplicate"})

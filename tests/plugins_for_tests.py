@@ -7,7 +7,8 @@ targets are pickled by reference, so they live in an importable module too.
 - ``test_nan``: the loss is NaN (the training loop stops it);
 - ``test_kill``: the worker kills its own process with SIGKILL;
 - ``test_flaky``: raises on the first attempt (no ``marker`` file yet), then behaves like KD;
-- ``test_sleep``: sleeps ``seconds`` when built, then behaves like KD (a slow trial).
+- ``test_sleep``: sleeps ``seconds`` when built, then behaves like KD (a slow trial);
+- ``test_kill_once``: kills its worker on the first attempt (no ``marker`` file yet), then KD.
 """
 
 from __future__ import annotations
@@ -89,6 +90,24 @@ class Sleeps(_KD):
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
         time.sleep(self.params.seconds)
+
+
+class KillOnceParams(Params):
+    marker: str
+    T: float = Field(1.0, gt=0)
+
+
+@register("test_kill_once")
+class KillsItsWorkerOnce(_KD):
+    ParamsModel = KillOnceParams
+    description = "test: the first attempt (no marker file yet) kills its worker, then KD"
+
+    def loss_terms(self, batch: Batch) -> dict[str, Tensor]:
+        marker = Path(self.params.marker)
+        if not marker.exists():
+            marker.write_text("killed once")
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().loss_terms(batch)
 
 
 # --------------------------------------------------------------------------- pool targets

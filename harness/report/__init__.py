@@ -5,7 +5,8 @@ this package imports torch (the report runs where only the store is available).
 
 Modules: :mod:`.frames` (MLflow -> pandas), :mod:`.stats` (mean ± std, paired tests, bootstrap),
 :mod:`.tables` (comparison/ablation frames, Markdown and LaTeX), :mod:`.plots` (PNG figures),
-:mod:`.build` (the report folder).
+:mod:`.tuning` (the Optuna searches of ``harness tune``: summary, best vs default parameters,
+fANOVA importances, ``tuning.csv`` and figures), :mod:`.build` (the report folder).
 """
 
 from harness.report.build import build_report

@@ -1,9 +1,11 @@
 """``harness report STUDY``: rebuild ``results/<study>/`` from the MLflow store alone.
 
-Outputs: ``report.md`` (tables, figures, statistics notes, failed/duplicate runs, the study
-configuration, the parameters that vary between runs, software versions, build date),
-``comparison.csv``/``ablation.csv`` (raw fractions), ``comparison.tex``/``ablation.tex``
-(booktabs tabulars) and the PNG figures. Every table is sorted and every random draw seeded, so
+Outputs: ``report.md`` (tables, figures, statistics notes, the hyper-parameter searches of
+``harness tune`` when there are any, failed/duplicate runs, the study configuration, the
+parameters that vary between runs, software versions, build date), ``comparison.csv``/
+``ablation.csv`` (raw fractions), ``comparison.tex``/``ablation.tex`` (booktabs tabulars),
+``tuning.csv`` and the PNG figures. An experiment that holds only ``harness tune`` searches gets
+a report with the tuning section alone. Every table is sorted and every random draw seeded, so
 two builds from the same store differ only in the one ``Built:`` line of ``report.md``.
 """
 
@@ -17,8 +19,10 @@ from pathlib import Path
 
 import pandas as pd
 
+from harness.errors import HarnessError
 from harness.report import plots, stats
 from harness.report.frames import StudyData, load_study, row_label
+from harness.report.tuning import TuningData, load_tuning, param_importances, tuning_frame, tuning_markdown
 from harness.report.tables import (
     METRIC_TITLES, ablation_display, ablation_frame, comparison_display, comparison_frame, diagnostics_display, latex,
     markdown, seed_differences,
@@ -31,9 +35,16 @@ SKIP_PARAMS = ("seed", "method", "variant", "study")
 
 def build_report(study: str, tracking_uri: str | None = None, out_dir: str | Path | None = None) -> Path:
     """Build the report of ``study`` (a name or a study file) and return its folder."""
-    data = load_study(study, tracking_uri)
+    data = load_study(study, tracking_uri, allow_empty=True)
+    tuning = load_tuning(data.uri, data.experiment_id)
+    if data.trials.empty and tuning.empty:
+        raise HarnessError(f"report: experiment '{data.name}' has no finished trial runs in {data.uri}")
     out = Path(out_dir) if out_dir is not None else Path("results") / data.name
     out.mkdir(parents=True, exist_ok=True)
+    tuning_md = _tuning(tuning, out)
+    if data.trials.empty:
+        (out / "report.md").write_text(_tuning_only_markdown(data, tuning, tuning_md))
+        return out
     comp = comparison_frame(data)
     abl = ablation_frame(data)
     comp.to_csv(out / "comparison.csv", index=False)
@@ -45,8 +56,20 @@ def build_report(study: str, tracking_uri: str | None = None, out_dir: str | Pat
         latex(ablation_display(abl, s, m, metric, "tex"), f"ablation, split {s}, {m}, {metric}")
         for s, m, metric in _ablation_tables(abl)))
     figures = _figures(data, comp, abl, out)
-    (out / "report.md").write_text(_markdown(data, comp, abl, figures))
+    (out / "report.md").write_text(_markdown(data, comp, abl, figures, tuning, tuning_md))
     return out
+
+
+def _tuning(tuning: TuningData, out: Path) -> list[str]:
+    """``tuning.csv`` and the tuning figures; the Markdown of the section (nothing without tuning runs)."""
+    if tuning.empty:
+        return []
+    tuning_frame(tuning).to_csv(out / "tuning.csv", index=False)
+    imps = {s: param_importances(tuning, s) for s in tuning.studies}
+    figs = [(plots.tuning_history_plot(tuning, out / "tuning_history.png"), "Objective per trial"),
+            (plots.tuning_curves_plot(tuning, out / "tuning_curves.png"), "Running objective per trial"),
+            (plots.tuning_importance_plot(imps, out / "tuning_importance.png"), "Parameter importances")]
+    return tuning_markdown(tuning, imps, [f"![{alt}]({p.name})\n" for p, alt in figs if p is not None])
 
 
 def _ablation_blocks(abl: pd.DataFrame) -> list[tuple[str, str]]:
@@ -94,7 +117,8 @@ def _loss_blocks(data: StudyData, abl: pd.DataFrame) -> list[tuple[str, str]]:
 
 
 # ----------------------------------------------------------------------------- report.md
-def _markdown(data: StudyData, comp: pd.DataFrame, abl: pd.DataFrame, figs: dict[str, Path]) -> str:
+def _markdown(data: StudyData, comp: pd.DataFrame, abl: pd.DataFrame, figs: dict[str, Path],
+              tuning: TuningData, tuning_md: list[str]) -> str:
     att = data.attempts
     bad = att[att["status"] != "FINISHED"]
     md = [f"# Study `{data.name}`: results\n",
@@ -102,13 +126,38 @@ def _markdown(data: StudyData, comp: pd.DataFrame, abl: pd.DataFrame, figs: dict
           f"Rebuilt from the MLflow store alone: `{_redact(data.uri)}`, experiment `{data.name}` (id {data.experiment_id}). "
           f"{len(data.trials)} trials used ({len(att[att['status'] == 'FINISHED'])} finished trial runs, "
           f"{len(bad)} failed, killed or still running), {len(data.teachers)} teacher runs; "
-          f"splits: {', '.join(f'`{s}`' for s in data.splits)}.\n"]
+          f"splits: {', '.join(f'`{s}`' for s in data.splits)}"
+          + (f"; {_tuning_count(tuning)}" if not tuning.empty else "") + ".\n"]
     md += _comparison_section(data, comp, figs)
     md += _ablation_section(data, abl, figs)
+    md += tuning_md
     md += _problems_section(data)
     md += _params_section(data)
     md += _config_section(data)
     md += _software_section(data)
+    return "\n".join(md)
+
+
+def _tuning_count(tuning: TuningData) -> str:
+    n = len(tuning.studies)
+    return f"{len(tuning.trials)} trials of `harness tune` in {n} Optuna stud{'ies' if n != 1 else 'y'}"
+
+
+def _tuning_only_markdown(data: StudyData, tuning: TuningData, tuning_md: list[str]) -> str:
+    """The report of an experiment without a finished trial run of ``harness run-study``."""
+    att = data.attempts
+    md = [f"# Study `{data.name}`: results\n",
+          f"{BUILT_PREFIX} {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}_\n",
+          f"Rebuilt from the MLflow store alone: `{_redact(data.uri)}`, experiment `{data.name}` "
+          f"(id {data.experiment_id}). Hyper-parameter searches only: {_tuning_count(tuning)}; "
+          + (f"no finished trial run of `harness run-study` ({len(att)} failed, killed or still running)"
+             if len(att) else "no trial run of `harness run-study`") + ", so no comparison or ablation tables.\n"]
+    md += tuning_md
+    if not att.empty:
+        md += _problems_section(data)
+    if data.study_yaml:
+        md += _config_section(data)
+    md += _software_section(data, tuning.trials)
     return "\n".join(md)
 
 
@@ -255,7 +304,7 @@ def _config_section(data: StudyData) -> list[str]:
                  "Parameters with a single value across the trials that have them:\n", f"```\n{body}\n```\n"]
 
 
-def _software_section(data: StudyData) -> list[str]:
+def _software_section(data: StudyData, fallback: pd.DataFrame | None = None) -> list[str]:
     versions = []
     for pkg in PACKAGES:
         try:
@@ -263,6 +312,9 @@ def _software_section(data: StudyData) -> list[str]:
         except metadata.PackageNotFoundError:
             versions.append(f"{pkg} (not installed)")
     used = data.attempts[data.attempts["run_id"].isin(data.trials["run_id"])]
+    whose = "tags of the runs in the tables"
+    if used.empty and fallback is not None:
+        used, whose = fallback, "tags of the tuning trial runs"  # no trial in the comparison tables
     logged = []
     for col, name in (("version", "harness"), ("torch_version", "torch"), ("mlflow_version", "mlflow"),
                       ("numpy_version", "numpy"), ("python_version", "Python")):
@@ -275,4 +327,4 @@ def _software_section(data: StudyData) -> list[str]:
                                                    for c, d in commits))
     return ["## Software\n",
             f"Report built with Python {platform.python_version()} ({platform.system()}); {', '.join(versions)}.\n",
-            f"Trials run with {', '.join(logged) or 'unrecorded versions'} (tags of the runs in the tables).\n"]
+            f"Trials run with {', '.join(logged) or 'unrecorded versions'} ({whose}).\n"]

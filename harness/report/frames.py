@@ -214,8 +214,13 @@ def _study_yaml(client: MlflowClient, experiment_id: str) -> str | None:
     return None
 
 
-def load_study(study: str, tracking_uri: str | None = None, history: bool = True) -> StudyData:
-    """Read one study (a name, or a study file whose ``name:`` is used) from the MLflow store."""
+def load_study(study: str, tracking_uri: str | None = None, history: bool = True,
+               allow_empty: bool = False) -> StudyData:
+    """Read one study (a name, or a study file whose ``name:`` is used) from the MLflow store.
+
+    An experiment without a finished trial run is an error unless ``allow_empty`` (then
+    ``trials``, ``history`` and ``params`` are empty: an experiment that holds only the searches
+    of ``harness tune``)."""
     name, text = resolve_study(study)
     uri = resolve_uri(tracking_uri)
     client = MlflowClient(uri)
@@ -226,7 +231,7 @@ def load_study(study: str, tracking_uri: str | None = None, history: bool = True
     attempts = pd.DataFrame([_info(r) for r in trial_runs.values()], columns=INFO_COLUMNS)
     attempts = attempts.sort_values(KEYS + ["start_time", "run_id"], kind="stable").reset_index(drop=True)
     finished = attempts[attempts["status"] == "FINISHED"]
-    if finished.empty:
+    if finished.empty and not allow_empty:
         raise HarnessError(f"report: experiment '{name}' has no finished trial runs in {uri}")
     trials = _with_metrics(_latest(finished, KEYS), trial_runs, final_only=True)
 

@@ -123,3 +123,45 @@ def build(uri: str) -> MlflowClient:
         trial(client, exp, "3x3", "cka", "-intra", seed, False, intra, intra, ntasks=3)
     trial(client, exp, "3x3", "cka", "full", 6, False, 0.0, 0.0, ntasks=3, status="RUNNING")
     return client
+
+
+# ----------------------------------------------------------------------------- harness tune
+def tune_trial(
+    client: MlflowClient, exp_id: str, optuna_study: str, method: str, number: int, state: str, value: float | None,
+    params: dict, space: dict, default: bool = False, objective: str = "val_last", steps: int = 6,
+    status: str | None = None, end_offset: int = 500,
+) -> str:
+    """One Optuna trial run in the schema of ``harness tune``: ``space`` maps each parameter path
+    to an Optuna distribution; ``objective/running`` rises to ``value`` over ``steps`` steps."""
+    import json
+
+    from optuna.distributions import distribution_to_json
+
+    start = next(_clock)
+    status = status or {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED"}.get(state, "RUNNING")
+    tags = {"harness.kind": "tune_trial", "harness.study": optuna_study.split("/")[0], "harness.method": method,
+            "harness.optuna_study": optuna_study, "harness.optuna_number": str(number),
+            "harness.optuna_state": state, "harness.optuna_default": str(default).lower(),
+            "harness.optuna_params": json.dumps(params),
+            "harness.optuna_distributions": json.dumps({k: distribution_to_json(d) for k, d in space.items()}),
+            "harness.objective": objective, "harness.version": "0.1.0", "harness.python_version": "3.11.7"}
+    if state == "FAIL":
+        tags["harness.failure"] = "RuntimeError: trial failed on purpose"
+    rid = client.create_run(exp_id, start_time=start, tags=tags, run_name=f"{optuna_study}/trial{number}").info.run_id
+    metrics = []
+    if value is not None:
+        metrics = [Metric("objective/running", value * (1 - 0.05 * (steps - 1 - s)), start + s, s)
+                   for s in range(steps)]
+        if state in ("COMPLETE", "PRUNED"):
+            metrics += [Metric("objective", value, start + 100, 0), Metric("trial_seconds", 5.0 + number, start, 0)]
+    client.log_batch(rid, metrics=metrics, params=[Param(k, str(v)) for k, v in params.items()])
+    if status != "RUNNING":
+        client.set_terminated(rid, status=status, end_time=start + end_offset)
+    return rid
+
+
+def search_run(client: MlflowClient, exp_id: str, storage: str, optuna_studies: list[str]) -> str:
+    """The parent run of one ``harness tune`` invocation."""
+    tags = {"harness.kind": "search", "harness.study": optuna_studies[0].split("/")[0], "harness.storage": storage,
+            "harness.optuna_studies": ",".join(optuna_studies)}
+    return log_run(client, exp_id, tags, {})

@@ -1,0 +1,548 @@
+"""``harness tune STUDY.yaml``: Optuna searches over a study's loss weights, temperatures and
+recipe, scored on the validation split only.
+
+Order of a tuning invocation:
+
+1. validate the study and its ``search:`` block (:mod:`harness.search`), the data and the device
+   pool before anything is created;
+2. open the storage: a journal file ``results/<study>/tune.journal`` by default (several
+   processes on one machine or a shared file system can work on it), or any Optuna RDB URL
+   (``--storage postgresql://...``) for clusters; one Optuna study ``<study>/<method>`` per tuned
+   method, created once (its creator enqueues the study's own values as the first trial) and
+   loaded by every later or concurrent invocation, so an interrupted search resumes;
+3. trials left RUNNING by a dead invocation (same host and its process gone, or no heartbeat for
+   ``--stale-after`` seconds) are failed and their configuration enqueued again;
+4. an MLflow parent run (kind ``search``), the teachers (trained or loaded from the cache), then
+   the loop: ask Optuna for a configuration, open its MLflow run (kind ``tune_trial``), and run it
+   on a free slot of the device pool (``--workers``): a worker trains one seed run (kind
+   ``tune_run``) per (split, seed) in order, reporting the running mean of the validation union
+   accuracy after every epoch, so the pruner can stop a bad configuration after any epoch of any
+   seed; the test split is removed from the data before training;
+5. when every tuned method has ``search.trials`` counted trials (COMPLETE, PRUNED, or FAIL from
+   its own error; not failures that were retried), the best configuration of each method is
+   written as ``<study dir>/<name>.tuned.yaml`` (a study ``<name>-tuned`` for ``run-study``), and
+   the report is rebuilt with its tuning section.
+
+Optuna trial states map to MLflow: COMPLETE and PRUNED runs end FINISHED (tag
+``harness.optuna_state``), FAIL runs FAILED, and runs of an interrupted or stale trial KILLED.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+import warnings
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from harness.config import StudyConfig, dump_study, load_study
+from harness.errors import HarnessError
+from harness.grid import Trial, build_splits, trial_key
+from harness.runner import _alive, _sigterm_as_interrupt
+from harness.scheduler import PRELOAD, LocalPool, Outcome, Slot, WorkerContext, build_slots
+from harness.search import PrunerConfig, SamplerConfig, SearchPlan
+from harness.tracking import TAG, Tracker, git_tags, version_tags
+
+#: user attributes of Optuna trials
+OWNER, HEARTBEAT, RETRY_OF, DEFAULT, SURPLUS, ATTEMPT = (
+    "harness.owner", "harness.heartbeat", "harness.retry_of", "harness.default", "harness.surplus", "harness.attempt")
+HEARTBEAT_EVERY = 30.0
+
+
+# -- Optuna objects --------------------------------------------------------------------------
+def storage_for(spec: str) -> Any:
+    """An Optuna storage: an RDB URL (``sqlite:///x.db``, ``postgresql://...``) as is, a path as a
+    journal file (created with its folder)."""
+    if "://" in spec:
+        return spec
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    path = Path(spec)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return JournalStorage(JournalFileBackend(str(path)))
+
+
+def make_sampler(cfg: SamplerConfig, seed: int) -> optuna.samplers.BaseSampler:
+    """TPE (``constant_liar`` on, so parallel workers spread out), random or QMC, seeded."""
+    extra = dict(cfg.model_extra or {})
+    kinds = {"tpe": optuna.samplers.TPESampler, "random": optuna.samplers.RandomSampler,
+             "qmc": optuna.samplers.QMCSampler}
+    if cfg.type == "tpe":
+        extra.setdefault("constant_liar", True)
+    return _construct(kinds[cfg.type], "search.sampler", cfg.type, seed=seed, **extra)
+
+
+def make_pruner(cfg: PrunerConfig, epochs: int) -> optuna.pruners.BasePruner:
+    """The pruner (median by default: 4 complete trials first, then after half a seed's epochs)."""
+    extra = dict(cfg.model_extra or {})
+    p = optuna.pruners
+    if cfg.type in ("median", "percentile"):
+        extra.setdefault("n_startup_trials", 4)
+        extra.setdefault("n_warmup_steps", max(0, epochs // 2))
+    kinds = {"median": p.MedianPruner, "percentile": p.PercentilePruner, "successive_halving": p.SuccessiveHalvingPruner,
+             "hyperband": p.HyperbandPruner, "threshold": p.ThresholdPruner, "none": p.NopPruner}
+    return _construct(kinds[cfg.type], "search.pruner", cfg.type, **extra)
+
+
+def _construct(cls: Any, where: str, kind: str, **kwargs: Any) -> Any:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise HarnessError(f"{where}: {kind}: {str(e).splitlines()[0]}") from None
+
+
+def optuna_name(study: str, method: str) -> str:
+    return f"{study}/{method}"
+
+
+def open_search(storage: Any, name: str, plan: SearchPlan, method: str, pruner: Any, seed: int) -> optuna.Study:
+    """Create the Optuna study (and enqueue the default trial) or load it if it exists; only its
+    creator enqueues, so concurrent invocations never run the default twice."""
+    sampler_seed = seed
+    try:
+        study = optuna.create_study(storage=storage, study_name=name, direction="maximize", pruner=pruner,
+                                    sampler=make_sampler(plan.search.sampler, seed))
+        created = True
+    except optuna.exceptions.DuplicatedStudyError:
+        # joining a search: another seed, or two processes would sample the same configurations
+        sampler_seed = zlib.crc32(f"{seed}:{platform.node()}:{os.getpid()}".encode())
+        study = optuna.load_study(storage=storage, study_name=name, pruner=pruner,
+                                  sampler=make_sampler(plan.search.sampler, sampler_seed))
+        created = False
+    if study.direction != optuna.study.StudyDirection.MAXIMIZE:
+        raise HarnessError(f"--storage: Optuna study {name!r} exists and does not maximise")
+    if created:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a default outside a searched range is used as is
+            study.enqueue_trial(plan.defaults(method), user_attrs={DEFAULT: True})
+    return study
+
+
+def counted(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """Trials that use the budget: all but surplus ones and failures that were enqueued again."""
+    replaced = {t.user_attrs.get(RETRY_OF) for t in trials}
+    return [t for t in trials
+            if not (t.state == TrialState.FAIL and (t.user_attrs.get(SURPLUS) or t.number in replaced))]
+
+
+def budget_left(study: optuna.Study, trials: int) -> int:
+    """Configurations still to start (waiting ones are started first and count as started)."""
+    return trials - len(counted(study.get_trials(deepcopy=False)))
+
+
+def has_waiting(study: optuna.Study) -> bool:
+    return bool(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+
+
+# -- the worker side -------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TuneJob:
+    """One Optuna trial as a worker receives it: its MLflow run is already open."""
+
+    study: StudyConfig  # restricted to the method, with the trial's values applied
+    method: str
+    params: dict[str, Any]
+    units: list[tuple[int, int]]
+    number: int
+    trial_id: int
+    storage: str
+    optuna_study: str
+    pruner: PrunerConfig
+    objective: str
+    tracking_uri: str
+    experiment_id: str
+    run_id: str
+
+
+def validation_only(data: Any) -> Any:
+    """The split without its test part (empty tensors): tuning never sees a test image."""
+    from harness.data.splits import PartData, SplitData
+
+    test = data.parts["test"]
+    empty = PartData(test.x[:0], test.y[:0], test.t[:0])
+    return SplitData(data.name, data.tasks, {**data.parts, "test": empty})
+
+
+def run_tune_job(job: TuneJob, slot: Slot) -> dict[str, Any]:
+    """Train the configuration on every (split, seed) in order; report the running objective
+    after each epoch; stop early when the pruner says so. Returns state, values and step."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name=job.optuna_study, storage=storage_for(job.storage),
+                              pruner=make_pruner(job.pruner, job.study.train.epochs))
+    otrial = optuna.trial.Trial(study, job.trial_id)
+    tracker = Tracker(job.tracking_uri)
+    running = tracker.buffered(job.run_id)
+    try:
+        return _train_units(job, slot, otrial, tracker, running)
+    finally:
+        running.flush()
+
+
+def _train_units(job: TuneJob, slot: Slot, otrial: optuna.trial.Trial, tracker: Tracker, running: Any) -> dict:
+    from harness.data.splits import build_split
+    from harness.train import EarlyStop
+    from harness.trial import execute_trial, open_trial_run
+
+    epochs = job.study.train.epochs
+    values: list[float] = []
+    state = {"step": 0, "value": float("nan"), "last": float("nan")}
+    for i, (si, seed) in enumerate(job.units):
+        split = job.study.splits[si]
+        data = validation_only(build_split(split, job.study.dataset, f"splits[{si}]"))
+        key = trial_key(job.study, si, job.method, job.params, seed)
+        trial = Trial(job.study.name, split.name, job.method, f"optuna{job.number}", seed, job.params, key)
+        tags = {f"{TAG}kind": "tune_run", f"{TAG}optuna_study": job.optuna_study,
+                f"{TAG}optuna_number": job.number}
+        run_id = open_trial_run(tracker, job.experiment_id, job.study, trial, parent_run_id=job.run_id,
+                                extra_tags=tags)
+
+        def report(epoch: int, metrics: dict[str, float], i: int = i) -> None:
+            acc = metrics.get("val/union_acc", float("nan"))
+            state["last"] = acc
+            state["step"] = i * epochs + epoch
+            state["value"] = (sum(values) + acc) / (i + 1)
+            otrial.report(state["value"], state["step"])
+            running.log({"objective/running": state["value"]}, step=state["step"])
+            if otrial.should_prune():
+                raise EarlyStop(f"at step {state['step']} (split {split.name}, seed {seed}, epoch {epoch}): "
+                                f"running objective {state['value']:.4f}")
+
+        try:
+            final = execute_trial(job.study, trial, tracker, run_id, data=data, device=slot.device,
+                                  extra_tags={f"{TAG}slot": slot.name}, epoch_hook=report, diagnose=False)
+        except EarlyStop as e:
+            return {"state": "PRUNED", "values": values, "value": state["value"], "step": state["step"],
+                    "reason": f"pruned {e}"}
+        values.append(state["last"] if job.objective == "val_last" else final.get("val/union_acc_best", math.nan))
+    return {"state": "COMPLETE", "values": values, "value": float(sum(values) / len(values)), "step": state["step"]}
+
+
+# -- the coordinator -------------------------------------------------------------------------
+@dataclass
+class _Flight:
+    method: str
+    trial: optuna.trial.Trial
+    run_id: str
+    values: dict[str, Any]
+    attempt: int
+    started: float = field(default_factory=time.time)
+
+
+class Search:
+    """One ``harness tune`` invocation: keeps the pool busy until every method's budget is used."""
+
+    def __init__(self, plan: SearchPlan, storage_spec: str, tracker: Tracker, experiment_id: str, pool: LocalPool,
+                 trials: int, stale_after: float) -> None:
+        self.plan, self.storage_spec, self.tracker, self.exp = plan, storage_spec, tracker, experiment_id
+        self.pool, self.trials, self.stale_after = pool, trials, stale_after
+        self.owner = f"{platform.node()}:{os.getpid()}"
+        storage = storage_for(storage_spec)
+        self.pruner = make_pruner(plan.search.pruner, plan.study.train.epochs)
+        self.studies = {m: open_search(storage, optuna_name(plan.study.name, m), plan, m, self.pruner,
+                                       plan.search.sampler.seed) for m in plan.methods}
+        self.parent = ""
+        self.inflight: dict[str, _Flight] = {}
+        self.context = WorkerContext.capture()
+        self.provenance = git_tags()
+        self._beat = time.time()
+
+    # stale trials of dead invocations -----------------------------------------------------
+    def fail_stale(self) -> int:
+        """Fail RUNNING trials whose owner is gone and enqueue their configuration again."""
+        n = 0
+        host, pid = platform.node(), os.getpid()
+        for method, study in self.studies.items():
+            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                owner = str(t.user_attrs.get(OWNER, ""))
+                o_host, _, o_pid = owner.rpartition(":")
+                beat = float(t.user_attrs.get(HEARTBEAT, t.datetime_start.timestamp() if t.datetime_start else 0))
+                dead_here = o_host == host and o_pid.isdigit() and int(o_pid) != pid and not _alive(int(o_pid))
+                if not (dead_here or time.time() - beat > self.stale_after):
+                    continue
+                why = f"stale: its process {owner or '?'} is gone" if dead_here else \
+                    f"stale: no heartbeat for {time.time() - beat:.0f}s"
+                try:
+                    study.tell(t.number, state=TrialState.FAIL)
+                except (RuntimeError, ValueError):  # another invocation settled it first
+                    continue
+                study.enqueue_trial(t.params, user_attrs={RETRY_OF: t.number, ATTEMPT: t.user_attrs.get(ATTEMPT, 0)})
+                self._kill_runs(study.study_name, t.number, why)
+                print(f"[{method} #{t.number}] {why}; its configuration is queued again")
+                n += 1
+        self._close_orphan_runs()
+        return n
+
+    def _close_orphan_runs(self) -> None:
+        """MLflow runs left RUNNING by an invocation killed after Optuna recorded their trial's end
+        (between ``tell`` and the run's end) take the state Optuna has."""
+        by_name = {s.study_name: s for s in self.studies.values()}
+        host = platform.node()
+        for r in self.tracker.find(self.exp, {f"{TAG}kind": "tune_trial"}, ("RUNNING",)):
+            tags = r.data.tags
+            study = by_name.get(tags.get(f"{TAG}optuna_study", ""))
+            if study is None:
+                continue
+            o_host, _, o_pid = tags.get(f"{TAG}owner", "").rpartition(":")
+            trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+            t = trials.get(int(tags.get(f"{TAG}optuna_number", -1)))
+            if t is None or t.state in (TrialState.RUNNING, TrialState.WAITING):
+                continue
+            ended = t.datetime_complete.timestamp() if t.datetime_complete else 0.0
+            gone = (o_host == host and o_pid.isdigit() and not _alive(int(o_pid))) or time.time() - ended > self.stale_after
+            if not gone:
+                continue
+            if t.state == TrialState.COMPLETE and t.value is not None:
+                self.tracker.log_metrics(r.info.run_id, {"objective": t.value})
+            self.tracker.finish_if_running(r.info.run_id, "FAILED" if t.state == TrialState.FAIL else "FINISHED",
+                                           {f"{TAG}optuna_state": t.state.name})
+            self._kill_runs(study.study_name, t.number, "stale: the search running it was killed")
+
+    def _kill_runs(self, optuna_study: str, number: int, why: str) -> None:
+        tags = {f"{TAG}optuna_state": "FAIL", f"{TAG}failure": why, f"{TAG}failure_kind": why.split(":")[0]}
+        for r in self.tracker.find(self.exp, {f"{TAG}optuna_study": optuna_study, f"{TAG}optuna_number": str(number)},
+                                   ("RUNNING",)):
+            self.tracker.finish_if_running(r.info.run_id, "KILLED", tags)
+
+    # the loop -----------------------------------------------------------------------------
+    def next_method(self) -> str | None:
+        for m, study in self.studies.items():
+            if budget_left(study, self.trials) > 0 or has_waiting(study):
+                return m
+        return None
+
+    def run(self) -> None:
+        while True:
+            while self.pool.has_room() and (method := self.next_method()) is not None:
+                self.start(method)
+            if not self.inflight:
+                return
+            for out in self.pool.wait(timeout=1.0):
+                self.settle(out)
+            if time.time() - self._beat > HEARTBEAT_EVERY:
+                self._beat = time.time()
+                for f in self.inflight.values():
+                    f.trial.set_user_attr(HEARTBEAT, self._beat)
+
+    def start(self, method: str) -> None:
+        study, plan = self.studies[method], self.plan
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Optuna's note on a fixed value outside its range
+            trial = study.ask({p: plan.distributions[p] for p in plan.paths[method]})
+        trial.set_user_attr(OWNER, self.owner)
+        trial.set_user_attr(HEARTBEAT, time.time())
+        attrs = trial.user_attrs
+        if RETRY_OF not in attrs and DEFAULT not in attrs and self._surplus(study, trial.number):
+            trial.set_user_attr(SURPLUS, True)
+            study.tell(trial, state=TrialState.FAIL)
+            return
+        values = dict(trial.params)
+        cfg = plan.study_for(method, values)
+        params = plan.params_for(method, cfg)
+        name = study.study_name
+        dists = {p: optuna.distributions.distribution_to_json(plan.distributions[p]) for p in plan.paths[method]}
+        tags = {
+            f"{TAG}kind": "tune_trial", f"{TAG}study": plan.study.name, f"{TAG}method": method,
+            f"{TAG}optuna_study": name, f"{TAG}optuna_number": trial.number, f"{TAG}optuna_state": "RUNNING",
+            f"{TAG}optuna_default": str(bool(attrs.get(DEFAULT))).lower(), f"{TAG}optuna_params": json.dumps(values),
+            f"{TAG}optuna_distributions": json.dumps(dists), f"{TAG}objective": plan.search.objective,
+            f"{TAG}owner": self.owner, **({f"{TAG}retry_of": attrs[RETRY_OF]} if RETRY_OF in attrs else {}),
+            **self.provenance,
+        }
+        run_id = self.tracker.start(self.exp, f"{method}/optuna{trial.number}", tags, values, self.parent)
+        job = TuneJob(cfg, method, params, plan.units(), trial.number, trial._trial_id, self.storage_spec, name,
+                      plan.search.pruner, plan.search.objective, self.tracker.uri, self.exp, run_id)
+        try:
+            self.pool.submit(run_id, run_tune_job, job, self.context)
+        except BaseException:
+            study.tell(trial, state=TrialState.FAIL)
+            self.tracker.finish(run_id, "FAILED")
+            raise
+        self.inflight[run_id] = _Flight(method, trial, run_id, values, int(attrs.get(ATTEMPT, 0)))
+
+    def _surplus(self, study: optuna.Study, number: int) -> bool:
+        """True when earlier trials (of any invocation) already use the whole budget."""
+        before = [t for t in study.get_trials(deepcopy=False) if t.number < number]
+        return len(counted(before)) >= self.trials
+
+    def settle(self, out: Outcome) -> None:
+        f = self.inflight.pop(out.key)
+        study = self.studies[f.method]
+        seconds = time.time() - f.started
+        tag = f"[{f.method} #{f.trial.number}]"
+        if out.ok and out.result["state"] == "COMPLETE":
+            value = out.result["value"]
+            study.tell(f.trial, value)
+            self._end_run(f, "COMPLETE", value, seconds)
+            best = study.best_trial
+            print(f"{tag} {value:.4f} in {seconds:.0f}s (best {best.value:.4f}, #{best.number})")
+            return
+        if out.ok:  # pruned
+            study.tell(f.trial, state=TrialState.PRUNED)
+            self._end_run(f, "PRUNED", out.result["value"], seconds, {f"{TAG}pruned": out.result["reason"]})
+            print(f"{tag} {out.result['reason']}")
+            return
+        retry = out.kind == "worker_died" and f.attempt < self.plan.search.retries
+        f.trial.set_user_attr("harness.failure", out.error[:500])
+        study.tell(f.trial, state=TrialState.FAIL)
+        if retry:
+            study.enqueue_trial(f.values, user_attrs={RETRY_OF: f.trial.number, ATTEMPT: f.attempt + 1})
+        self._end_run(f, "FAIL", math.nan, seconds, {f"{TAG}failure": out.error, f"{TAG}failure_kind": out.kind})
+        print(f"{tag} failed: {out.error}{' (queued again)' if retry else ''}")
+
+    def _end_run(self, f: _Flight, state: str, value: float, seconds: float, tags: dict[str, Any] | None = None,
+                 status: str | None = None) -> None:
+        if math.isfinite(value):
+            self.tracker.log_metrics(f.run_id, {"objective": value})
+        self.tracker.log_metrics(f.run_id, {"trial_seconds": seconds})
+        self.tracker.set_tags(f.run_id, {f"{TAG}optuna_state": state, **(tags or {})})
+        for r in self.tracker.find(self.exp, {f"{TAG}optuna_study": self.studies[f.method].study_name,
+                                              f"{TAG}optuna_number": str(f.trial.number), f"{TAG}kind": "tune_run"},
+                                   ("RUNNING",)):  # seed runs of a worker that died
+            self.tracker.finish_if_running(r.info.run_id, "FAILED" if state == "FAIL" else "KILLED", tags)
+        self.tracker.finish(f.run_id, status or ("FAILED" if state == "FAIL" else "FINISHED"))
+
+    def interrupt(self) -> None:
+        """Stop the workers; their trials fail and are queued again for the next invocation."""
+        self.pool.stop()
+        for f in list(self.inflight.values()):
+            study = self.studies[f.method]
+            try:
+                study.tell(f.trial, state=TrialState.FAIL)
+                study.enqueue_trial(f.values, user_attrs={RETRY_OF: f.trial.number, ATTEMPT: f.attempt})
+            finally:
+                tags = {f"{TAG}failure": "interrupted: the search was stopped", f"{TAG}failure_kind": "interrupted"}
+                self._end_run(f, "FAIL", math.nan, time.time() - f.started, tags, status="KILLED")
+        self.inflight.clear()
+
+
+# -- output ----------------------------------------------------------------------------------
+def best_trials(studies: dict[str, optuna.Study]) -> dict[str, FrozenTrial | None]:
+    """Each method's best COMPLETE trial (the lowest number among equal values), or None."""
+    out: dict[str, FrozenTrial | None] = {}
+    for m, study in studies.items():
+        done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
+        out[m] = max(done, key=lambda t: (t.value, -t.number)) if done else None
+    return out
+
+
+def tuned_study(plan: SearchPlan, best: dict[str, FrozenTrial]) -> StudyConfig:
+    """The study with every tuned method's best values, named ``<name>-tuned``, no search block."""
+    from harness.search import apply_params
+
+    values: dict[str, Any] = {}
+    for t in best.values():
+        values.update(t.params)
+    tuned = apply_params(plan.study, values, "tuned study")
+    return tuned.model_copy(update={"name": f"{plan.study.name}-tuned", "search": None})
+
+
+def write_tuned(plan: SearchPlan, studies: dict[str, optuna.Study], best: dict[str, FrozenTrial], path: Path,
+                source: str, storage: str) -> None:
+    """Write the tuned study file (atomically), with a header saying where each value came from."""
+    lines = [f"# Tuned by `harness tune {source}` on {time.strftime('%Y-%m-%d %H:%M')}",
+             f"# Optuna storage: {storage}; objective: {plan.search.objective} (validation union accuracy, "
+             f"mean over splits {', '.join(plan.splits)} and seeds {', '.join(map(str, plan.seeds))})"]
+    for m, t in best.items():
+        trials = studies[m].get_trials(deepcopy=False)
+        default = next((x for x in trials if x.user_attrs.get(DEFAULT) and x.state == TrialState.COMPLETE), None)
+        states = {s.name: sum(x.state == s for x in trials) for s in (TrialState.COMPLETE, TrialState.PRUNED)}
+        dflt = f"{default.value:.4f}" if default is not None else "n/a"
+        lines.append(f"# {m}: best trial #{t.number} {t.value:.4f} (default {dflt}); "
+                     f"{states['COMPLETE']} complete, {states['PRUNED']} pruned; "
+                     + ", ".join(f"{k}={v!r}" for k, v in t.params.items()))
+    text = "\n".join(lines) + "\n" + dump_study(tuned_study(plan, best))
+    load_check = Path(str(path) + f".tmp{os.getpid()}")
+    load_check.write_text(text)
+    try:
+        load_study(load_check)  # the file must be a valid study as is
+    except BaseException:
+        load_check.unlink()
+        raise
+    os.replace(load_check, path)
+
+
+def default_storage(study: StudyConfig) -> str:
+    return str(Path("results") / study.name / "tune.journal")
+
+
+def tune(
+    path: str | Path, storage: str | None = None, workers: int | None = None, tracking_uri: str | None = None,
+    trials: int | None = None, out: str | Path | None = None, stale_after: float = 300.0, report: bool = True,
+) -> int:
+    """Run (or resume, or join) the study's search; 0 when every tuned method has a best trial."""
+    study = load_study(path)
+    plan = SearchPlan(study)
+    make_sampler(plan.search.sampler, plan.search.sampler.seed)  # option errors before anything is created
+    make_pruner(plan.search.pruner, study.train.epochs)
+    splits = build_splits(study)
+    budget = trials or plan.search.trials
+    pool = LocalPool(build_slots(study.devices, study.trials_per_device), workers, preload=PRELOAD + ("harness.tune",))
+    storage_spec = storage or default_storage(study)
+    out_path = Path(out) if out else Path(path).with_name(f"{study.name}.tuned.yaml")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    tracker = Tracker(tracking_uri)
+    exp = tracker.experiment(study.name)
+    assert exp is not None
+    search = Search(plan, storage_spec, tracker, exp, pool, budget, stale_after)
+    try:
+        pool.warm()
+        stale = search.fail_stale()
+        left = {m: budget_left(s, budget) for m, s in search.studies.items()}
+        print(f"search {study.name}: methods {', '.join(plan.methods)}, {budget} trials each "
+              f"({', '.join(f'{m}: {n} to start' for m, n in left.items())}"
+              f"{f'; {stale} stale trials queued again' if stale else ''}); storage {storage_spec}; "
+              f"tracking at {tracker.uri}")
+        print(f"pool: {pool.describe()}; each trial trains {len(plan.units())} run(s) "
+              f"(splits {', '.join(plan.splits)} x seeds {', '.join(map(str, plan.seeds))})")
+        search.parent = tracker.start(exp, f"search/{time.strftime('%Y%m%d-%H%M%S')}", {
+            f"{TAG}kind": "search", f"{TAG}study": study.name, f"{TAG}storage": storage_spec,
+            f"{TAG}optuna_studies": ",".join(s.study_name for s in search.studies.values()),
+            f"{TAG}host": platform.node(), f"{TAG}runner_pid": os.getpid(), f"{TAG}pool": pool.describe(),
+            **search.provenance, **version_tags(),
+        })
+        from harness.trial import prepare_teachers
+
+        try:
+            for name in plan.splits:
+                prepare_teachers(study, splits[name], tracker, exp, device=pool.teacher_device)
+            with _sigterm_as_interrupt():
+                try:
+                    search.run()
+                except BaseException:
+                    search.interrupt()
+                    raise
+        except BaseException as e:
+            reason = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"[:500]
+            tracker.set_tags(search.parent, {f"{TAG}failure": reason})
+            tracker.finish(search.parent, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+            raise
+    finally:
+        pool.close()
+    best = best_trials(search.studies)
+    tracker.log_metrics(search.parent, {f"best/{m}": t.value for m, t in best.items() if t is not None})
+    tracker.finish(search.parent)
+    missing = [m for m, t in best.items() if t is None]
+    if missing:
+        print(f"no complete trial for {', '.join(missing)}: no tuned study written")
+        return 1
+    write_tuned(plan, search.studies, best, out_path, str(path), storage_spec)  # type: ignore[arg-type]
+    print(f"tuned study written to {out_path}")
+    if report:
+        try:
+            from harness.report.build import build_report
+        except ImportError:
+            pass
+        else:
+            print(f"report written to {build_report(study.name, tracking_uri=tracker.uri)}")
+    return 0

@@ -1,0 +1,299 @@
+"""``harness tune`` end to end: real Optuna storages, real worker processes, a real MLflow store."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
+
+import tests.plugins_for_tests  # noqa: F401  (registers the test methods here; workers use HARNESS_PLUGINS)
+from harness.cli import main
+from harness.config import load_study
+from harness.scheduler import Slot
+from harness.tracking import Tracker
+from harness.tune import DEFAULT, OWNER, RETRY_OF, SURPLUS, TuneJob, counted, run_tune_job, storage_for
+from tests.conftest import TINY, write_study
+
+REPO = Path(__file__).resolve().parents[1]
+SEARCH = {
+    "trials": 5,
+    "space": {"methods.kd.T": {"type": "float", "low": 0.5, "high": 4.0, "log": True},
+              "train.lr": {"type": "float", "low": 3.0e-4, "high": 1.0e-2, "log": True}},
+    "sampler": {"type": "tpe", "seed": 0, "n_startup_trials": 3},
+    "pruner": {"type": "median", "n_startup_trials": 2, "n_warmup_steps": 1},
+}
+
+
+def _env(tmp: Path) -> dict[str, str]:
+    return {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db", "HARNESS_CACHE": str(tmp / "cache"),
+            "PYTHONPATH": str(REPO), "HARNESS_PLUGINS": "tests.plugins_for_tests", "GIT_PYTHON_REFRESH": "quiet"}
+
+
+def _trials(storage: str, name: str) -> list:
+    return optuna.load_study(study_name=name, storage=storage_for(storage)).get_trials(deepcopy=False)
+
+
+def _runs(tmp: Path, kind: str, experiment: str = "tiny") -> list:
+    client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
+    exp = client.get_experiment_by_name(experiment)
+    return [r for r in client.search_runs([exp.experiment_id], max_results=5000) if r.data.tags.get("harness.kind") == kind]
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory):
+    """One search of kd's T and the learning rate (5 trials x 2 seeds), then its tuned study."""
+    tmp = tmp_path_factory.mktemp("tune")
+    mp = pytest.MonkeyPatch()
+    mp.chdir(tmp)
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp}/mlflow.db")
+    mp.setenv("HARNESS_CACHE", str(tmp / "cache"))
+    study = write_study(tmp / "tiny.yaml", train={"epochs": 3, "batch_size": 128}, search=SEARCH)
+    code = main(["tune", str(study), "--no-report"])
+    yield code, tmp, study
+    mp.undo()
+
+
+def test_search_completes_with_the_default_first(searched):
+    code, tmp, _ = searched
+    assert code == 0
+    trials = _trials(str(tmp / "results/tiny/tune.journal"), "tiny/kd")
+    assert len(trials) == 5 and [t.number for t in trials] == [0, 1, 2, 3, 4]
+    assert {t.state for t in trials} <= {TrialState.COMPLETE, TrialState.PRUNED}
+    first = trials[0]
+    assert first.user_attrs[DEFAULT] is True and first.state == TrialState.COMPLETE
+    assert first.params == {"methods.kd.T": 1.0, "train.lr": 0.001}  # the study's own values
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 5
+
+
+def test_objective_is_the_mean_validation_accuracy_of_the_seed_runs(searched):
+    _, tmp, _ = searched
+    client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
+    trials = {t.number: t for t in _trials(str(tmp / "results/tiny/tune.journal"), "tiny/kd")}
+    seed_runs = _runs(tmp, "tune_run")
+    for number, t in trials.items():
+        if t.state != TrialState.COMPLETE:
+            continue
+        mine = [r for r in seed_runs if r.data.tags["harness.optuna_number"] == str(number)]
+        assert sorted(r.data.tags["harness.seed"] for r in mine) == ["0", "1"]
+        last = [max(client.get_metric_history(r.info.run_id, "val/union_acc"), key=lambda m: m.step).value
+                for r in mine]
+        assert t.value == pytest.approx(float(np.mean(last)), abs=1e-12)
+        for r in mine:  # a seed run trains the trial's configuration
+            assert float(r.data.params["params.T"]) == pytest.approx(t.params["methods.kd.T"])
+            assert float(r.data.params["train.lr"]) == pytest.approx(t.params["train.lr"])
+
+
+def test_tuning_never_evaluates_the_test_split(searched):
+    _, tmp, _ = searched
+    for r in _runs(tmp, "tune_run") + _runs(tmp, "tune_trial"):
+        assert not [k for k in r.data.metrics if k.startswith(("test/", "diag/"))], r.info.run_name
+
+
+def test_mlflow_has_a_parent_and_one_child_per_optuna_trial(searched):
+    _, tmp, _ = searched
+    (parent,) = _runs(tmp, "search")
+    assert parent.info.status == "FINISHED" and parent.data.tags["harness.optuna_studies"] == "tiny/kd"
+    children = _runs(tmp, "tune_trial")
+    assert sorted(int(r.data.tags["harness.optuna_number"]) for r in children) == [0, 1, 2, 3, 4]
+    trials = {t.number: t for t in _trials(str(tmp / "results/tiny/tune.journal"), "tiny/kd")}
+    for r in children:
+        t = trials[int(r.data.tags["harness.optuna_number"])]
+        assert r.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert r.data.tags["harness.optuna_state"] == t.state.name and r.info.status == "FINISHED"
+        assert r.data.metrics["objective"] == pytest.approx(t.value if t.state == TrialState.COMPLETE
+                                                            else t.intermediate_values[max(t.intermediate_values)])
+        assert float(r.data.params["methods.kd.T"]) == pytest.approx(t.params["methods.kd.T"])
+    for r in _runs(tmp, "tune_run"):
+        assert r.data.tags["mlflow.parentRunId"] in {c.info.run_id for c in children}
+
+
+def test_tuned_study_file_runs_through_run_study(searched):
+    _, tmp, study = searched
+    out = tmp / "tiny.tuned.yaml"
+    text = out.read_text()
+    assert text.startswith("# Tuned by `harness tune")
+    tuned = load_study(out)
+    trials = _trials(str(tmp / "results/tiny/tune.journal"), "tiny/kd")
+    best = max((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: (t.value, -t.number))
+    assert tuned.name == "tiny-tuned" and tuned.search is None
+    assert tuned.methods["kd"]["T"] == best.params["methods.kd.T"] and tuned.train.lr == best.params["train.lr"]
+    assert main(["run-study", str(out), "--no-report"]) == 0
+    runs = _runs(tmp, "trial", "tiny-tuned")
+    kd = [r for r in runs if r.data.tags["harness.method"] == "kd"]
+    assert len(kd) == 2 and all(r.info.status == "FINISHED" for r in kd)
+    assert float(kd[0].data.params["params.T"]) == pytest.approx(best.params["methods.kd.T"])
+
+
+def test_running_again_resumes_and_extends(searched):
+    """A finished search run again does nothing new; --trials extends it by the difference."""
+    _, tmp, study = searched
+    assert main(["tune", str(study), "--no-report"]) == 0
+    journal = str(tmp / "results/tiny/tune.journal")
+    assert len(_trials(journal, "tiny/kd")) == 5
+    assert main(["tune", str(study), "--no-report", "--trials", "6"]) == 0
+    trials = _trials(journal, "tiny/kd")
+    assert len(trials) == 6 and trials[5].state in (TrialState.COMPLETE, TrialState.PRUNED)
+    assert sum(bool(t.user_attrs.get(DEFAULT)) for t in trials) == 1
+
+
+def test_pruned_trials_are_visible_in_optuna_and_mlflow(isolated):
+    search = {**SEARCH, "trials": 2, "pruner": {"type": "threshold", "lower": 1.01, "n_warmup_steps": 2}}
+    study = write_study(isolated / "tiny.yaml", train={"epochs": 3, "batch_size": 128}, search=search)
+    assert main(["tune", str(study), "--no-report"]) == 1  # nothing completed: no tuned study
+    assert not (isolated / "tiny.tuned.yaml").exists()
+    trials = _trials(str(isolated / "results/tiny/tune.journal"), "tiny/kd")
+    assert [t.state for t in trials] == [TrialState.PRUNED, TrialState.PRUNED]
+    assert all(sorted(t.intermediate_values) == [1, 2] for t in trials)  # pruned at epoch 2 of the first seed
+    for r in _runs(isolated, "tune_trial"):
+        assert r.data.tags["harness.optuna_state"] == "PRUNED" and r.info.status == "FINISHED"
+        assert "pruned at step 2" in r.data.tags["harness.pruned"]
+    seeds = _runs(isolated, "tune_run")
+    assert len(seeds) == 2  # the second seed never started
+    for r in seeds:
+        assert r.info.status == "KILLED" and r.data.tags["harness.failure_kind"] == "pruned"
+        assert r.data.metrics["val/union_acc"] >= 0  # the epochs before pruning were logged
+
+
+def test_only_validation_data_reaches_the_objective(isolated):
+    """Two data sets that differ only in their test images and labels give the same objective,
+    to the last bit, and the same validation curves."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, (600, 8, 8), dtype=np.uint8)
+    y = np.arange(600) % 4
+    x[np.arange(600), y, y] = 255  # a learnable mark
+    xt, yt = x[:100].copy(), y[:100].copy()
+    np.savez(isolated / "a.npz", x_train=x, y_train=y, x_test=xt, y_test=yt)
+    np.savez(isolated / "b.npz", x_train=x, y_train=y, x_test=rng.integers(0, 256, (100, 8, 8), dtype=np.uint8),
+             y_test=rng.permutation(yt))
+    values = []
+    for root in ("a.npz", "b.npz"):
+        data = {**TINY, "dataset": {"name": "npz", "root": str(isolated / root), "val_fraction": 0.2},
+                "splits": [{"name": "2x2", "tasks": [[0, 1], [2, 3]]}], "train": {"epochs": 2, "batch_size": 64},
+                "search": SEARCH}
+        path = isolated / f"{root}.yaml"
+        path.write_text(yaml.safe_dump(data))
+        study = load_study(path)
+        from harness.search import SearchPlan
+        from harness.trial import prepare_teachers
+        from harness.grid import build_splits
+
+        plan = SearchPlan(study)
+        prepare_teachers(study, build_splits(study)["2x2"])
+        storage = str(isolated / f"{root}.journal")
+        ostudy = optuna.create_study(storage=storage_for(storage), study_name="s", direction="maximize")
+        trial = ostudy.ask()
+        tracker = Tracker()
+        exp = tracker.experiment("tiny")
+        run_id = tracker.start(exp, "t", {"harness.kind": "tune_trial"})
+        cfg = plan.study_for("kd", {})
+        job = TuneJob(cfg, "kd", plan.params_for("kd", cfg), plan.units(), trial.number, trial._trial_id, storage,
+                      "s", plan.search.pruner, "val_last", tracker.uri, exp, run_id)
+        out = run_tune_job(job, Slot("cpu#0", "cpu", "", 1, "cpu"))
+        assert out["state"] == "COMPLETE"
+        curves = ostudy.get_trials()[0].intermediate_values
+        values.append((out["values"], curves))
+    assert values[0] == values[1]
+    assert 0 < np.mean(values[0][0]) <= 1
+
+
+def test_a_killed_worker_fails_its_trial_and_the_configuration_is_rerun(isolated, monkeypatch):
+    monkeypatch.setenv("HARNESS_PLUGINS", "tests.plugins_for_tests")
+    search = {"trials": 2, "space": {"methods.test_kill_once.T": {"type": "float", "low": 0.5, "high": 2}},
+              "pruner": {"type": "none"}}
+    study = write_study(isolated / "tiny.yaml", methods={"test_kill_once": {"marker": str(isolated / "m")}},
+                        train={"epochs": 2, "batch_size": 128}, seeds=[0], search=search)
+    assert main(["tune", str(study), "--no-report", "--workers", "1"]) == 0
+    trials = _trials(str(isolated / "results/tiny/tune.journal"), "tiny/test_kill_once")
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE, TrialState.COMPLETE]
+    assert trials[1].user_attrs[RETRY_OF] == 0 and trials[1].params == trials[0].params == {"methods.test_kill_once.T": 1.0}
+    assert "worker died" in trials[0].user_attrs["harness.failure"]
+    assert len(counted(trials)) == 2
+    runs = {int(r.data.tags["harness.optuna_number"]): r for r in _runs(isolated, "tune_trial")}
+    assert runs[0].info.status == "FAILED" and runs[0].data.tags["harness.failure_kind"] == "worker_died"
+    assert runs[1].data.tags["harness.retry_of"] == "0" and runs[1].info.status == "FINISHED"
+    assert not [r for r in _runs(isolated, "tune_run") if r.info.status == "RUNNING"]
+
+
+def _wait_for(pred, timeout: float, proc=None) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if pred():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"process ended early: {proc.stdout.read() if proc.stdout else ''}")
+        time.sleep(0.2)
+    raise AssertionError("timed out")
+
+
+def test_a_killed_search_resumes_with_its_stale_trials_rerun(isolated):
+    study = write_study(isolated / "tiny.yaml", train={"epochs": 6, "batch_size": 128},
+                        search={**SEARCH, "trials": 4, "pruner": {"type": "none"}})
+    journal = str(isolated / "results/tiny/tune.journal")
+    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "tune", str(study), "--no-report"],
+                            cwd=isolated, env=_env(isolated), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def one_done_one_running() -> bool:
+        if not Path(journal).exists():
+            return False
+        try:
+            states = [t.state for t in _trials(journal, "tiny/kd")]
+        except KeyError:
+            return False
+        return TrialState.COMPLETE in states and TrialState.RUNNING in states
+
+    try:
+        _wait_for(one_done_one_running, 240, proc)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    running = [t.number for t in _trials(journal, "tiny/kd") if t.state == TrialState.RUNNING]
+    assert running
+    out = subprocess.run([sys.executable, "-m", "harness.cli", "tune", str(study), "--no-report"], cwd=isolated,
+                         env=_env(isolated), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "stale: its process" in out.stdout
+    trials = _trials(journal, "tiny/kd")
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    assert len([t for t in counted(trials) if t.state == TrialState.COMPLETE]) == 4
+    for n in running:  # each stale trial failed, and its configuration ran again
+        assert trials[n].state == TrialState.FAIL
+        (retry,) = [t for t in trials if t.user_attrs.get(RETRY_OF) == n]
+        assert retry.params == trials[n].params and retry.state == TrialState.COMPLETE
+    runs = _runs(isolated, "tune_trial") + _runs(isolated, "tune_run")
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+    stale = [r for r in _runs(isolated, "tune_trial") if int(r.data.tags["harness.optuna_number"]) in running]
+    assert stale and all(r.info.status == "KILLED" and r.data.tags["harness.failure_kind"] == "stale" for r in stale)
+    assert (isolated / "tiny.tuned.yaml").exists()
+
+
+def test_two_processes_share_one_journal_without_lost_or_duplicated_trials(isolated):
+    study = write_study(isolated / "tiny.yaml", train={"epochs": 2, "batch_size": 128},
+                        search={**SEARCH, "trials": 6})
+    # the teachers once, so both searches start at the same time
+    assert main(["run-study", str(write_study(isolated / "t.yaml", methods={"teachers": {}})), "--no-report"]) == 0
+    cmd = [sys.executable, "-m", "harness.cli", "tune", str(study), "--no-report", "--workers", "1"]
+    procs = [subprocess.Popen(cmd, cwd=isolated, env=_env(isolated), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    trials = _trials(str(isolated / "results/tiny/tune.journal"), "tiny/kd")
+    done = counted(trials)
+    assert len(done) == 6 and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in done)
+    assert all(t.user_attrs.get(SURPLUS) for t in trials if t not in done)  # only surplus asks are left over
+    assert sum(bool(t.user_attrs.get(DEFAULT)) for t in trials) == 1
+    assert len({t.user_attrs[OWNER] for t in done}) == 2  # both processes ran trials
+    runs = _runs(isolated, "tune_trial")
+    numbers = sorted(int(r.data.tags["harness.optuna_number"]) for r in runs)
+    assert numbers == sorted(t.number for t in done)  # one MLflow run per trial, none twice
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert len(_runs(isolated, "search")) == 2
