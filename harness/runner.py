@@ -33,7 +33,9 @@ from harness.errors import HarnessError
 from harness.grid import Trial, build_splits, expand
 from harness.methods.base import get_method
 from harness.progress import Progress, make_progress
-from harness.scheduler import LocalPool, RayPool, Slot, TrialJob, WorkerContext, build_slots, run_trial_job
+from harness.scheduler import (
+    LocalPool, RayPool, Slot, TrialJob, WorkerContext, build_slots, run_trial_job, warm_trial_worker,
+)
 from harness.teachers import cache_root
 from harness.tracking import TAG, Tracker, git_tags, version_tags
 from harness.trial import open_trial_run, prepare_teachers
@@ -220,6 +222,8 @@ def execute(session: Session, todo: list[Trial], splits: dict, backend: str, liv
             print(f"teachers of {name}: {'cached' if all(r.cached for r in recs) else 'trained'} (test acc {accs})")
         if isinstance(s.pool, RayPool):  # nodes without this file system get the teachers with the jobs
             s.context = WorkerContext.capture(teacher_files(s.study, keys))
+        else:  # a standby worker opens the store and loads the data while the slot's trial runs
+            s.context = WorkerContext.capture(warm=((warm_trial_worker, (s.tracker.uri, s.study)),))
         with make_progress(len(todo), s.pool.limit, live) as progress:
             return run_trials(s, todo, progress)
     except BaseException as e:

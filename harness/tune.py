@@ -47,7 +47,7 @@ from harness.config import StudyConfig, dump_study, load_study
 from harness.errors import HarnessError
 from harness.grid import Trial, build_splits, trial_key
 from harness.runner import _alive, _sigterm_as_interrupt
-from harness.scheduler import PRELOAD, LocalPool, Outcome, Slot, WorkerContext, build_slots
+from harness.scheduler import PRELOAD, LocalPool, Outcome, Slot, WorkerContext, build_slots, warm_trial_worker
 from harness.search import PrunerConfig, SamplerConfig, SearchPlan
 from harness.tracking import TAG, Tracker, git_tags, version_tags
 
@@ -253,7 +253,7 @@ class Search:
                                        plan.search.sampler.seed) for m in plan.methods}
         self.parent = ""
         self.inflight: dict[str, _Flight] = {}
-        self.context = WorkerContext.capture()
+        self.context = WorkerContext.capture(warm=((warm_trial_worker, (tracker.uri, plan.study)),))
         self.provenance = git_tags()
         self._beat = time.time()
 

@@ -124,6 +124,16 @@ def nap(seconds: float, slot: Any) -> dict[str, Any]:
                                                       for p in sys.path)}
 
 
+def mark_warm(path: str) -> None:
+    """A standby warm-up: note when and where it ran."""
+    os.environ["TEST_WARMED"] = f"{os.getpid()}:{time.time()}"
+    Path(path, f"warm-{os.getpid()}").write_text(str(time.time()))
+
+
+def report_warm(_: Any, slot: Any) -> dict[str, Any]:
+    return {"pid": os.getpid(), "warmed": os.environ.get("TEST_WARMED", ""), "start": time.time()}
+
+
 def fail(message: str, slot: Any) -> None:
     raise ValueError(message)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -99,6 +101,68 @@ def test_pool_bounds_concurrency_and_never_shares_a_slot(monkeypatch: pytest.Mon
         else:
             busy.discard(slot)
     assert peak == 2
+
+
+def test_each_slot_keeps_a_warmed_standby_worker_for_its_next_job(tmp_path: Path) -> None:
+    """Starting a job on a slot starts the slot's next worker, which runs the context's warm-up
+    while the job runs; the next job on that slot runs in it (a fresh process all the same)."""
+    pool = LocalPool(build_slots("cpu", cores=1))
+    ctx = WorkerContext.capture(warm=((plug.mark_warm, str(tmp_path)),))
+    try:
+        pool.submit("a", plug.nap, 0.8, ctx)
+        standby = pool._standby["cpu#0"].proc.pid
+        first = _wait_one(pool)
+        assert first.ok and first.result["pid"] != standby
+        warmed = {p.name.split("-")[1]: float(p.read_text()) for p in tmp_path.glob("warm-*")}
+        assert str(standby) in warmed and warmed[str(standby)] < first.result["end"]  # warmed during job a
+        pool.submit("b", plug.report_warm, None, ctx)
+        second = _wait_one(pool)
+        assert second.ok and second.result["pid"] == standby
+        assert second.result["warmed"].startswith(f"{standby}:")  # the warm-up ran in this very process
+        # a job with another context does not use a standby set up for this one
+        pool.submit("c", plug.report_warm, None, WorkerContext.capture())
+        third = _wait_one(pool)
+        assert third.ok and third.result["warmed"] == "" and third.result["pid"] != pool._standby["cpu#0"].proc.pid
+    finally:
+        pool.close()
+    assert not pool._standby
+
+
+def test_a_failing_warm_up_does_not_fail_the_job() -> None:
+    pool = LocalPool(build_slots("cpu", cores=1))
+    ctx = WorkerContext.capture(warm=((plug.mark_warm, "/nonexistent/dir"),))
+    try:
+        pool.submit("a", plug.nap, 0.0, ctx)
+        assert _wait_one(pool).ok
+    finally:
+        pool.close()
+
+
+def test_pool_works_from_a_script_read_on_stdin(tmp_path: Path) -> None:
+    """``python - < script``: multiprocessing would make every worker re-run '<stdin>' as a file."""
+    script = (
+        "import sys, time\n"
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})\n"
+        "from harness.scheduler import LocalPool, WorkerContext, build_slots\n"
+        "import tests.plugins_for_tests as plug\n"
+        "pool = LocalPool(build_slots('cpu', cores=1))\n"
+        "pool.submit('a', plug.nap, 0.0, WorkerContext.capture())\n"
+        "outs = []\n"
+        "while not outs: outs = pool.wait(1.0)\n"
+        "pool.close()\n"
+        "print('OK' if outs[0].ok else outs[0].error)\n"
+    )
+    out = subprocess.run([sys.executable, "-"], input=script, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert out.stdout.strip().endswith("OK"), out.stdout + out.stderr
+
+
+def _wait_one(pool: LocalPool, timeout: float = 60) -> Outcome:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        outs = pool.wait(0.5)
+        if outs:
+            return outs[0]
+    raise AssertionError("no outcome")
 
 
 def test_worker_sees_only_its_gpu_and_its_thread_count() -> None:

@@ -140,3 +140,21 @@ def test_processes_creating_one_new_store_at_once_all_succeed() -> None:
             assert time.time() < deadline
         assert [o.error for o in outcomes if not o.ok] == []
         assert len({o.result for o in outcomes}) == 1
+
+
+def test_metric_buffer_sends_at_its_interval_and_on_flush(tracker: Tracker) -> None:
+    exp = tracker.experiment("buffer")
+    run = tracker.start(exp, "r", {TAG + "kind": "test"})
+    history = lambda: [(m.step, m.value) for m in tracker.client.get_metric_history(run, "loss")]  # noqa: E731
+    slow = tracker.buffered(run, every=3600)
+    for epoch in range(1, 6):
+        slow.log({"loss": 1.0 / epoch, "acc": epoch / 10}, step=epoch)
+    assert history() == []  # nothing sent yet: one batch at the end, not one request per epoch
+    slow.flush()
+    assert history() == [(e, 1.0 / e) for e in range(1, 6)]
+    assert len(tracker.client.get_metric_history(run, "acc")) == 5
+    slow.flush()  # nothing new: no duplicates
+    assert len(history()) == 5
+    eager = tracker.buffered(run, every=0)
+    eager.log({"loss": 0.1}, step=6)
+    assert history()[-1] == (6, 0.1)  # sent at once: the interval had passed

@@ -9,7 +9,9 @@ Two pools share one small interface (``limit``, ``has_room``, ``submit``, ``wait
 ``close``), so the runner's loop is the same for both:
 
 - :class:`LocalPool`: one fresh process per job on a free slot. Workers fork from a forkserver
-  that imported torch and the harness once (~30 ms per worker instead of ~6 s for spawn); a
+  that imported torch and the harness once (~30 ms per worker instead of ~6 s for spawn), and
+  each slot keeps one *standby* worker, started while the slot's current job runs, that has set
+  itself up (threads, environment, tracking store, data) and waits for the next job; a
   worker sees only its GPU (``CUDA_VISIBLE_DEVICES``), dies with the runner, and a worker that
   crashes (SIGKILL, segfault, the OOM killer) is reported as such while the pool goes on.
 - :class:`RayPool`: the same jobs as Ray tasks with ``num_gpus`` per trial (fractional for
@@ -22,9 +24,9 @@ The scheduler never imports a method.
 from harness.scheduler._local import PRELOAD, LocalPool
 from harness.scheduler._ray import RayPool
 from harness.scheduler._slots import Slot, build_slots, cpu_cores, describe_slots, visible_gpus
-from harness.scheduler._worker import Outcome, TrialJob, WorkerContext, enter_worker, run_trial_job
+from harness.scheduler._worker import Outcome, TrialJob, WorkerContext, enter_worker, run_trial_job, warm_trial_worker
 
 __all__ = [
     "PRELOAD", "LocalPool", "Outcome", "RayPool", "Slot", "TrialJob", "WorkerContext", "build_slots", "cpu_cores",
-    "describe_slots", "enter_worker", "run_trial_job", "visible_gpus",
+    "describe_slots", "enter_worker", "run_trial_job", "visible_gpus", "warm_trial_worker",
 ]

@@ -37,11 +37,24 @@ def _die_with_runner(lifeline: Any) -> None:
     threading.Thread(target=watch, name="harness-lifeline", daemon=True).start()
 
 
-def _local_main(target: Target, payload: Any, slot: Slot, ctx: WorkerContext, conn: Any, lifeline: Any) -> None:
-    """Entry point of a local worker process: one job, its result sent back through ``conn``."""
+def _local_main(slot: Slot, ctx: WorkerContext, conn: Any, lifeline: Any) -> None:
+    """Entry point of a local worker process: set up for the slot, warm up, then wait for one job
+    ``(target, payload)`` on ``conn`` (None: not needed after all) and send its result back."""
     _die_with_runner(lifeline)
     try:
         enter_worker(ctx, slot)
+        for fn, arg in ctx.warm:
+            try:
+                fn(arg)
+            except Exception:  # best effort: the job itself redoes (and reports) what failed here
+                pass
+        job = conn.recv()
+    except (EOFError, OSError, KeyboardInterrupt):
+        sys.exit(0)
+    if job is None:
+        sys.exit(0)
+    target, payload = job
+    try:
         result = target(payload, slot)
     except BaseException as e:
         conn.send(("error", error_text(e)))
@@ -81,6 +94,7 @@ class _Running:
     lifeline: Any
     slot: Slot
     message: tuple | None = None  # ("ok", result) or ("error", text); () once the pipe hit EOF
+    ctx: WorkerContext | None = None  # what a standby was set up with
 
     def close(self) -> None:
         self.conn.close()
@@ -88,15 +102,21 @@ class _Running:
 
 
 class LocalPool:
-    """One worker process per job on a free slot of this machine; at most ``limit`` at a time."""
+    """One worker process per job on a free slot of this machine; at most ``limit`` at a time.
 
-    def __init__(self, slots: list[Slot], workers: int | None = None, preload: tuple[str, ...] = PRELOAD) -> None:
+    With ``standby`` (default), starting a job on a slot also starts the slot's next worker, which
+    sets itself up while the job runs, so the next job on the slot starts without that delay."""
+
+    def __init__(self, slots: list[Slot], workers: int | None = None, preload: tuple[str, ...] = PRELOAD,
+                 standby: bool = True) -> None:
         if not slots:
             raise HarnessError("the device pool has no slots")
         self.slots = list(slots)
         self.limit = min(len(slots), workers or len(slots))
+        self.standby = standby
         self._free = list(slots)
         self._running: dict[str, _Running] = {}
+        self._standby: dict[str, _Running] = {}  # slot name -> a set-up worker waiting for a job
         if "forkserver" in mp.get_all_start_methods():
             self._ctx = mp.get_context("forkserver")
             self._ctx.set_forkserver_preload(list(preload))
@@ -120,25 +140,47 @@ class LocalPool:
     def has_room(self) -> bool:
         return len(self._running) < self.limit and bool(self._free)
 
-    def submit(self, key: str, target: Target, payload: Any, ctx: WorkerContext) -> Slot:
-        """Start ``target(payload, slot)`` in a new worker on a free slot; returns the slot."""
-        slot = self._free.pop(0)
-        recv, send = self._ctx.Pipe(duplex=False)
+    def _start(self, slot: Slot, ctx: WorkerContext) -> _Running:
+        """A new worker for ``slot``, setting itself up and then waiting for a job."""
+        here, there = self._ctx.Pipe(duplex=True)
         life_r, life_w = self._ctx.Pipe(duplex=False)
-        proc = self._ctx.Process(target=_local_main, args=(target, payload, slot, ctx, send, life_r),
+        proc = self._ctx.Process(target=_local_main, args=(slot, ctx, there, life_r),
                                  name=f"harness-worker-{slot.name}")
         try:
             with _importable_main():
                 proc.start()
         except BaseException:
-            self._free.insert(0, slot)
-            recv.close()
+            here.close()
             life_w.close()
             raise
         finally:
-            send.close()
+            there.close()
             life_r.close()
-        self._running[key] = _Running(proc, recv, life_w, slot)
+        return _Running(proc, here, life_w, slot, ctx=ctx)
+
+    def submit(self, key: str, target: Target, payload: Any, ctx: WorkerContext) -> Slot:
+        """Start ``target(payload, slot)`` on a free slot (in its standby worker when that one
+        was set up with the same context, else in a new worker); returns the slot."""
+        slot = self._free.pop(0)
+        try:
+            r = self._standby.pop(slot.name, None)
+            if r is not None and not (r.ctx is ctx and r.proc.is_alive() and _send(r.conn, (target, payload))):
+                _discard(r)
+                r = None
+            if r is None:
+                r = self._start(slot, ctx)
+                if not _send(r.conn, (target, payload)):
+                    _discard(r)
+                    raise HarnessError(f"could not start a worker on {slot.name}")
+        except BaseException:
+            self._free.insert(0, slot)
+            raise
+        self._running[key] = r
+        if self.standby:
+            try:
+                self._standby[slot.name] = self._start(slot, ctx)
+            except OSError:  # no room for another process now: the next job starts a fresh one
+                pass
         return slot
 
     def wait(self, timeout: float) -> list[Outcome]:
@@ -192,6 +234,27 @@ class LocalPool:
 
     def close(self) -> None:
         self.stop()
+        for r in self._standby.values():
+            _discard(r)
+        self._standby.clear()
+
+
+def _send(conn: Any, job: Any) -> bool:
+    try:
+        conn.send(job)
+        return True
+    except (BrokenPipeError, EOFError, OSError):
+        return False
+
+
+def _discard(r: _Running) -> None:
+    """End an idle worker: tell it no job is coming, then make sure it is gone."""
+    _send(r.conn, None)
+    r.proc.join(1.0)
+    if r.proc.is_alive():
+        r.proc.kill()
+        r.proc.join()
+    r.close()
 
 
 def _recv(conn: Any) -> tuple | None:

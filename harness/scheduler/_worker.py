@@ -28,11 +28,15 @@ class WorkerContext:
     env: dict[str, str]
     sys_path: tuple[str, ...]
     files: dict[str, bytes] = field(default_factory=dict)
+    #: ``(function, argument)`` pairs a local standby worker calls while it waits for its job
+    #: (open the tracking store, load the data); best effort, the job redoes whatever failed
+    warm: tuple[tuple[Callable[[Any], Any], Any], ...] = ()
 
     @classmethod
-    def capture(cls, files: dict[str, bytes] | None = None) -> "WorkerContext":
+    def capture(cls, files: dict[str, bytes] | None = None,
+                warm: tuple[tuple[Callable[[Any], Any], Any], ...] = ()) -> "WorkerContext":
         env = {k: v for k, v in os.environ.items() if k.startswith(("HARNESS_", "MLFLOW_")) or k == "PYTHONPATH"}
-        return cls(os.getcwd(), env, tuple(p for p in sys.path if p), dict(files or {}))
+        return cls(os.getcwd(), env, tuple(p for p in sys.path if p), dict(files or {}), warm)
 
 
 @dataclass
@@ -89,6 +93,18 @@ class TrialJob:
     trial: "Trial"
     run_id: str
     tracking_uri: str
+
+
+def warm_trial_worker(args: tuple[str, "StudyConfig"]) -> None:
+    """Standby warm-up for trials of a study: open the tracking store and load every split's
+    data (both are cached in the process, so the trial finds them ready)."""
+    from harness.data.splits import build_split
+    from harness.tracking import Tracker
+
+    uri, study = args
+    Tracker(uri)
+    for i, split in enumerate(study.splits):
+        build_split(split, study.dataset, f"splits[{i}]")
 
 
 def run_trial_job(job: TrialJob, slot: Slot) -> dict[str, float]:
