@@ -297,3 +297,47 @@ def test_two_processes_share_one_journal_without_lost_or_duplicated_trials(isola
     assert numbers == sorted(t.number for t in done)  # one MLflow run per trial, none twice
     assert all(r.info.status == "FINISHED" for r in runs)
     assert len(_runs(isolated, "search")) == 2
+
+
+def _search(tmp: Path, stale_after: float = 300.0):
+    from harness.scheduler import LocalPool, build_slots
+    from harness.search import SearchPlan
+    from harness.tune import Search
+
+    study = load_study(write_study(tmp / "tiny.yaml", search=SEARCH))
+    tracker = Tracker(f"sqlite:///{tmp}/mlflow.db")
+    pool = LocalPool(build_slots("cpu", cores=1))
+    return Search(SearchPlan(study), str(tmp / "tune.journal"), tracker, tracker.experiment("tiny"), pool, 5,
+                  stale_after)
+
+
+def test_trials_of_another_host_go_stale_without_heartbeat(isolated):
+    search = _search(isolated, stale_after=60)
+    study = search.studies["kd"]
+    quiet, beating = study.ask(), study.ask()  # the default, then a sampled configuration
+    for t, beat in ((quiet, time.time() - 600), (beating, time.time() - 5)):
+        t.set_user_attr(OWNER, "elsewhere:4242")
+        t.set_user_attr("harness.heartbeat", beat)
+    assert search.fail_stale() == 1
+    trials = study.get_trials()
+    assert trials[quiet.number].state == TrialState.FAIL and trials[beating.number].state == TrialState.RUNNING
+    (retry,) = [t for t in trials if t.user_attrs.get(RETRY_OF) == quiet.number]
+    assert retry.state == TrialState.WAITING and retry.params == trials[quiet.number].params
+    assert search.fail_stale() == 0  # settled once, not again
+
+
+def test_a_run_left_running_after_its_trial_ended_takes_optunas_state(isolated):
+    search = _search(isolated)
+    study = search.studies["kd"]
+    t = study.ask()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that is gone
+    t.set_user_attr(OWNER, f"{os.uname().nodename}:{dead.pid}")
+    run = search.tracker.start(search.exp, "kd/optuna0", {
+        "harness.kind": "tune_trial", "harness.optuna_study": study.study_name, "harness.optuna_number": t.number,
+        "harness.owner": f"{os.uname().nodename}:{dead.pid}", "harness.optuna_state": "RUNNING"})
+    study.tell(t, 0.75)  # the killed search told Optuna, then died before ending its MLflow run
+    search.fail_stale()
+    r = search.tracker.run(run)
+    assert r.info.status == "FINISHED" and r.data.tags["harness.optuna_state"] == "COMPLETE"
+    assert r.data.metrics["objective"] == 0.75
