@@ -341,3 +341,19 @@ def test_a_run_left_running_after_its_trial_ended_takes_optunas_state(isolated):
     r = search.tracker.run(run)
     assert r.info.status == "FINISHED" and r.data.tags["harness.optuna_state"] == "COMPLETE"
     assert r.data.metrics["objective"] == 0.75
+
+
+def test_an_rdb_url_storage_works_like_the_journal(isolated):
+    """``--storage sqlite:///...`` (any SQLAlchemy URL: postgresql://, mysql://) for clusters."""
+    study = write_study(isolated / "tiny.yaml", train={"epochs": 2, "batch_size": 128}, seeds=[0],
+                        search={**SEARCH, "trials": 2, "pruner": {"type": "none"}})
+    url = f"sqlite:///{isolated}/optuna.db"
+    assert main(["tune", str(study), "--no-report", "--storage", url]) == 0
+    assert not (isolated / "results/tiny/tune.journal").exists()
+    trials = optuna.load_study(study_name="tiny/kd", storage=url).get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.COMPLETE]
+    assert trials[0].user_attrs[DEFAULT] is True
+    (parent,) = _runs(isolated, "search")
+    assert parent.data.tags["harness.storage"] == url
+    assert main(["tune", str(study), "--no-report", "--storage", url, "--trials", "3"]) == 0  # resumes there
+    assert len(optuna.load_study(study_name="tiny/kd", storage=url).get_trials()) == 3
