@@ -126,7 +126,8 @@ def _search(client: MlflowClient, experiment_id: str, kind: str) -> list:
             return runs
 
 
-def _seed(value: str | None) -> int:
+def to_int(value: str | None) -> int:
+    """A tag's integer value, -1 when absent or not an integer."""
     try:
         return int(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
@@ -144,7 +145,7 @@ def _info(run: Any) -> dict[str, Any]:
         "split": tags.get(f"{TAG}split", ""),
         "method": tags.get(f"{TAG}method", ""),
         "variant": tags.get(f"{TAG}variant", "full") or "full",
-        "seed": _seed(tags.get(f"{TAG}seed")),
+        "seed": to_int(tags.get(f"{TAG}seed")),
         "uses_labels": tags.get(f"{TAG}uses_labels", "false").lower() == "true",
         "failure": tags.get(f"{TAG}failure", ""),
         "failure_kind": tags.get(f"{TAG}failure_kind", ""),
@@ -237,7 +238,7 @@ def load_study(study: str, tracking_uri: str | None = None, history: bool = True
 
     teacher_runs = {r.info.run_id: r for r in _search(client, exp.experiment_id, "teacher")}
     trows = pd.DataFrame(
-        [{**_info(r), "task": _seed(r.data.tags.get(f"{TAG}task"))} for r in teacher_runs.values()],
+        [{**_info(r), "task": to_int(r.data.tags.get(f"{TAG}task"))} for r in teacher_runs.values()],
         columns=INFO_COLUMNS + ["task"],
     )
     trows = trows[trows["status"] == "FINISHED"]

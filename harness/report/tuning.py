@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from harness.report.frames import PROVENANCE, _search
+from harness.report.frames import PROVENANCE, _search, to_int
 from harness.report.tables import Fmt, markdown
 from harness.tracking import TAG
 
@@ -87,12 +87,6 @@ def _json(text: str | None, fallback: Any) -> Any:
     return value if isinstance(value, type(fallback)) else fallback
 
 
-def _int(value: str | None) -> int:
-    try:
-        return int(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return -1
-
 
 def _row(run: Any) -> dict[str, Any]:
     tags, metrics = run.data.tags, run.data.metrics
@@ -105,7 +99,7 @@ def _row(run: Any) -> dict[str, Any]:
     return {
         "optuna_study": tags.get(f"{TAG}optuna_study") or method or "(unnamed)",
         "method": method,
-        "number": _int(tags.get(f"{TAG}optuna_number")),
+        "number": to_int(tags.get(f"{TAG}optuna_number")),
         "state": state,
         "default": tags.get(f"{TAG}optuna_default", "false").lower() == "true",
         "value": float(metrics["objective"]) if state in ("COMPLETE", "PRUNED") and "objective" in metrics
