@@ -335,40 +335,58 @@ class Search:
                     f.trial.set_user_attr(HEARTBEAT, self._beat)
 
     def start(self, method: str) -> None:
-        study, plan = self.studies[method], self.plan
+        """Ask for a configuration, open its MLflow run and hand it to a worker. If anything stops
+        this midway (Ctrl-C included), the trial fails and its configuration is queued again."""
+        study = self.studies[method]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Optuna's note on a fixed value outside its range
-            trial = study.ask({p: plan.distributions[p] for p in plan.paths[method]})
-        trial.set_user_attr(OWNER, self.owner)
-        trial.set_user_attr(HEARTBEAT, time.time())
-        attrs = trial.user_attrs
-        if RETRY_OF not in attrs and DEFAULT not in attrs and self._surplus(study, trial.number):
-            trial.set_user_attr(SURPLUS, True)
+            trial = study.ask({p: self.plan.distributions[p] for p in self.plan.paths[method]})
+        run_id = ""
+        try:
+            trial.set_user_attr(OWNER, self.owner)
+            trial.set_user_attr(HEARTBEAT, time.time())
+            attrs = trial.user_attrs
+            if RETRY_OF not in attrs and DEFAULT not in attrs and self._surplus(study, trial.number):
+                trial.set_user_attr(SURPLUS, True)
+                study.tell(trial, state=TrialState.FAIL)
+                return
+            run_id = self._open_run(method, trial)
+            job = self._job(method, trial, run_id)
+            self.pool.submit(run_id, run_tune_job, job, self.context)
+        except BaseException as e:
+            if trial.number not in [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]:
+                raise
             study.tell(trial, state=TrialState.FAIL)
-            return
+            study.enqueue_trial(dict(trial.params), user_attrs={RETRY_OF: trial.number,
+                                                                ATTEMPT: trial.user_attrs.get(ATTEMPT, 0)})
+            if run_id:
+                self.tracker.set_tags(run_id, {f"{TAG}optuna_state": "FAIL", f"{TAG}failure_kind": "interrupted",
+                                               f"{TAG}failure": f"not started: {type(e).__name__}"})
+                self.tracker.finish(run_id, "KILLED")
+            raise
+        self.inflight[run_id] = _Flight(method, trial, run_id, dict(trial.params), int(attrs.get(ATTEMPT, 0)))
+
+    def _open_run(self, method: str, trial: optuna.trial.Trial) -> str:
+        """The Optuna trial's MLflow run (RUNNING), a child of this invocation's search run."""
+        plan, attrs = self.plan, trial.user_attrs
         values = dict(trial.params)
-        cfg = plan.study_for(method, values)
-        params = plan.params_for(method, cfg)
-        name = study.study_name
         dists = {p: optuna.distributions.distribution_to_json(plan.distributions[p]) for p in plan.paths[method]}
         tags = {
             f"{TAG}kind": "tune_trial", f"{TAG}study": plan.study.name, f"{TAG}method": method,
-            f"{TAG}optuna_study": name, f"{TAG}optuna_number": trial.number, f"{TAG}optuna_state": "RUNNING",
-            f"{TAG}optuna_default": str(bool(attrs.get(DEFAULT))).lower(), f"{TAG}optuna_params": json.dumps(values),
-            f"{TAG}optuna_distributions": json.dumps(dists), f"{TAG}objective": plan.search.objective,
-            f"{TAG}owner": self.owner, **({f"{TAG}retry_of": attrs[RETRY_OF]} if RETRY_OF in attrs else {}),
-            **self.provenance,
+            f"{TAG}optuna_study": self.studies[method].study_name, f"{TAG}optuna_number": trial.number,
+            f"{TAG}optuna_state": "RUNNING", f"{TAG}optuna_default": str(bool(attrs.get(DEFAULT))).lower(),
+            f"{TAG}optuna_params": json.dumps(values), f"{TAG}optuna_distributions": json.dumps(dists),
+            f"{TAG}objective": plan.search.objective, f"{TAG}owner": self.owner,
+            **({f"{TAG}retry_of": attrs[RETRY_OF]} if RETRY_OF in attrs else {}), **self.provenance,
         }
-        run_id = self.tracker.start(self.exp, f"{method}/optuna{trial.number}", tags, values, self.parent)
-        job = TuneJob(cfg, method, params, plan.units(), trial.number, trial._trial_id, self.storage_spec, name,
-                      plan.search.pruner, plan.search.objective, self.tracker.uri, self.exp, run_id)
-        try:
-            self.pool.submit(run_id, run_tune_job, job, self.context)
-        except BaseException:
-            study.tell(trial, state=TrialState.FAIL)
-            self.tracker.finish(run_id, "FAILED")
-            raise
-        self.inflight[run_id] = _Flight(method, trial, run_id, values, int(attrs.get(ATTEMPT, 0)))
+        return self.tracker.start(self.exp, f"{method}/optuna{trial.number}", tags, values, self.parent)
+
+    def _job(self, method: str, trial: optuna.trial.Trial, run_id: str) -> TuneJob:
+        plan = self.plan
+        cfg = plan.study_for(method, dict(trial.params))
+        return TuneJob(cfg, method, plan.params_for(method, cfg), plan.units(), trial.number, trial._trial_id,
+                       self.storage_spec, self.studies[method].study_name, plan.search.pruner, plan.search.objective,
+                       self.tracker.uri, self.exp, run_id)
 
     def _surplus(self, study: optuna.Study, number: int) -> bool:
         """True when earlier trials (of any invocation) already use the whole budget."""

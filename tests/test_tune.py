@@ -322,7 +322,7 @@ def test_trials_of_another_host_go_stale_without_heartbeat(isolated):
     trials = study.get_trials()
     assert trials[quiet.number].state == TrialState.FAIL and trials[beating.number].state == TrialState.RUNNING
     (retry,) = [t for t in trials if t.user_attrs.get(RETRY_OF) == quiet.number]
-    assert retry.state == TrialState.WAITING and retry.params == trials[quiet.number].params
+    assert retry.state == TrialState.WAITING and retry.system_attrs["fixed_params"] == trials[quiet.number].params
     assert search.fail_stale() == 0  # settled once, not again
 
 
@@ -357,3 +357,39 @@ def test_an_rdb_url_storage_works_like_the_journal(isolated):
     assert parent.data.tags["harness.storage"] == url
     assert main(["tune", str(study), "--no-report", "--storage", url, "--trials", "3"]) == 0  # resumes there
     assert len(optuna.load_study(study_name="tiny/kd", storage=url).get_trials()) == 3
+
+
+def test_ctrl_c_fails_the_running_trials_and_queues_them_for_the_next_run(isolated):
+    study = write_study(isolated / "tiny.yaml", train={"epochs": 6, "batch_size": 128}, seeds=[0],
+                        search={**SEARCH, "trials": 3, "pruner": {"type": "none"}})
+    journal = str(isolated / "results/tiny/tune.journal")
+    proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "tune", str(study), "--no-report"],
+                            cwd=isolated, env=_env(isolated), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def running() -> bool:
+        try:
+            return any(t.state == TrialState.RUNNING for t in _trials(journal, "tiny/kd"))
+        except (KeyError, FileNotFoundError):
+            return False
+
+    _wait_for(running, 240, proc)
+    proc.send_signal(signal.SIGINT)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, out
+    trials = _trials(journal, "tiny/kd")
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert failed and not [t for t in trials if t.state == TrialState.RUNNING]
+    for t in failed:  # each interrupted configuration waits to run again
+        retries = [r for r in trials if r.user_attrs.get(RETRY_OF) == t.number]
+        assert len(retries) == 1, (t.number, t.user_attrs, out, [(r.number, r.state, r.user_attrs) for r in trials])
+        retry = retries[0]
+        assert retry.state == TrialState.WAITING and retry.system_attrs["fixed_params"] == t.params
+    runs = {int(r.data.tags["harness.optuna_number"]): r for r in _runs(isolated, "tune_trial")}
+    assert all(runs[t.number].info.status == "KILLED" and runs[t.number].data.tags["harness.failure_kind"] == "interrupted"
+               for t in failed if t.number in runs)  # (no run when Ctrl-C came before it was opened)
+    assert not [r for r in _runs(isolated, "tune_trial") + _runs(isolated, "tune_run") if r.info.status == "RUNNING"]
+    (parent,) = _runs(isolated, "search")
+    assert parent.info.status == "KILLED"
+    assert main(["tune", str(study), "--no-report"]) == 0
+    trials = _trials(journal, "tiny/kd")
+    assert len(counted(trials)) == 3 and all(t.state == TrialState.COMPLETE for t in counted(trials))
