@@ -427,7 +427,8 @@ class Search:
         for r in self.tracker.find(self.exp, {f"{TAG}optuna_study": self.studies[f.method].study_name,
                                               f"{TAG}optuna_number": str(f.trial.number), f"{TAG}kind": "tune_run"},
                                    ("RUNNING",)):  # seed runs of a worker that died
-            self.tracker.finish_if_running(r.info.run_id, "FAILED" if state == "FAIL" else "KILLED", tags)
+            self.tracker.finish_if_running(r.info.run_id, "FAILED" if state == "FAIL" and status != "KILLED" else "KILLED",
+                                           tags)
         self.tracker.finish(f.run_id, status or ("FAILED" if state == "FAIL" else "FINISHED"))
 
     def interrupt(self) -> None:
