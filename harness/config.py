@@ -28,6 +28,9 @@ class DatasetConfig(_Strict):
     root: str | None = None
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     image_size: int | None = Field(None, ge=4)
+    #: ``image_folder`` only: keep the images on disk and decode them batch by batch through a
+    #: DataLoader (workers, pinned memory) instead of loading the whole set into memory
+    stream: bool = False
 
 
 class TaskSource(_Strict):

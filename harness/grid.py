@@ -93,7 +93,8 @@ def trial_key(study: StudyConfig, split_index: int, method: str, params: dict, s
     split = study.splits[split_index]
     return stable_hash(
         {
-            "dataset": study.dataset.model_dump(mode="json"),
+            # ``stream`` only says how images are read (same batches, same results): not in the key
+            "dataset": study.dataset.model_dump(mode="json", exclude={"stream"}),
             "split": split.model_dump(mode="json"),
             "teachers": [t.model_dump(mode="json") for t in study.teachers_for(split)],
             "student": study.student.model_dump(mode="json"),

@@ -205,7 +205,9 @@ def target_logits(logits: list[Tensor], k_star: Tensor, rule: RoutingConfig, T: 
 def fit_stats(
     net: torch.nn.Module, x_train: Tensor, y_train: Tensor, x_val: Tensor, settings: RoutingStats = RoutingStats()
 ) -> TeacherStats:
-    """Fit teacher k's routing statistics on its own training and validation images only."""
+    """Fit teacher k's routing statistics on its own training and validation images only.
+
+    ``x_train``/``x_val`` may be tensors or lazy (streamed) collections."""
     from sklearn.covariance import LedoitWolf
 
     net.eval()
@@ -227,5 +229,14 @@ def fit_stats(
 
 
 def _outputs(net: torch.nn.Module, x: Tensor, bs: int = 1024) -> tuple[Tensor, Tensor]:
-    outs = [net.forward_both(x[i : i + bs]) for i in range(0, len(x), bs)]  # type: ignore[operator]
+    """(logits, features) of ``net`` on ``x`` in chunks of ``bs``; a lazy (streamed) ``x`` is
+    decoded chunk by chunk, in order, through a DataLoader onto the net's device."""
+    from harness.data.stream import is_lazy, iter_batches
+
+    if is_lazy(x):
+        p = next(net.parameters(), None)
+        device = p.device if p is not None else torch.device("cpu")
+        outs = [net.forward_both(xb) for xb in iter_batches(x, bs, device)]  # type: ignore[operator, arg-type]
+    else:
+        outs = [net.forward_both(x[i : i + bs]) for i in range(0, len(x), bs)]  # type: ignore[operator]
     return torch.cat([o[0] for o in outs]).float().cpu(), torch.cat([o[1] for o in outs]).float().cpu()

@@ -1,9 +1,15 @@
 """The one training/evaluation loop every method uses. It never asks which method it runs.
 
-Per epoch: seeded permutation of the (in-memory) training images, batches as index slices,
+Per epoch: seeded permutation of the training images, batches as index slices,
 ``loss = sum_t w_t * term_t`` over the method's terms, one optimiser step per batch; then the
 validation union accuracy selects the best epoch. Training labels reach the method only when it
 declares ``uses_labels``.
+
+Two data paths give the same batches: in-memory parts are tensors on the trial's device and a
+batch is ``x[idx]``; streamed parts (``dataset.stream``, :class:`harness.data.stream.LazyImages`)
+are decoded batch by batch by a DataLoader (:class:`harness.data.stream.BatchLoader`: workers,
+prefetching, pinned memory on CUDA) fed the same index batches. Evaluation and teacher outputs
+read lazy parts in order in the same chunks as the in-memory slices.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from torch import Tensor
 
 from harness.config import TrainConfig
 from harness.data.splits import PartData, SplitData
+from harness.data.stream import BatchLoader, LazyImages, is_lazy, iter_batches, on_device
 from harness.methods.base import Batch, Method
 
 
@@ -68,8 +75,19 @@ def augment(x: Tensor, generator: torch.Generator) -> Tensor:
     return xp[idx_n, idx_c, rows[:, None, :, None], cols[:, None, None, :]]
 
 
+#: chunk size of every in-order pass (evaluation, teacher outputs, routing statistics)
+EVAL_BATCH = 1024
+
+
 @torch.no_grad()
-def predict_all(fn: Callable[[Tensor], Tensor], x: Tensor, batch_size: int = 1024) -> Tensor:
+def predict_all(
+    fn: Callable[[Tensor], Tensor], x: Tensor | LazyImages, batch_size: int = EVAL_BATCH,
+    device: str | torch.device | None = None,
+) -> Tensor:
+    """``fn`` on all of ``x`` in chunks; a lazy ``x`` is decoded chunk by chunk onto ``device``."""
+    if is_lazy(x):
+        outs = [fn(xb) for xb in iter_batches(x, batch_size, device or "cpu")]  # type: ignore[arg-type]
+        return torch.cat(outs) if outs else torch.zeros(0, device=device)
     return torch.cat([fn(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]) if len(x) else x.new_zeros(0)
 
 
@@ -80,7 +98,7 @@ def evaluate(
     """Union accuracy (argmax over all n logits) and per-task accuracy (argmax inside S_k)."""
     if len(part) == 0:
         return {}
-    logits = predict_all(fn, part.x.to(device)).cpu()
+    logits = predict_all(fn, on_device(part.x, device), device=device).cpu()
     out = {"union_acc": (logits.argmax(1) == part.y).float().mean().item()}
     for k, (o, n) in enumerate(zip(offsets, sizes)):
         m = part.t == k
@@ -93,12 +111,20 @@ def evaluate(
 TeacherOutputs = tuple[list[Tensor], list[Tensor]]
 
 
-def teacher_outputs(teachers: torch.nn.Module, x: Tensor, bs: int = 1024) -> TeacherOutputs:
-    """Frozen teachers' (logits, features) on all of x, computed once (inference mode)."""
+def teacher_outputs(
+    teachers: torch.nn.Module, x: Tensor | LazyImages, bs: int = EVAL_BATCH, device: str | torch.device | None = None
+) -> TeacherOutputs:
+    """Frozen teachers' (logits, features) on all of x, computed once (inference mode).
+
+    A lazy ``x`` is decoded chunk by chunk onto ``device`` (default: the teachers' device)."""
     if len(teachers) == 0:  # type: ignore[arg-type]
         return [], []
     with torch.inference_mode():
-        chunks = [teachers.outputs(x[i : i + bs]) for i in range(0, len(x), bs)]  # type: ignore[operator]
+        if is_lazy(x):
+            dev = device if device is not None else next(teachers.parameters()).device
+            chunks = [teachers.outputs(xb) for xb in iter_batches(x, bs, dev)]  # type: ignore[arg-type, operator]
+        else:
+            chunks = [teachers.outputs(x[i : i + bs]) for i in range(0, len(x), bs)]  # type: ignore[operator]
     k = len(chunks[0][0])
     logits = [torch.cat([c[0][j] for c in chunks]) for j in range(k)]
     feats = [torch.cat([c[1][j] for c in chunks]) for j in range(k)]
@@ -109,42 +135,74 @@ def _state(method: Method) -> dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in method.state_dict().items()}
 
 
+def batch_indices(perm: Tensor, batch_size: int) -> list[Tensor]:
+    """The epoch's batches: consecutive slices of ``perm``; the last partial batch is dropped
+    (BatchNorm), unless there is less than one batch, then the one batch is all of ``perm``."""
+    n = len(perm)
+    if n < batch_size:
+        return [perm]
+    return [perm[b * batch_size : (b + 1) * batch_size] for b in range(n // batch_size)]
+
+
 def train_epoch(
-    method: Method, opt: torch.optim.Optimizer, x: Tensor, y: Tensor | None,
-    cache: TeacherOutputs | None, cfg: TrainConfig, gen: torch.Generator,
+    method: Method, opt: torch.optim.Optimizer, x: Tensor | LazyImages, y: Tensor | None,
+    cache: TeacherOutputs | None, cfg: TrainConfig, gen: torch.Generator, loader: BatchLoader | None = None,
 ) -> dict[str, float]:
-    """One pass over the training images; returns the mean of every term and of the total."""
+    """One pass over the training images; returns the mean of every term and of the total.
+
+    A tensor ``x`` is sliced by index on its device; a lazy ``x`` is decoded by ``loader`` (a
+    DataLoader over the same index batches; built here for this epoch when not given)."""
     method.train()
     n = len(x)
     perm = torch.randperm(n, generator=gen)
-    n_batches = max(1, n // cfg.batch_size)  # the last partial batch is dropped (BatchNorm)
+    batches = batch_indices(perm, cfg.batch_size)
+    n_batches = len(batches)
+    if is_lazy(x):
+        own = loader is None
+        loader = loader or BatchLoader(x, _device_of(method), persistent=False,  # type: ignore[arg-type]
+                                       batches_per_pass=n_batches)
+        device = loader.device
+        images = loader.pass_over(batches)
+    else:
+        own, device = False, x.device  # type: ignore[union-attr]
+        images = (x[idx.to(device)] for idx in batches)  # type: ignore[index]
     weights = method.weights()
     sums: dict[str, float] = {}
-    for b in range(n_batches):
-        idx = perm[b * cfg.batch_size : (b + 1) * cfg.batch_size] if n >= cfg.batch_size else perm
-        idx_d = idx.to(x.device)
-        xb = x[idx_d]
-        if cfg.augment:
-            xb = augment(xb, gen)
-        if cache is not None:
-            tl, tf = [c[idx_d] for c in cache[0]], [c[idx_d] for c in cache[1]]
-        else:
-            tl, tf = method.teachers.outputs(xb) if len(method.teachers) else ([], [])
-        batch = Batch(xb, idx, tl, tf, y[idx_d] if y is not None else None)
-        with _autocast(x.device, cfg):
-            terms = method.loss_terms(batch)
-            total = sum(weights.get(t, 1.0) * v for t, v in terms.items())
-        opt.zero_grad(set_to_none=True)
-        total.backward()
-        opt.step()
-        # one device->host transfer per batch for all terms (not one per term)
-        names = list(terms) + ["total"]
-        vals = torch.stack([v.detach().float() for v in terms.values()] + [total.detach().float()]).tolist()
-        for t, val in zip(names, vals):
-            if not math.isfinite(val):
-                raise NonFiniteLossError(f"loss/{t} is {val} at batch {b}")
-            sums[t] = sums.get(t, 0.0) + val
+    try:
+        for b, xb in enumerate(images):  # the whole pass (a persistent loader's workers stay up)
+            idx = batches[b]
+            idx_d = idx.to(device)
+            if device.type == "cuda" and loader is not None:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            if cfg.augment:
+                xb = augment(xb, gen)
+            if cache is not None:
+                tl, tf = [c[idx_d] for c in cache[0]], [c[idx_d] for c in cache[1]]
+            else:
+                tl, tf = method.teachers.outputs(xb) if len(method.teachers) else ([], [])
+            batch = Batch(xb, idx, tl, tf, y[idx_d] if y is not None else None)
+            with _autocast(device, cfg):
+                terms = method.loss_terms(batch)
+                total = sum(weights.get(t, 1.0) * v for t, v in terms.items())
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            opt.step()
+            # one device->host transfer per batch for all terms (not one per term)
+            names = list(terms) + ["total"]
+            vals = torch.stack([v.detach().float() for v in terms.values()] + [total.detach().float()]).tolist()
+            for t, val in zip(names, vals):
+                if not math.isfinite(val):
+                    raise NonFiniteLossError(f"loss/{t} is {val} at batch {b}")
+                sums[t] = sums.get(t, 0.0) + val
+    finally:
+        if own:
+            loader.close()  # type: ignore[union-attr]
     return {f"loss/{t}": s / n_batches for t, s in sums.items()}
+
+
+def _device_of(module: torch.nn.Module) -> torch.device:
+    p = next(module.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
 
 
 def _autocast(device: torch.device, cfg: TrainConfig):
@@ -173,46 +231,57 @@ def fit(
     """Train ``method`` on ``data`` for ``cfg.epochs`` epochs; evaluate last and best-val models.
 
     Without augmentation the frozen teachers' outputs on the training images are computed once
-    (or taken from ``cached_outputs``, e.g. the on-disk cache) instead of every batch.
+    (or taken from ``cached_outputs``, e.g. the on-disk cache) instead of every batch. A streamed
+    (lazy) training part is read through one DataLoader whose workers live for all epochs.
     """
     device = torch.device(device)
     method.to(device)
     _gpu_setup(method, cfg, device)
     res = FitResult()
     sizes, offsets = data.sizes, data.offsets
-    if method.trains:
-        train = data.parts["train"]
-        x = train.x.to(device)
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        y = train.y.to(device) if method.uses_labels else None  # unlabelled means unlabelled
-        cache = None
-        if not cfg.augment:
-            cache = cached_outputs or teacher_outputs(method.teachers, x)
-            cache = ([t.to(device) for t in cache[0]], [t.to(device) for t in cache[1]])
-        opt = make_optimizer(method.parameters(), cfg)
-        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs) if cfg.scheduler == "cosine" else None
-        gen = torch.Generator().manual_seed(seed)
-        best = -1.0
-        for epoch in range(1, cfg.epochs + 1):
-            t0 = time.perf_counter()
-            metrics = train_epoch(method, opt, x, y, cache, cfg, gen)
-            train_s = time.perf_counter() - t0
-            if sched is not None:
-                sched.step()
-            method.eval()
-            val = evaluate(method.predict, data.parts["val"], sizes, offsets, device)
-            metrics.update({f"val/{k}": v for k, v in val.items()})
-            metrics["epoch_seconds"] = time.perf_counter() - t0
-            metrics["images_per_second"] = len(x) / max(train_s, 1e-9)
-            if device.type == "cuda":
-                metrics["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-            score = val.get("union_acc", float(epoch))  # no val part: the last epoch is the best
-            if score > best:
-                best, res.best_epoch, res.best_state = score, epoch, _state(method)
-            res.history.append(metrics)
-            if on_epoch is not None:
-                on_epoch(epoch, metrics)
+    loader: BatchLoader | None = None
+    try:
+        if method.trains:
+            train = data.parts["train"]
+            if is_lazy(train.x):
+                x = train.x
+                n_batches = len(batch_indices(torch.arange(len(x)), cfg.batch_size))
+                loader = BatchLoader(x, device, persistent=True, batches_per_pass=n_batches)  # type: ignore[arg-type]
+            else:
+                x = train.x.to(device)
+                if device.type == "cuda":
+                    x = x.contiguous(memory_format=torch.channels_last)
+            y = train.y.to(device) if method.uses_labels else None  # unlabelled means unlabelled
+            cache = None
+            if not cfg.augment:
+                cache = cached_outputs or teacher_outputs(method.teachers, x, device=device)
+                cache = ([t.to(device) for t in cache[0]], [t.to(device) for t in cache[1]])
+            opt = make_optimizer(method.parameters(), cfg)
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs) if cfg.scheduler == "cosine" else None
+            gen = torch.Generator().manual_seed(seed)
+            best = -1.0
+            for epoch in range(1, cfg.epochs + 1):
+                t0 = time.perf_counter()
+                metrics = train_epoch(method, opt, x, y, cache, cfg, gen, loader)
+                train_s = time.perf_counter() - t0
+                if sched is not None:
+                    sched.step()
+                method.eval()
+                val = evaluate(method.predict, data.parts["val"], sizes, offsets, device)
+                metrics.update({f"val/{k}": v for k, v in val.items()})
+                metrics["epoch_seconds"] = time.perf_counter() - t0
+                metrics["images_per_second"] = len(x) / max(train_s, 1e-9)
+                if device.type == "cuda":
+                    metrics["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+                score = val.get("union_acc", float(epoch))  # no val part: the last epoch is the best
+                if score > best:
+                    best, res.best_epoch, res.best_state = score, epoch, _state(method)
+                res.history.append(metrics)
+                if on_epoch is not None:
+                    on_epoch(epoch, metrics)
+    finally:
+        if loader is not None:
+            loader.close()  # stop the training part's workers before the test pass starts its own
     method.eval()
     last = evaluate(method.predict, data.parts["test"], sizes, offsets, device)
     best_m = last

@@ -92,18 +92,21 @@ def diagnostics(
     """
     from sklearn.linear_model import LogisticRegression
 
+    from harness.data.stream import on_device  # streamed parts are read in order in batches
+
     out = {}
     pls = {}
     for part in ("train", "test"):
         if part == "train" and train_outputs is not None:
             logits, feats = train_outputs
         else:
-            logits, feats = teacher_outputs(teachers, data.parts[part].x.to(device))
+            logits, feats = teacher_outputs(teachers, on_device(data.parts[part].x, device), device=device)
         pls[part] = method.route([t.cpu() for t in logits], [f.cpu() for f in feats])[0]
     out["diag/pseudo_label_acc"] = (pls["train"] == data.parts["train"].y).float().mean().item()
     out["diag/ensemble_union_acc"] = (pls["test"] == data.parts["test"].y).float().mean().item()
     if method.trains:
-        feats = {p: predict_all(method.student.features, data.parts[p].x.to(device)).cpu().numpy() for p in pls}
+        feats = {p: predict_all(method.student.features, on_device(data.parts[p].x, device), device=device).cpu().numpy()
+                 for p in pls}
         mu, sd = feats["train"].mean(0), feats["train"].std(0) + 1e-6
         y_pl = pls["train"].numpy()
         if len(np.unique(y_pl)) > 1:

@@ -26,7 +26,10 @@ import torch.nn.functional as F
 from harness.errors import HarnessError
 from harness.registry import Registry
 
-__all__ = ["ArraySet", "DATASETS", "available_datasets", "load_dataset", "IMAGE_EXTENSIONS"]
+__all__ = [
+    "ArraySet", "DATASETS", "available_datasets", "load_dataset", "IMAGE_EXTENSIONS",
+    "ImageFolderIndex", "scan_image_folder", "decode_images", "check_image_size",
+]
 
 
 @dataclass(frozen=True, eq=False)  # eq=False: field-wise == on tensors is ambiguous
@@ -87,16 +90,7 @@ def load_dataset(name: str, root: RootLike = None, image_size: int | None = None
     Raises HarnessError for an unknown name, a bad ``image_size`` or a bad/missing ``root``.
     """
     loader = DATASETS.get(name)
-    if image_size is not None:
-        try:
-            size = operator.index(image_size)
-        except TypeError:
-            size = 0
-        if isinstance(image_size, bool) or size < 1:
-            raise HarnessError(
-                f"dataset.image_size: must be a positive integer, got {image_size!r}"
-            )
-        image_size = size
+    image_size = check_image_size(image_size)
     ds = loader(root, image_size=image_size)
     if image_size is None:
         return ds
@@ -109,6 +103,19 @@ def load_dataset(name: str, root: RootLike = None, image_size: int | None = None
         num_classes=ds.num_classes,
         classes=ds.classes,
     )
+
+
+def check_image_size(image_size: object) -> int | None:
+    """``image_size`` as an int (or None); HarnessError unless a positive integer."""
+    if image_size is None:
+        return None
+    try:
+        size = operator.index(image_size)  # type: ignore[arg-type]
+    except TypeError:
+        size = 0
+    if isinstance(image_size, bool) or size < 1:
+        raise HarnessError(f"dataset.image_size: must be a positive integer, got {image_size!r}")
+    return size
 
 
 def _resize(x: torch.Tensor, size: int, chunk: int = 4096) -> torch.Tensor:
@@ -449,14 +456,25 @@ def _unreadable(path: Path, exc: BaseException) -> HarnessError:
     return HarnessError(f"image_folder: {path} is not a readable image ({_one_line(exc)})")
 
 
-@DATASETS.register("image_folder")
-def load_image_folder(root: RootLike = None, image_size: int | None = None) -> ArraySet:
-    """``root/{train,test}/<class_name>/*.png|jpg|jpeg|bmp``; ids follow sorted train class names.
+@dataclass(frozen=True)
+class ImageFolderIndex:
+    """What :func:`scan_image_folder` learns from the file names and image headers alone."""
 
-    Images are RGB unless every image is grayscale (PIL mode ``"L"``), then 1 channel.
-    With ``image_size`` each image is resized (bilinear) to a square before stacking;
-    without it all images must share one size.
-    """
+    root: Path
+    classes: tuple[str, ...]
+    files: dict[str, list[tuple[Path, int]]]  # "train"/"test" -> [(file, class id)], sorted
+    mode: str  # PIL mode every image is converted to: "L" (all grayscale) or "RGB"
+    image_size: int | None  # resize target (square), or None when all images share one size
+    hw: tuple[int, int]  # (H, W) of every decoded image
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.mode == "L" else 3
+
+
+def scan_image_folder(root: RootLike, image_size: int | None = None) -> ImageFolderIndex:
+    """List ``root/{train,test}/<class_name>/*`` and read every image's header (not its pixels)
+    to decide the channel count and check that all images end up one size."""
     from PIL import Image
 
     base = _require_root("image_folder", root)
@@ -488,7 +506,7 @@ def load_image_folder(root: RootLike = None, image_size: int | None = None) -> A
             raise HarnessError(f"image_folder: {d} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
         files[split] = entries
 
-    # Pass 1: headers only (cheap) to decide channels and check sizes.
+    # Headers only (cheap) to decide channels and check sizes.
     modes, sizes = set(), {}
     for path, _ in files["train"] + files["test"]:
         try:
@@ -504,23 +522,59 @@ def load_image_folder(root: RootLike = None, image_size: int | None = None) -> A
             f"image_folder: images in {base} differ in size ({p1.name} is {s1[0]}x{s1[1]}, "
             f"{p2.name} is {s2[0]}x{s2[1]}); set dataset.image_size"
         )
+    if image_size is not None:
+        hw = (image_size, image_size)
+    else:
+        (w, h), _ = next(iter(sizes.items()))
+        hw = (h, w)
+    return ImageFolderIndex(base, classes, files, mode, image_size, hw)
+
+
+def decode_images(paths: "list[Path]", mode: str, image_size: int | None) -> torch.Tensor:
+    """Decode image files into float32 ``[N, C, H, W]`` in ``[0, 1]``: PIL ``convert(mode)``,
+    bilinear resize to ``image_size`` (if given and different), uint8 -> float32 / 255.
+
+    The one decoder of ``image_folder``, used by the in-memory loader and by the streaming
+    path (:class:`harness.data.stream.LazyImages`), so both give bitwise identical tensors."""
+    from PIL import Image
+
+    arrays = []
+    for path in paths:
+        try:
+            with Image.open(path) as img:
+                img = img.convert(mode)
+                if image_size is not None and img.size != (image_size, image_size):
+                    img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
+                arrays.append(np.asarray(img, dtype=np.uint8))
+        except Exception as exc:  # noqa: BLE001
+            raise _unreadable(Path(path), exc) from None
+    if not arrays:
+        raise ValueError("decode_images: no paths")
+    shapes = {a.shape for a in arrays}
+    if len(shapes) > 1:  # a file changed since its header was read
+        raise HarnessError(
+            f"image_folder: {paths[0]} and others decode to different sizes {sorted(shapes)}; "
+            "set dataset.image_size"
+        )
+    stacked = np.stack(arrays)
+    stacked = stacked[:, None] if stacked.ndim == 3 else stacked.transpose(0, 3, 1, 2)
+    return torch.from_numpy(np.ascontiguousarray(stacked)).to(torch.float32).div_(255.0)
+
+
+@DATASETS.register("image_folder")
+def load_image_folder(root: RootLike = None, image_size: int | None = None) -> ArraySet:
+    """``root/{train,test}/<class_name>/*.png|jpg|jpeg|bmp``; ids follow sorted train class names.
+
+    Images are RGB unless every image is grayscale (PIL mode ``"L"``), then 1 channel.
+    With ``image_size`` each image is resized (bilinear) to a square before stacking;
+    without it all images must share one size.
+    """
+    index = scan_image_folder(root, image_size)
 
     def read(entries: list[tuple[Path, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        arrays = []
-        for path, _ in entries:
-            try:
-                with Image.open(path) as img:
-                    img = img.convert(mode)
-                    if image_size is not None and img.size != (image_size, image_size):
-                        img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
-                    arrays.append(np.asarray(img, dtype=np.uint8))
-            except Exception as exc:  # noqa: BLE001
-                raise _unreadable(path, exc) from None
-        stacked = np.stack(arrays)
-        stacked = stacked[:, None] if stacked.ndim == 3 else stacked.transpose(0, 3, 1, 2)
-        x = torch.from_numpy(np.ascontiguousarray(stacked)).to(torch.float32).div_(255.0)
+        x = decode_images([p for p, _ in entries], index.mode, image_size)
         return x, torch.tensor([c for _, c in entries], dtype=torch.int64)
 
-    x_tr, y_tr = read(files["train"])
-    x_te, y_te = read(files["test"])
-    return ArraySet("image_folder", x_tr, y_tr, x_te, y_te, len(classes), classes)
+    x_tr, y_tr = read(index.files["train"])
+    x_te, y_te = read(index.files["test"])
+    return ArraySet("image_folder", x_tr, y_tr, x_te, y_te, len(index.classes), index.classes)

@@ -21,6 +21,7 @@ from sklearn.model_selection import train_test_split
 
 from harness.config import DatasetConfig, SplitConfig, TaskSource
 from harness.data.datasets import ArraySet, load_dataset
+from harness.data.stream import STREAMABLE, LazyImages, LazySet, cat_images, is_lazy, open_lazy
 from harness.errors import HarnessError
 
 Part = Literal["train", "val", "test"]
@@ -42,9 +43,12 @@ class TaskInfo:
 
 @dataclass
 class PartData:
-    """Images of one part (train/val/test) with union labels ``y`` and task ids ``t``."""
+    """Images of one part (train/val/test) with union labels ``y`` and task ids ``t``.
 
-    x: torch.Tensor
+    ``x`` is a float tensor, or a :class:`~harness.data.stream.LazyImages` collection when the
+    data set is streamed (``dataset.stream``); ``y`` and ``t`` are always tensors."""
+
+    x: torch.Tensor | LazyImages
     y: torch.Tensor
     t: torch.Tensor
 
@@ -76,7 +80,7 @@ class SplitData:
     def in_shape(self) -> tuple[int, int, int]:
         return tuple(self.parts["train"].x.shape[1:])  # type: ignore[return-value]
 
-    def task_part(self, k: int, part: Part) -> tuple[torch.Tensor, torch.Tensor]:
+    def task_part(self, k: int, part: Part) -> tuple[torch.Tensor | LazyImages, torch.Tensor]:
         """Task k's images of a part with its local labels 0..n_k-1 (what teacher k trains on)."""
         p = self.parts[part]
         mask = p.t == k
@@ -92,9 +96,13 @@ class SplitData:
 
 
 @lru_cache(maxsize=8)
-def _source(name: str, root: str | None, image_size: int | None, val_fraction: float) -> dict[str, tuple]:
-    """A data set's train/val/test arrays (cached per process)."""
-    ds: ArraySet = load_dataset(name, root=root, image_size=image_size)
+def _source(
+    name: str, root: str | None, image_size: int | None, val_fraction: float, stream: bool = False
+) -> dict[str, tuple]:
+    """A data set's train/val/test arrays (cached per process); lazy collections with ``stream``."""
+    ds: ArraySet | LazySet = (
+        open_lazy(name, root, image_size) if stream else load_dataset(name, root=root, image_size=image_size)
+    )
     xtr, ytr = ds.x_train, ds.y_train
     if val_fraction > 0:
         idx = np.arange(len(ytr))
@@ -109,9 +117,30 @@ def _source(name: str, root: str | None, image_size: int | None, val_fraction: f
     return parts
 
 
-def _match_channels(xs: list[torch.Tensor]) -> list[torch.Tensor]:
+def _match_channels(xs: list) -> list:
     c = max(x.shape[1] for x in xs)
-    return [x.expand(-1, c, -1, -1).contiguous() if x.shape[1] == 1 and c > 1 else x for x in xs]
+
+    def match(x):
+        if x.shape[1] != 1 or c == 1:
+            return x
+        return x.with_channels(c) if is_lazy(x) else x.expand(-1, c, -1, -1).contiguous()
+
+    return [match(x) for x in xs]
+
+
+def check_stream(split: SplitConfig, dataset: DatasetConfig, field: str = "splits[0]") -> None:
+    """HarnessError (naming ``dataset.stream``) unless every task of the split reads a data set
+    that can be streamed; nothing is loaded."""
+    if not dataset.stream:
+        return
+    for k, task in enumerate(split.tasks):
+        name = task.dataset if isinstance(task, TaskSource) else dataset.name
+        if name not in STREAMABLE:
+            where = f" ({field}.tasks[{k}])" if isinstance(task, TaskSource) else ""
+            raise HarnessError(
+                f"dataset.stream: only {', '.join(STREAMABLE)} can be streamed, "
+                f"not '{name}'{where}; remove stream: true to load it into memory"
+            )
 
 
 def build_split(split: SplitConfig, dataset: DatasetConfig, field: str = "splits[0]") -> SplitData:
@@ -120,6 +149,7 @@ def build_split(split: SplitConfig, dataset: DatasetConfig, field: str = "splits
     Raises HarnessError naming ``field`` when a class is out of range or the tasks' images
     cannot share one shape.
     """
+    check_stream(split, dataset, field)
     tasks: list[TaskInfo] = []
     chunks: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {"train": [], "val": [], "test": []}
     offset = 0
@@ -128,7 +158,7 @@ def build_split(split: SplitConfig, dataset: DatasetConfig, field: str = "splits
             name, root, classes = task.dataset, task.root, task.classes
         else:
             name, root, classes = dataset.name, dataset.root, task
-        src = _source(name, root, dataset.image_size, dataset.val_fraction)
+        src = _source(name, root, dataset.image_size, dataset.val_fraction, dataset.stream)
         num_classes, class_names = src["meta"]
         classes = list(range(num_classes)) if classes is None else list(classes)
         bad = [c for c in classes if c >= num_classes]
@@ -154,7 +184,7 @@ def build_split(split: SplitConfig, dataset: DatasetConfig, field: str = "splits
     parts = {}
     for part, cs in chunks.items():
         xs = _match_channels([c[0] for c in cs])
-        parts[part] = PartData(torch.cat(xs), torch.cat([c[1] for c in cs]), torch.cat([c[2] for c in cs]))
+        parts[part] = PartData(cat_images(xs), torch.cat([c[1] for c in cs]), torch.cat([c[2] for c in cs]))
     for k in range(len(tasks)):
         if int((parts["train"].t == k).sum()) == 0:
             raise HarnessError(f"{field}.tasks[{k}]: no training images for this task")
