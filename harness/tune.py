@@ -341,7 +341,6 @@ class Search:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # Optuna's note on a fixed value outside its range
             trial = study.ask({p: self.plan.distributions[p] for p in self.plan.paths[method]})
-        run_id = ""
         try:
             trial.set_user_attr(OWNER, self.owner)
             trial.set_user_attr(HEARTBEAT, time.time())
@@ -359,10 +358,8 @@ class Search:
             study.tell(trial, state=TrialState.FAIL)
             study.enqueue_trial(dict(trial.params), user_attrs={RETRY_OF: trial.number,
                                                                 ATTEMPT: trial.user_attrs.get(ATTEMPT, 0)})
-            if run_id:
-                self.tracker.set_tags(run_id, {f"{TAG}optuna_state": "FAIL", f"{TAG}failure_kind": "interrupted",
-                                               f"{TAG}failure": f"not started: {type(e).__name__}"})
-                self.tracker.finish(run_id, "KILLED")
+            # its MLflow run, if created (maybe before ``run_id`` was assigned)
+            self._kill_runs(study.study_name, trial.number, f"interrupted: not started ({type(e).__name__})")
             raise
         self.inflight[run_id] = _Flight(method, trial, run_id, dict(trial.params), int(attrs.get(ATTEMPT, 0)))
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import yaml
@@ -30,6 +32,19 @@ def isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
     return tmp_path
+
+
+@contextmanager
+def isolated_dir(tmp: Path) -> Iterator[pytest.MonkeyPatch]:
+    """The ``isolated`` set-up for module-scoped fixtures: cwd, MLflow store and cache in ``tmp``."""
+    mp = pytest.MonkeyPatch()
+    mp.chdir(tmp)
+    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp}/mlflow.db")
+    mp.setenv("HARNESS_CACHE", str(tmp / "cache"))
+    try:
+        yield mp
+    finally:
+        mp.undo()
 
 
 def write_study(path: Path, **overrides: object) -> Path:

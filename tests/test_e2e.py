@@ -6,24 +6,20 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from harness.cli import main
-from tests.conftest import write_study
+from tests.conftest import isolated_dir, write_study
 
 
 @pytest.fixture(scope="module")
 def ran(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
-    mp = pytest.MonkeyPatch()
-    mp.chdir(tmp)
-    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp}/mlflow.db")
-    mp.setenv("HARNESS_CACHE", str(tmp / "cache"))
-    study = write_study(tmp / "tiny.yaml", methods={"cka": {}, "kd": {}, "scratch": {}, "teachers": {}},
-                        ablations=["align"])
-    code = main(["run-study", str(study), "--no-report", "--workers", "1"])
-    client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
-    exp = client.get_experiment_by_name("tiny")
-    runs = client.search_runs([exp.experiment_id], max_results=1000)
-    yield code, client, runs, study, tmp
-    mp.undo()
+    with isolated_dir(tmp):
+        study = write_study(tmp / "tiny.yaml", methods={"cka": {}, "kd": {}, "scratch": {}, "teachers": {}},
+                            ablations=["align"])
+        code = main(["run-study", str(study), "--no-report", "--workers", "1"])
+        client = MlflowClient(f"sqlite:///{tmp}/mlflow.db")
+        exp = client.get_experiment_by_name("tiny")
+        runs = client.search_runs([exp.experiment_id], max_results=1000)
+        yield code, client, runs, study, tmp
 
 
 def _trials(runs):

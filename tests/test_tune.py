@@ -22,7 +22,7 @@ from harness.config import load_study
 from harness.scheduler import Slot
 from harness.tracking import Tracker
 from harness.tune import DEFAULT, OWNER, RETRY_OF, SURPLUS, TuneJob, counted, run_tune_job, storage_for
-from tests.conftest import TINY, write_study
+from tests.conftest import TINY, isolated_dir, write_study
 
 REPO = Path(__file__).resolve().parents[1]
 SEARCH = {
@@ -32,6 +32,13 @@ SEARCH = {
     "sampler": {"type": "tpe", "seed": 0, "n_startup_trials": 3},
     "pruner": {"type": "median", "n_startup_trials": 2, "n_warmup_steps": 1},
 }
+
+
+#: trials that last a while whatever the machine (each sleeps 1.5-2.5 s when built): for the
+#: tests that stop a search while a trial runs
+SLOW = {"methods": {"test_sleep": {"seconds": 2.0}}, "train": {"epochs": 2, "batch_size": 128}, "seeds": [0]}
+SLOW_SEARCH = {"space": {"methods.test_sleep.seconds": {"type": "float", "low": 1.5, "high": 2.5}},
+               "pruner": {"type": "none"}}
 
 
 def _env(tmp: Path) -> dict[str, str]:
@@ -53,14 +60,10 @@ def _runs(tmp: Path, kind: str, experiment: str = "tiny") -> list:
 def searched(tmp_path_factory):
     """One search of kd's T and the learning rate (5 trials x 2 seeds), then its tuned study."""
     tmp = tmp_path_factory.mktemp("tune")
-    mp = pytest.MonkeyPatch()
-    mp.chdir(tmp)
-    mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp}/mlflow.db")
-    mp.setenv("HARNESS_CACHE", str(tmp / "cache"))
-    study = write_study(tmp / "tiny.yaml", train={"epochs": 3, "batch_size": 128}, search=SEARCH)
-    code = main(["tune", str(study), "--no-report"])
-    yield code, tmp, study
-    mp.undo()
+    with isolated_dir(tmp):
+        study = write_study(tmp / "tiny.yaml", train={"epochs": 3, "batch_size": 128}, search=SEARCH)
+        code = main(["tune", str(study), "--no-report"])
+        yield code, tmp, study
 
 
 def test_search_completes_with_the_default_first(searched):
@@ -224,6 +227,20 @@ def test_a_killed_worker_fails_its_trial_and_the_configuration_is_rerun(isolated
     assert not [r for r in _runs(isolated, "tune_run") if r.info.status == "RUNNING"]
 
 
+def _run_tune(tmp: Path, study: Path, timeout: float = 300) -> tuple[int, str]:
+    """``harness tune`` in a subprocess; if it hangs, its threads' tracebacks (faulthandler on
+    SIGABRT) go into the assertion message."""
+    proc = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "harness.cli", "tune", str(study),
+                             "--no-report"], cwd=tmp, env=_env(tmp), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        out = proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        raise AssertionError(f"harness tune hung:\n{proc.communicate()[0]}") from None
+    return proc.returncode, out
+
+
 def _wait_for(pred, timeout: float, proc=None) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -236,8 +253,7 @@ def _wait_for(pred, timeout: float, proc=None) -> None:
 
 
 def test_a_killed_search_resumes_with_its_stale_trials_rerun(isolated):
-    study = write_study(isolated / "tiny.yaml", train={"epochs": 6, "batch_size": 128},
-                        search={**SEARCH, "trials": 4, "pruner": {"type": "none"}})
+    study = write_study(isolated / "tiny.yaml", **SLOW, search={**SLOW_SEARCH, "trials": 4})
     journal = str(isolated / "results/tiny/tune.journal")
     proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "tune", str(study), "--no-report"],
                             cwd=isolated, env=_env(isolated), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -246,7 +262,7 @@ def test_a_killed_search_resumes_with_its_stale_trials_rerun(isolated):
         if not Path(journal).exists():
             return False
         try:
-            states = [t.state for t in _trials(journal, "tiny/kd")]
+            states = [t.state for t in _trials(journal, "tiny/test_sleep")]
         except KeyError:
             return False
         return TrialState.COMPLETE in states and TrialState.RUNNING in states
@@ -256,13 +272,12 @@ def test_a_killed_search_resumes_with_its_stale_trials_rerun(isolated):
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    running = [t.number for t in _trials(journal, "tiny/kd") if t.state == TrialState.RUNNING]
+    running = [t.number for t in _trials(journal, "tiny/test_sleep") if t.state == TrialState.RUNNING]
     assert running
-    out = subprocess.run([sys.executable, "-m", "harness.cli", "tune", str(study), "--no-report"], cwd=isolated,
-                         env=_env(isolated), capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert "stale: its process" in out.stdout
-    trials = _trials(journal, "tiny/kd")
+    code, out = _run_tune(isolated, study)
+    assert code == 0, out
+    assert "stale: its process" in out
+    trials = _trials(journal, "tiny/test_sleep")
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
     assert len([t for t in counted(trials) if t.state == TrialState.COMPLETE]) == 4
     for n in running:  # each stale trial failed, and its configuration ran again
@@ -359,16 +374,16 @@ def test_an_rdb_url_storage_works_like_the_journal(isolated):
     assert len(optuna.load_study(study_name="tiny/kd", storage=url).get_trials()) == 3
 
 
-def test_ctrl_c_fails_the_running_trials_and_queues_them_for_the_next_run(isolated):
-    study = write_study(isolated / "tiny.yaml", train={"epochs": 6, "batch_size": 128}, seeds=[0],
-                        search={**SEARCH, "trials": 3, "pruner": {"type": "none"}})
+def test_ctrl_c_fails_the_running_trials_and_queues_them_for_the_next_run(isolated, monkeypatch):
+    monkeypatch.setenv("HARNESS_PLUGINS", "tests.plugins_for_tests")
+    study = write_study(isolated / "tiny.yaml", **SLOW, search={**SLOW_SEARCH, "trials": 3})
     journal = str(isolated / "results/tiny/tune.journal")
     proc = subprocess.Popen([sys.executable, "-m", "harness.cli", "tune", str(study), "--no-report"],
                             cwd=isolated, env=_env(isolated), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def running() -> bool:
         try:
-            return any(t.state == TrialState.RUNNING for t in _trials(journal, "tiny/kd"))
+            return any(t.state == TrialState.RUNNING for t in _trials(journal, "tiny/test_sleep"))
         except (KeyError, FileNotFoundError):
             return False
 
@@ -376,7 +391,7 @@ def test_ctrl_c_fails_the_running_trials_and_queues_them_for_the_next_run(isolat
     proc.send_signal(signal.SIGINT)
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 130, out
-    trials = _trials(journal, "tiny/kd")
+    trials = _trials(journal, "tiny/test_sleep")
     failed = [t for t in trials if t.state == TrialState.FAIL]
     assert failed and not [t for t in trials if t.state == TrialState.RUNNING]
     for t in failed:  # each interrupted configuration waits to run again
@@ -385,11 +400,14 @@ def test_ctrl_c_fails_the_running_trials_and_queues_them_for_the_next_run(isolat
         retry = retries[0]
         assert retry.state == TrialState.WAITING and retry.system_attrs["fixed_params"] == t.params
     runs = {int(r.data.tags["harness.optuna_number"]): r for r in _runs(isolated, "tune_trial")}
-    assert all(runs[t.number].info.status == "KILLED" and runs[t.number].data.tags["harness.failure_kind"] == "interrupted"
-               for t in failed if t.number in runs)  # (no run when Ctrl-C came before it was opened)
+    for t in failed:  # (no run when Ctrl-C came before it was opened)
+        if t.number in runs:
+            r = runs[t.number]
+            assert (r.info.status, r.data.tags.get("harness.failure_kind")) == ("KILLED", "interrupted"), (
+                t.number, r.data.tags, out)
     assert not [r for r in _runs(isolated, "tune_trial") + _runs(isolated, "tune_run") if r.info.status == "RUNNING"]
     (parent,) = _runs(isolated, "search")
     assert parent.info.status == "KILLED"
     assert main(["tune", str(study), "--no-report"]) == 0
-    trials = _trials(journal, "tiny/kd")
+    trials = _trials(journal, "tiny/test_sleep")
     assert len(counted(trials)) == 3 and all(t.state == TrialState.COMPLETE for t in counted(trials))
