@@ -374,7 +374,9 @@ def test_an_rdb_url_storage_works_like_the_journal(isolated):
     assert len(optuna.load_study(study_name="tiny/kd", storage=url).get_trials()) == 3
 
 
-def test_ctrl_c_fails_the_running_trials_and_queues_them_for_the_next_run(isolated, monkeypatch):
+def test_stopping_the_search_fails_the_running_trials_and_queues_them_for_the_next_run(isolated, monkeypatch):
+    """SIGTERM (a batch system stopping the job) is handled like Ctrl-C. (SIGINT itself is ignored by
+    processes started from a non-interactive shell's background job, as CI may run us.)"""
     monkeypatch.setenv("HARNESS_PLUGINS", "tests.plugins_for_tests")
     study = write_study(isolated / "tiny.yaml", **SLOW, search={**SLOW_SEARCH, "trials": 3})
     journal = str(isolated / "results/tiny/tune.journal")
@@ -388,7 +390,7 @@ def test_ctrl_c_fails_the_running_trials_and_queues_them_for_the_next_run(isolat
             return False
 
     _wait_for(running, 240, proc)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 130, out
     trials = _trials(journal, "tiny/test_sleep")
