@@ -231,12 +231,8 @@ def fit_stats(
 def _outputs(net: torch.nn.Module, x: Tensor, bs: int = 1024) -> tuple[Tensor, Tensor]:
     """(logits, features) of ``net`` on ``x`` in chunks of ``bs``; a lazy (streamed) ``x`` is
     decoded chunk by chunk, in order, through a DataLoader onto the net's device."""
-    from harness.data.stream import is_lazy, iter_batches
+    from harness.data.stream import in_chunks
 
-    if is_lazy(x):
-        p = next(net.parameters(), None)
-        device = p.device if p is not None else torch.device("cpu")
-        outs = [net.forward_both(xb) for xb in iter_batches(x, bs, device)]  # type: ignore[operator, arg-type]
-    else:
-        outs = [net.forward_both(x[i : i + bs]) for i in range(0, len(x), bs)]  # type: ignore[operator]
+    p = next(net.parameters(), None)
+    outs = [net.forward_both(xb) for xb in in_chunks(x, bs, p.device if p is not None else None)]  # type: ignore[operator]
     return torch.cat([o[0] for o in outs]).float().cpu(), torch.cat([o[1] for o in outs]).float().cpu()

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from harness.config import TrainConfig
 from harness.data.splits import PartData, SplitData
-from harness.data.stream import BatchLoader, LazyImages, is_lazy, iter_batches, on_device
+from harness.data.stream import BatchLoader, LazyImages, in_chunks, is_lazy, on_device
 from harness.methods.base import Batch, Method
 
 
@@ -85,10 +85,10 @@ def predict_all(
     device: str | torch.device | None = None,
 ) -> Tensor:
     """``fn`` on all of ``x`` in chunks; a lazy ``x`` is decoded chunk by chunk onto ``device``."""
-    if is_lazy(x):
-        outs = [fn(xb) for xb in iter_batches(x, batch_size, device or "cpu")]  # type: ignore[arg-type]
-        return torch.cat(outs) if outs else torch.zeros(0, device=device)
-    return torch.cat([fn(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]) if len(x) else x.new_zeros(0)
+    outs = [fn(xb) for xb in in_chunks(x, batch_size, device)]
+    if outs:
+        return torch.cat(outs)
+    return torch.zeros(0, device=device) if is_lazy(x) else x.new_zeros(0)  # type: ignore[union-attr]
 
 
 @torch.no_grad()
@@ -120,11 +120,8 @@ def teacher_outputs(
     if len(teachers) == 0:  # type: ignore[arg-type]
         return [], []
     with torch.inference_mode():
-        if is_lazy(x):
-            dev = device if device is not None else next(teachers.parameters()).device
-            chunks = [teachers.outputs(xb) for xb in iter_batches(x, bs, dev)]  # type: ignore[arg-type, operator]
-        else:
-            chunks = [teachers.outputs(x[i : i + bs]) for i in range(0, len(x), bs)]  # type: ignore[operator]
+        dev = device if device is not None else next(teachers.parameters()).device
+        chunks = [teachers.outputs(xb) for xb in in_chunks(x, bs, dev)]  # type: ignore[operator]
     k = len(chunks[0][0])
     logits = [torch.cat([c[0][j] for c in chunks]) for j in range(k)]
     feats = [torch.cat([c[1][j] for c in chunks]) for j in range(k)]
@@ -165,13 +162,14 @@ def train_epoch(
         images = loader.pass_over(batches)
     else:
         own, device = False, x.device  # type: ignore[union-attr]
-        images = (x[idx.to(device)] for idx in batches)  # type: ignore[index]
+    on_dev = [idx.to(device) for idx in batches]  # one host->device copy of each batch's indices
+    if not is_lazy(x):
+        images = (x[idx_d] for idx_d in on_dev)  # type: ignore[index]
     weights = method.weights()
     sums: dict[str, float] = {}
     try:
         for b, xb in enumerate(images):  # the whole pass (a persistent loader's workers stay up)
-            idx = batches[b]
-            idx_d = idx.to(device)
+            idx, idx_d = batches[b], on_dev[b]
             if device.type == "cuda" and loader is not None:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             if cfg.augment:

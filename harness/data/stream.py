@@ -37,7 +37,7 @@ from harness.errors import HarnessError
 
 __all__ = [
     "LazyImages", "LazySet", "STREAMABLE", "is_lazy", "cat_images", "open_image_folder",
-    "loader_workers", "BatchLoader", "iter_batches", "on_device",
+    "loader_workers", "BatchLoader", "iter_batches", "in_chunks", "on_device",
 ]
 
 #: the data sets that ``dataset.stream: true`` supports
@@ -363,3 +363,14 @@ def iter_batches(images: LazyImages, batch_size: int, device: str | torch.device
         yield from loader.pass_over(batches)
     finally:
         loader.close()
+
+
+def in_chunks(x: "Tensor | LazyImages", batch_size: int, device: str | torch.device | None = None) -> Iterator[Tensor]:
+    """``x`` in order in chunks of ``batch_size``: slices of a tensor (where it lives), or the
+    same chunks of a lazy collection decoded through a DataLoader onto ``device`` (default CPU).
+    Every in-order pass (evaluation, teacher outputs, routing statistics) reads through this."""
+    if is_lazy(x):
+        yield from iter_batches(x, batch_size, device or "cpu")  # type: ignore[arg-type]
+    else:
+        for i in range(0, len(x), batch_size):
+            yield x[i : i + batch_size]  # type: ignore[index]
