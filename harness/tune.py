@@ -71,6 +71,17 @@ def storage_for(spec: str) -> Any:
     return JournalStorage(JournalFileBackend(str(path)))
 
 
+def open_storage(spec: str) -> Any:
+    """The storage, opened (and an RDB's schema created) now; HarnessError naming ``--storage``
+    when it cannot be (an unwritable path, a missing database driver, an unreachable server)."""
+    try:
+        storage = storage_for(spec)
+        return optuna.storages.RDBStorage(storage) if isinstance(storage, str) else storage
+    except Exception as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+        raise HarnessError(f"--storage: cannot open {spec!r}: {type(e).__name__}: {reason}") from None
+
+
 def make_sampler(cfg: SamplerConfig, seed: int) -> optuna.samplers.BaseSampler:
     """TPE (``constant_liar`` on, so parallel workers spread out), random or QMC, seeded."""
     extra = dict(cfg.model_extra or {})
@@ -243,11 +254,11 @@ class Search:
     """One ``harness tune`` invocation: keeps the pool busy until every method's budget is used."""
 
     def __init__(self, plan: SearchPlan, storage_spec: str, tracker: Tracker, experiment_id: str, pool: LocalPool,
-                 trials: int, stale_after: float) -> None:
+                 trials: int, stale_after: float, storage: Any = None) -> None:
         self.plan, self.storage_spec, self.tracker, self.exp = plan, storage_spec, tracker, experiment_id
         self.pool, self.trials, self.stale_after = pool, trials, stale_after
         self.owner = f"{platform.node()}:{os.getpid()}"
-        storage = storage_for(storage_spec)
+        storage = storage if storage is not None else storage_for(storage_spec)
         self.pruner = make_pruner(plan.search.pruner, plan.study.train.epochs)
         self.studies = {m: open_search(storage, optuna_name(plan.study.name, m), plan, m, self.pruner,
                                        plan.search.sampler.seed) for m in plan.methods}
@@ -505,12 +516,13 @@ def tune(
     budget = trials or plan.search.trials
     pool = LocalPool(build_slots(study.devices, study.trials_per_device), workers, preload=PRELOAD + ("harness.tune",))
     storage_spec = storage or default_storage(study)
+    opened = open_storage(storage_spec)  # a bad --storage is an error before any MLflow store exists
     out_path = Path(out) if out else Path(path).with_name(f"{study.name}.tuned.yaml")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     tracker = Tracker(tracking_uri)
     exp = tracker.experiment(study.name)
     assert exp is not None
-    search = Search(plan, storage_spec, tracker, exp, pool, budget, stale_after)
+    search = Search(plan, storage_spec, tracker, exp, pool, budget, stale_after, opened)
     try:
         pool.warm()
         stale = search.fail_stale()

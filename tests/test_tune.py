@@ -413,3 +413,12 @@ def test_stopping_the_search_fails_the_running_trials_and_queues_them_for_the_ne
     assert main(["tune", str(study), "--no-report"]) == 0
     trials = _trials(journal, "tiny/test_sleep")
     assert len(counted(trials)) == 3 and all(t.state == TrialState.COMPLETE for t in counted(trials))
+
+
+@pytest.mark.parametrize("storage", ["/proc/nope/x.journal", "sqlite:////proc/nope/x.db"])
+def test_a_storage_that_cannot_be_opened_is_one_line_and_creates_nothing(isolated, capsys, storage):
+    study = write_study(isolated / "tiny.yaml", search=SEARCH)
+    assert main(["tune", str(study), "--storage", storage]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"harness: error: --storage: cannot open '{storage}': ") and "\n" not in err
+    assert not (isolated / "mlflow.db").exists() and not (isolated / "results").exists()
