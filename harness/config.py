@@ -143,6 +143,11 @@ class StudyConfig(_Strict):
     devices: Union[Literal["auto", "cpu"], list[str]] = "auto"
     trials_per_device: int = Field(1, ge=1)
     max_retries: int = Field(0, ge=0)
+    #: ``fixed`` (default): each split's teachers are trained once, with their own ``seed``, and
+    #: shared by every student seed, so the seed std measures student variance only;
+    #: ``per_seed``: student seed s gets teachers trained with seed s (each cached), so the std
+    #: also carries teacher variance
+    teacher_seeds: Literal["fixed", "per_seed"] = "fixed"
     cache_dir: str | None = None
     #: what ``harness tune`` searches (ignored by ``run-study``); see :mod:`harness.search`
     search: SearchConfig | None = None
@@ -192,9 +197,20 @@ class StudyConfig(_Strict):
             raise ValueError("split names must be unique")
         return self
 
-    def teachers_for(self, split: SplitConfig) -> list[TeacherConfig]:
+    def teachers_for(self, split: SplitConfig, seed: int | None = None) -> list[TeacherConfig]:
         """One teacher config per task: the split's own ``teachers`` or else the study's
-        (a single entry is used for every task)."""
+        (a single entry is used for every task). With ``teacher_seeds: per_seed`` and a student
+        ``seed``, each teacher's ``seed`` is replaced by it."""
+        cfgs = self._teacher_cfgs(split)
+        if seed is not None and self.teacher_seeds == "per_seed":
+            cfgs = [c.model_copy(update={"seed": seed}) for c in cfgs]
+        return cfgs
+
+    def teacher_seed_list(self) -> list[int | None]:
+        """The student seeds that get teachers of their own (``[None]``: one set for all)."""
+        return list(self.seeds) if self.teacher_seeds == "per_seed" else [None]
+
+    def _teacher_cfgs(self, split: SplitConfig) -> list[TeacherConfig]:
         own = split.teachers is not None
         cfgs = split.teachers if own else self.teachers
         field = f"splits[{self.splits.index(split)}].teachers" if own else "teachers"
