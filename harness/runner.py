@@ -16,6 +16,7 @@ Order of a study invocation:
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import signal
@@ -41,6 +42,8 @@ from harness.tracking import TAG, Tracker, git_tags, version_tags
 from harness.trial import open_trial_run, prepare_teachers
 
 Pool = Union[LocalPool, RayPool]
+#: artifact of a study run: the JSON list of the trial keys of the study as run (the report's scope)
+TRIAL_KEYS_ARTIFACT = "trial_keys.json"
 
 
 def finished_keys(tracker: Tracker, experiment_id: str | None) -> set[str]:
@@ -156,6 +159,8 @@ class Session:
     pool: Pool
     parent: str = ""
     context: WorkerContext = field(default_factory=WorkerContext.capture)
+    #: the trial keys of the whole study as run (logged as ``trial_keys.json``: reports use these)
+    keys: list[str] = field(default_factory=list)
     provenance: dict[str, str] = field(default_factory=git_tags)
     started: float = field(default_factory=time.time)
 
@@ -188,7 +193,7 @@ def run_study(
         print(f"study {study.name}: {len(trials)} trials, {len(trials) - len(todo)} already finished"
               f"{f', {stale} stale runs marked KILLED' if stale else ''}; tracking at {tracker.uri}")
         print(f"pool: {pool.describe()}")
-        session = Session(study, tracker, exp_id, pool)
+        session = Session(study, tracker, exp_id, pool, keys=[t.key for t in trials])
         with _sigterm_as_interrupt():
             failed = execute(session, todo, splits, backend, live)
     finally:
@@ -214,6 +219,7 @@ def execute(session: Session, todo: list[Trial], splits: dict, backend: str, liv
     })
     try:
         s.tracker.log_text(s.parent, dump_study(s.study), "study.yaml")
+        s.tracker.log_text(s.parent, json.dumps(s.keys, indent=0), TRIAL_KEYS_ARTIFACT)
         keys = []
         for name in dict.fromkeys(t.split for t in todo):  # only splits with trials to run
             recs = prepare_teachers(s.study, splits[name], s.tracker, s.experiment_id, device=s.pool.teacher_device)
