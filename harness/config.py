@@ -59,6 +59,30 @@ def _check_class_list(v: list[int]) -> None:
 
 Task = Union[list[int], TaskSource]
 
+#: "every class of the source": a ``{dataset: ...}`` task without ``classes``
+_ALL = -1
+
+
+def _check_disjoint_sources(split: "SplitConfig", dataset: "DatasetConfig", where: str) -> None:
+    """No image may belong to two tasks: class lists (of the study's data set) and ``{dataset}``
+    tasks are compared by source (data set name and root), a whole-set task overlaps any other
+    task of its source."""
+    seen: dict[tuple[str, str | None], dict[int, int]] = {}
+    for k, task in enumerate(split.tasks):
+        if isinstance(task, list):
+            src, classes = (dataset.name, dataset.root), task
+        else:
+            src, classes = (task.dataset, task.root), (task.classes if task.classes is not None else [_ALL])
+        owners = seen.setdefault(src, {})
+        for c in classes:
+            clash = [j for j in ([owners.get(c)] if c != _ALL else owners.values()) if j is not None]
+            clash += [owners[_ALL]] if _ALL in owners else []
+            if clash:
+                what = f"class {c} of {src[0]}" if c != _ALL else f"the whole of {src[0]}"
+                note = " (a {dataset: ...} task without classes takes the whole set)" if _ALL in (c, *owners) else ""
+                raise ValueError(f"{where}: {what} is in task {clash[0]} and task {k}: tasks must be disjoint{note}")
+            owners[c] = k
+
 
 class ModelSpec(BaseModel):
     """A network: ``arch`` from the model registry plus its options (e.g. ``width``)."""
@@ -71,6 +95,10 @@ class ModelSpec(BaseModel):
         return dict(self.model_extra or {})
 
 
+#: the augmentations ``train.augment`` may list, in the order they are applied
+AUGMENTATIONS: tuple[str, ...] = ("crop", "flip")
+
+
 class Recipe(BaseModel):
     """A training recipe, the same fields for the teachers (supervised) and the student."""
 
@@ -81,11 +109,26 @@ class Recipe(BaseModel):
     weight_decay: float = Field(1e-4, ge=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     scheduler: Literal["none", "cosine"] = "none"
-    augment: bool = False
+    #: training-time augmentation: ``[crop]`` (padded random crop), ``[crop, flip]`` (and a
+    #: horizontal flip: right for natural images, wrong for digits), ``true`` = both, ``false`` = none
+    augment: tuple[Literal["crop", "flip"], ...] = ()
     #: GPU only: bf16 autocast, ``torch.compile`` of the features, and cudnn determinism
     amp: bool = True
     compile: bool = False
     deterministic: bool = False
+
+    @field_validator("augment", mode="before")
+    @classmethod
+    def _augment_ops(cls, v: Any) -> Any:
+        if isinstance(v, bool):
+            return AUGMENTATIONS if v else ()
+        if isinstance(v, str):
+            v = [v]
+        if isinstance(v, (list, tuple)):
+            if len(set(v)) != len(v):
+                raise ValueError("an augmentation is listed twice")
+            return tuple(sorted(v, key=lambda op: AUGMENTATIONS.index(op) if op in AUGMENTATIONS else 99))
+        return v
 
 
 class TeacherConfig(ModelSpec, Recipe):
@@ -195,6 +238,8 @@ class StudyConfig(_Strict):
         names = [s.name for s in self.splits]
         if len(set(names)) != len(names):
             raise ValueError("split names must be unique")
+        for i, split in enumerate(self.splits):
+            _check_disjoint_sources(split, self.dataset, f"splits[{i}].tasks")
         return self
 
     def teachers_for(self, split: SplitConfig, seed: int | None = None) -> list[TeacherConfig]:
@@ -235,7 +280,7 @@ def _loc(loc: tuple[Any, ...]) -> str:
             continue  # union-branch names that pydantic puts in the path
         else:
             out += ("." if out else "") + str(part)
-    return out or "(top level)"
+    return out
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:
@@ -247,7 +292,8 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     if first["type"] == "extra_forbidden":
         msg = "unknown field"
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    return f"{source}: {_loc(first['loc'])}: {msg}{more}"
+    loc = _loc(first["loc"])  # empty for whole-study checks, whose message names the field
+    return f"{source}: {loc + ': ' if loc else ''}{msg}{more}"
 
 
 def parse_study(data: Any, source: str = "study") -> StudyConfig:

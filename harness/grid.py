@@ -19,6 +19,15 @@ from harness.methods.base import get_method
 from harness.models import model_options
 from harness.teachers import stable_hash
 
+#: Version of everything that moves a result but is not in the study file: the losses, the models,
+#: data handling (loading, splitting, normalisation, augmentation), the training loop, routing and
+#: evaluation. Bump it (one integer) in the same commit as any change that can move a logged
+#: number for an unchanged study file; every trial key changes with it, so runs of the old code
+#: no longer count as finished and a rerun recomputes them. Refactors that give bitwise the same
+#: results do not bump it. History: 1 = up to the trust review; 2 = log-space confidence routing
+#: with continuous tie-breaks, opaque batch ids, augmentation ops, digest-keyed teacher caches.
+RESULTS_VERSION = 2
+
 
 @dataclass(frozen=True)
 class Trial:
@@ -31,11 +40,12 @@ class Trial:
     seed: int
     params: dict[str, Any] = field(hash=False, compare=False)
     key: str = ""
+    #: numeric precision the trial trains at (``bf16`` autocast on CUDA with ``train.amp``, else ``fp32``)
+    precision: str = "fp32"
 
     @property
     def run_name(self) -> str:
-        v = "" if self.variant == "full" else ("" if self.variant.startswith("-") else ":") + self.variant
-        return f"{self.split}/{self.method}{v}/seed{self.seed}"
+        return f"{self.split}/{row_name(self.method, self.variant)}/seed{self.seed}"
 
 
 def _check_model(spec: Any, field: str) -> None:
@@ -88,15 +98,53 @@ def method_variants(study: StudyConfig) -> list[tuple[str, str, dict[str, Any]]]
     return out
 
 
-def trial_key(study: StudyConfig, split_index: int, method: str, params: dict, seed: int) -> str:
-    """Hash of the resolved trial config (data, split, teachers, student, recipe, method, seed)."""
+def study_precision(study: StudyConfig) -> str:
+    """The effective precision of the study's trials on the devices its pool would use:
+    ``bf16`` when ``train.amp`` and the pool's devices are CUDA GPUs with bf16, else ``fp32``."""
+    from harness.train import effective_precision
+
+    devices = study.devices
+    if devices == "auto":
+        from harness.scheduler._slots import visible_gpus
+
+        device = "cuda" if visible_gpus() else "cpu"
+    elif devices == "cpu":
+        device = "cpu"
+    else:
+        device = "cuda" if any(str(d).startswith("cuda") for d in devices) else "cpu"
+    return effective_precision(study.train, device)
+
+
+def trial_key(
+    study: StudyConfig, split_index: int, method: str, params: dict, seed: int, precision: str = "fp32"
+) -> str:
+    """Hash of everything that determines a trial's numbers, and only that.
+
+    In the key: the data set (name, root, validation fraction, image size), the split's tasks,
+    the teachers of this trial (architecture, options, recipe, seed: with
+    ``teacher_seeds: per_seed`` the student seed's own), the student, the training recipe, the
+    method and its resolved parameters, the seed, the effective numeric ``precision`` (bf16
+    autocast changes numbers) and :data:`RESULTS_VERSION` (code changes that move numbers).
+
+    Deliberately left out, because they do not change a number: ``dataset.stream`` (how images
+    are read: same batches, bitwise the same results); the study ``name`` (runs live in the
+    study's experiment anyway); the variant's name (two names for one configuration are one
+    trial, and a study-file error); ``devices``, ``trials_per_device``, ``--workers`` and the
+    backend (where and beside what a trial runs: CPU slots are single-threaded, and GPU packing
+    does not change a trial's arithmetic; the device type enters through ``precision``);
+    ``max_retries``, ``cache_dir`` and ``search`` (how often, where cached, what is tuned);
+    the ``routing``/``ablations``/``variants`` blocks as such (they enter through the resolved
+    ``params``).
+    """
     split = study.splits[split_index]
     return stable_hash(
         {
+            "results_version": RESULTS_VERSION,
+            "precision": precision,
             # ``stream`` only says how images are read (same batches, same results): not in the key
             "dataset": study.dataset.model_dump(mode="json", exclude={"stream"}),
             "split": split.model_dump(mode="json"),
-            "teachers": [t.model_dump(mode="json") for t in study.teachers_for(split)],
+            "teachers": [t.model_dump(mode="json") for t in study.teachers_for(split, seed)],
             "student": study.student.model_dump(mode="json"),
             "train": study.train.model_dump(mode="json"),
             "method": method,
@@ -106,8 +154,49 @@ def trial_key(study: StudyConfig, split_index: int, method: str, params: dict, s
     )
 
 
-def expand(study: StudyConfig) -> list[Trial]:
-    """Every trial of the study, validating methods, parameters and model options on the way."""
+def _check_distinct(variants: list[tuple[str, str, dict[str, Any]]]) -> None:
+    """Two variants of one method with the same resolved parameters would be one trial twice."""
+    seen: dict[tuple[str, str], str] = {}
+    for method, variant, params in variants:
+        sig = (method, stable_hash(params, 32))
+        if sig in seen:
+            a, b = row_name(method, seen[sig]), row_name(method, variant)
+            raise HarnessError(
+                f"methods.{method}: variants '{a}' and '{b}' resolve to the same parameters (the same "
+                "trials); remove one, or make them differ"
+            )
+        seen[sig] = variant
+
+
+def _check_reference_bank(study: StudyConfig, variants: list[tuple[str, str, dict[str, Any]]]) -> None:
+    """``knn`` and ``percentile`` read each teacher's own validation images: none with val_fraction 0."""
+    if study.dataset.val_fraction > 0:
+        return
+    from harness.routing import RoutingConfig
+
+    for method, variant, params in variants:
+        if not isinstance(params.get("routing"), dict):
+            continue
+        rule = RoutingConfig.model_validate(params["routing"])
+        if "knn" in rule.scores or rule.standardize == "percentile":
+            raise HarnessError(
+                f"dataset.val_fraction: 0 leaves no validation images, but routing rule '{rule.name}' "
+                f"({row_name(method, variant)}) needs them as its reference bank; set val_fraction > 0"
+            )
+
+
+def row_name(method: str, variant: str) -> str:
+    """``cka``, ``cka-intra`` (ablation) or ``cka:wide`` (named variant), as in run names."""
+    if variant == "full":
+        return method
+    return f"{method}{variant}" if variant.startswith("-") else f"{method}:{variant}"
+
+
+def expand(study: StudyConfig, precision: str | None = None) -> list[Trial]:
+    """Every trial of the study, validating methods, parameters and model options on the way.
+
+    ``precision`` (``fp32``/``bf16``) overrides the one the study's devices give here, e.g. to
+    compute the keys of a study that ran on GPUs from a machine without one."""
     _check_model(study.student, "student")
     for i, t in enumerate(study.teachers):
         _check_model(t, f"teachers[{i}]")
@@ -115,14 +204,20 @@ def expand(study: StudyConfig) -> list[Trial]:
         for i, t in enumerate(split.teachers or []):
             _check_model(t, f"splits[{si}].teachers[{i}]")
     variants = method_variants(study)
+    _check_distinct(variants)
+    _check_reference_bank(study, variants)
+    precision = study_precision(study) if precision is None else precision
+    per_seed = study.teacher_seeds == "per_seed"
     trials = []
     for si, split in enumerate(study.splits):
         study.teachers_for(split)
         for method, variant, params in variants:
-            seeds = study.seeds if get_method(method).seeded else study.seeds[:1]
+            # a seed-independent method (the teachers' reference rows) still depends on the
+            # teachers, which differ per seed under ``teacher_seeds: per_seed``
+            seeds = study.seeds if get_method(method).seeded or per_seed else study.seeds[:1]
             for seed in seeds:
-                key = trial_key(study, si, method, params, seed)
-                trials.append(Trial(study.name, split.name, method, variant, seed, params, key))
+                key = trial_key(study, si, method, params, seed, precision)
+                trials.append(Trial(study.name, split.name, method, variant, seed, params, key, precision))
     return trials
 
 
@@ -138,11 +233,14 @@ def resolved_config(study: StudyConfig, trial: Trial) -> dict[str, Any]:
         "study": study.name,
         "dataset": study.dataset.model_dump(mode="json"),
         "split": split.model_dump(mode="json"),
-        "teachers": [t.model_dump(mode="json") for t in study.teachers_for(split)],
+        "teachers": [t.model_dump(mode="json") for t in study.teachers_for(split, trial.seed)],
+        "teacher_seeds": study.teacher_seeds,
         "student": study.student.model_dump(mode="json"),
         "train": study.train.model_dump(mode="json"),
         "method": trial.method,
         "variant": trial.variant,
         "params": trial.params,
         "seed": trial.seed,
+        "precision": trial.precision,
+        "results_version": RESULTS_VERSION,
     }

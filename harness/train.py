@@ -59,14 +59,23 @@ def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def augment(x: Tensor, generator: torch.Generator) -> Tensor:
-    """Random crop with zero padding (H/8) and horizontal flip, vectorised, on x's device."""
+def augment(x: Tensor, generator: torch.Generator, ops: tuple[str, ...] = ("crop", "flip")) -> Tensor:
+    """Random crop with zero padding (H/8) if ``"crop"`` in ``ops``, horizontal flip with
+    probability 1/2 if ``"flip"``; vectorised, on x's device, draws from ``generator`` only."""
     n, c, h, w = x.shape
-    pad = max(1, h // 8)
-    xp = F.pad(x, (pad, pad, pad, pad))
-    dy = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator).to(x.device)
-    dx = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator).to(x.device)
-    flip = (torch.rand(n, 1, generator=generator) < 0.5).to(x.device)
+    if not ops:
+        return x
+    pad = max(1, h // 8) if "crop" in ops else 0
+    xp = F.pad(x, (pad, pad, pad, pad)) if pad else x
+    if pad:
+        dy = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator).to(x.device)
+        dx = torch.randint(0, 2 * pad + 1, (n, 1), generator=generator).to(x.device)
+    else:
+        dy = dx = torch.zeros(n, 1, dtype=torch.long, device=x.device)
+    if "flip" in ops:
+        flip = (torch.rand(n, 1, generator=generator) < 0.5).to(x.device)
+    else:
+        flip = torch.zeros(n, 1, dtype=torch.bool, device=x.device)
     rows = dy + torch.arange(h, device=x.device)  # [n, h]
     cols = torch.arange(w, device=x.device).expand(n, w)
     cols = dx + torch.where(flip, cols.flip(1), cols)  # [n, w]
@@ -132,6 +141,18 @@ def _state(method: Method) -> dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in method.state_dict().items()}
 
 
+#: seed of the fixed shuffle that turns positions in the training part into opaque image ids
+ID_SEED = 20231017
+
+
+def opaque_ids(n: int) -> Tensor:
+    """Image ids for ``Batch.index``: id of position i = ``perm[i]`` for one fixed seeded
+    permutation of ``range(n)``. Stable across epochs, seeds and methods (an id names one image,
+    e.g. for a memory bank), but the training part is laid out task by task, so raw positions
+    would tell a method which teacher's task an image belongs to; shuffled ids do not."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(ID_SEED))
+
+
 def batch_indices(perm: Tensor, batch_size: int) -> list[Tensor]:
     """The epoch's batches: consecutive slices of ``perm``; the last partial batch is dropped
     (BatchNorm), unless there is less than one batch, then the one batch is all of ``perm``."""
@@ -151,6 +172,7 @@ def train_epoch(
     DataLoader over the same index batches; built here for this epoch when not given)."""
     method.train()
     n = len(x)
+    ids = opaque_ids(n)
     perm = torch.randperm(n, generator=gen)
     batches = batch_indices(perm, cfg.batch_size)
     n_batches = len(batches)
@@ -173,12 +195,12 @@ def train_epoch(
             if device.type == "cuda" and loader is not None:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             if cfg.augment:
-                xb = augment(xb, gen)
+                xb = augment(xb, gen, cfg.augment)
             if cache is not None:
                 tl, tf = [c[idx_d] for c in cache[0]], [c[idx_d] for c in cache[1]]
             else:
                 tl, tf = method.teachers.outputs(xb) if len(method.teachers) else ([], [])
-            batch = Batch(xb, idx, tl, tf, y[idx_d] if y is not None else None)
+            batch = Batch(xb, ids[idx], tl, tf, y[idx_d] if y is not None else None)
             with _autocast(device, cfg):
                 terms = method.loss_terms(batch)
                 total = sum(weights.get(t, 1.0) * v for t, v in terms.items())
@@ -203,9 +225,18 @@ def _device_of(module: torch.nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
+def effective_precision(cfg: TrainConfig, device: str | torch.device) -> str:
+    """``bf16`` when the loop really autocasts (``train.amp`` on a CUDA device with bf16), else
+    ``fp32``. Part of the trial key: the same study trains to other numbers at another precision."""
+    dev = torch.device(device)
+    if dev.type != "cuda" or not cfg.amp:
+        return "fp32"
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+
+
 def _autocast(device: torch.device, cfg: TrainConfig):
-    """bf16 autocast on CUDA when ``train.amp`` (default on); a no-op elsewhere."""
-    enabled = device.type == "cuda" and cfg.amp
+    """bf16 autocast when :func:`effective_precision` says so; a no-op elsewhere."""
+    enabled = effective_precision(cfg, device) == "bf16"
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled) if enabled else contextlib.nullcontext()
 
 

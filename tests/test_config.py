@@ -152,3 +152,38 @@ def test_teachers_share_the_student_recipe_fields():
     data["teachers"] = [{"arch": "cnn", "batch_size": 1}]
     with pytest.raises(HarnessError, match=r"teachers\[0\]\.batch_size: Input should be greater than or equal to 2"):
         parse_study(data, "s.yaml")
+
+
+@pytest.mark.parametrize("tasks,message", [
+    ([[0, 1], {"dataset": "digits", "classes": [1, 5]}], "class 1 of digits is in task 0 and task 1"),
+    ([[0, 1], {"dataset": "digits"}], "the whole of digits is in task 0 and task 1"),
+    ([{"dataset": "digits"}, [3, 4]], "class 3 of digits is in task 0 and task 1"),
+    ([{"dataset": "mnist5k"}, {"dataset": "mnist5k", "classes": [2]}], "class 2 of mnist5k is in task 0 and task 1"),
+])
+def test_tasks_of_one_source_must_be_disjoint_whatever_their_form(tasks, message):
+    data = {**copy.deepcopy(TINY), "splits": [{"name": "mix", "tasks": tasks}]}
+    with pytest.raises(HarnessError, match=rf"^study: splits\[0\]\.tasks: {message}: tasks must be disjoint"):
+        parse_study(data)
+
+
+def test_tasks_of_other_sources_or_other_roots_may_share_class_ids():
+    ok = [[[0, 1], {"dataset": "mnist5k", "classes": [0, 1]}],
+          [{"dataset": "digits"}, {"dataset": "mnist5k"}],
+          [{"dataset": "npz", "root": "a.npz"}, {"dataset": "npz", "root": "b.npz"}]]
+    for tasks in ok:
+        parse_study({**copy.deepcopy(TINY), "splits": [{"name": "mix", "tasks": tasks}]})
+
+
+@pytest.mark.parametrize("given,ops", [(True, ("crop", "flip")), (False, ()), (["crop"], ("crop",)),
+                                       (["flip", "crop"], ("crop", "flip")), ("crop", ("crop",))])
+def test_augment_takes_a_list_of_ops_or_a_bool(given, ops):
+    s = parse_study({**copy.deepcopy(TINY), "train": {"augment": given}})
+    assert s.train.augment == ops
+    assert parse_study(yaml.safe_load(dump_study(s))).train.augment == ops
+
+
+@pytest.mark.parametrize("given,message", [(["rotate"], r"train\.augment\[0\]: Input should be 'crop' or 'flip'"),
+                                           (["crop", "crop"], r"train\.augment: Value error, an augmentation is listed twice|train\.augment: an augmentation is listed twice")])
+def test_augment_rejects_unknown_or_repeated_ops(given, message):
+    with pytest.raises(HarnessError, match=message):
+        parse_study({**copy.deepcopy(TINY), "train": {"augment": given}})

@@ -9,7 +9,7 @@ from harness.config import DatasetConfig, SplitConfig, TrainConfig
 from harness.data.splits import build_split
 from harness.methods.base import Batch, Method, SplitInfo, TeacherSet
 from harness.models import build_model
-from harness.train import NonFiniteLossError, evaluate, fit
+from harness.train import NonFiniteLossError, evaluate, fit, opaque_ids
 
 DATA = build_split(SplitConfig(name="s", tasks=[[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]), DatasetConfig(name="digits"))
 CFG = TrainConfig(epochs=2, batch_size=256)
@@ -65,7 +65,8 @@ def test_labelled_methods_receive_the_true_union_labels():
     m = _make(LabelledSpy)
     fit(m, DATA, CFG, seed=0)
     b = m.seen[0]
-    assert torch.equal(b.y, DATA.parts["train"].y[b.index])
+    position = torch.argsort(opaque_ids(len(DATA.parts["train"])))  # id -> position in the part
+    assert torch.equal(b.y, DATA.parts["train"].y[position[b.index]])
 
 
 def test_epoch_metrics_are_weighted_sum_and_logged_per_term():
@@ -123,3 +124,127 @@ def test_augment_is_a_padded_crop_with_optional_flip():
         assert any(torch.equal(out[i], c) or torch.equal(out[i], c.flip(-1)) for c in crops)
     outs = torch.stack([augment(x, torch.Generator().manual_seed(s)) for s in range(20)])
     assert len({o.sum().item() for o in outs[:, 0]}) > 1  # the crops vary with the seed
+
+
+def test_augment_ops_crop_only_never_flips_and_flip_only_never_shifts():
+    from harness.train import augment
+
+    x = torch.rand(64, 1, 8, 8) + 0.1  # no zero pixels: a shifted crop shows its zero padding
+    crop = augment(x, torch.Generator().manual_seed(0), ("crop",))
+    xp = torch.nn.functional.pad(x, (1, 1, 1, 1))
+    for i in range(64):
+        crops = [xp[i, :, a : a + 8, b : b + 8] for a in range(3) for b in range(3)]
+        assert any(torch.equal(crop[i], c) for c in crops)
+    assert (crop == 0).any()  # some images were shifted
+    flip = augment(x, torch.Generator().manual_seed(0), ("flip",))
+    flipped = [torch.equal(flip[i], x[i].flip(-1)) for i in range(64)]
+    assert all(f or torch.equal(flip[i], x[i]) for i, f in enumerate(flipped)) and 10 < sum(flipped) < 54
+    assert torch.equal(augment(x, torch.Generator().manual_seed(0), ()), x)
+    # both: the draws of the recipe before augmentation became configurable (crop, then flip)
+    both = augment(x, torch.Generator().manual_seed(0), ("crop", "flip"))
+    assert torch.equal(both, augment(x, torch.Generator().manual_seed(0)))
+
+
+def test_batch_index_is_an_opaque_id_that_carries_no_task():
+    from scipy.stats import spearmanr
+
+    m = _make(Spy)
+    fit(m, DATA, TrainConfig(epochs=2, batch_size=64), seed=0)
+    n = len(DATA.parts["train"])
+    position = torch.argsort(opaque_ids(n))
+    ids = torch.cat([b.index for b in m.seen])
+    tasks = DATA.parts["train"].t[position[ids]]
+    rho = spearmanr(ids.numpy(), tasks.numpy()).statistic
+    assert abs(rho) < 0.1
+    # raw positions (what the index used to be) would give the task away: the part is task-major
+    assert spearmanr(position[ids].numpy(), tasks.numpy()).statistic > 0.8
+    # an id names one image: the same id carries the same image in every epoch
+    per_epoch = len(m.seen) // 2
+    first = {int(i): b.x[j] for b in m.seen[:per_epoch] for j, i in enumerate(b.index)}
+    later = [(int(i), b.x[j]) for b in m.seen[per_epoch:] for j, i in enumerate(b.index)]
+    assert all(torch.equal(first[i], x) for i, x in later if i in first)
+    assert sum(i in first for i, _ in later) > 0.5 * len(later)
+
+
+class Peaks(Method):
+    """Validation accuracy set by the epoch: ``SCHEDULE[e]`` of the images are predicted right.
+
+    The only state is a buffer counting the batches seen (part of the state dict, so restoring
+    the best-validation state restores the epoch). Image i of a part (in part order) is right
+    iff ``i / len(part) < q``; predictions look images up by their pixels."""
+
+    terms = {"a": None}
+    SCHEDULE = {1: 0.5, 2: 0.9, 3: 0.6, 4: 0.9, 5: 0.7}
+
+    def __init__(self, *a, batches_per_epoch: int, **kw):
+        super().__init__(*a, **kw)
+        self.per_epoch = batches_per_epoch
+        self.register_buffer("seen_batches", torch.zeros((), dtype=torch.long))
+        self.lookup = {}
+        for part in ("val", "test"):
+            p = DATA.parts[part]
+            for i in range(len(p)):
+                self.lookup[p.x[i].numpy().tobytes()] = (int(p.y[i]), i / len(p))
+
+    def loss_terms(self, batch):
+        self.seen_batches += 1
+        return {"a": self.student(batch.x).sum() * 0.0}
+
+    def predict(self, x):
+        q = self.SCHEDULE[int(self.seen_batches) // self.per_epoch]
+        out = torch.zeros(len(x), DATA.num_classes)
+        for j in range(len(x)):
+            y, u = self.lookup[x[j].numpy().tobytes()]
+            out[j, y if u < q else (y + 1) % DATA.num_classes] = 1.0
+        return out
+
+
+def _expected_acc(part: str, q: float) -> float:
+    n = len(DATA.parts[part])
+    return sum(i / n < q for i in range(n)) / n
+
+
+def test_best_epoch_is_the_first_peak_of_validation_and_its_model_is_the_one_tested():
+    torch.manual_seed(0)
+    cfg = TrainConfig(epochs=5, batch_size=256)
+    per_epoch = len(DATA.parts["train"]) // 256
+    m = Peaks(build_model("mlp", DATA.in_shape, 10, hidden=8), TeacherSet([]), Peaks.ParamsModel(),
+              SplitInfo(tuple(DATA.sizes), tuple(DATA.offsets)), batches_per_epoch=per_epoch)
+    res = fit(m, DATA, cfg, seed=0)
+    vals = [h["val/union_acc"] for h in res.history]
+    assert vals == pytest.approx([_expected_acc("val", Peaks.SCHEDULE[e]) for e in range(1, 6)], abs=1e-7)
+    # epochs 2 and 4 tie at the peak: the first one wins; the last epoch (5) is not the best
+    assert res.best_epoch == 2
+    assert res.final["best_epoch"] == 2.0
+    assert res.final["val/union_acc_best"] == pytest.approx(_expected_acc("val", 0.9), abs=1e-7)
+    assert res.final["test/union_acc"] == pytest.approx(_expected_acc("test", 0.7), abs=1e-7)  # last: epoch 5
+    assert res.final["test/union_acc_best"] == pytest.approx(_expected_acc("test", 0.9), abs=1e-7)
+    assert res.final["test/union_acc_best"] != res.final["test/union_acc"]
+    # the method is left with the LAST epoch's state (diagnostics read the last model)
+    assert int(m.seen_batches) == 5 * per_epoch
+    assert int(res.best_state["seen_batches"]) == 2 * per_epoch
+
+
+def test_teachers_stay_frozen_through_a_trial_with_augmentation():
+    torch.manual_seed(0)
+    teachers = TeacherSet([build_model("cnn", DATA.in_shape, 5, width=8) for _ in range(2)])
+    assert any(isinstance(mod, torch.nn.BatchNorm2d) for mod in teachers.modules())
+    before = {k: v.clone() for k, v in teachers.state_dict().items()}
+
+    class Frozen(Spy):
+        def loss_terms(self, batch):
+            assert not self.teachers.training and not any(t.training for t in self.teachers.modules())
+            # the batch's teacher outputs are the eval-mode teachers on exactly the augmented images
+            tl, _ = self.teachers.outputs(batch.x)
+            assert torch.equal(tl[0], batch.teacher_logits[0])
+            return super().loss_terms(batch)
+
+    torch.manual_seed(3)
+    m = Frozen(build_model("mlp", DATA.in_shape, 10, hidden=16), teachers, Frozen.ParamsModel(),
+               SplitInfo(tuple(DATA.sizes), tuple(DATA.offsets)))
+    res = fit(m, DATA, TrainConfig(epochs=2, batch_size=64, augment=True, lr=0.05), seed=0)
+    assert m.seen and res.history[-1]["loss/total"] > 0
+    after = teachers.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before), "a teacher parameter or BN buffer moved"
+    assert not any(p.requires_grad for p in teachers.parameters())

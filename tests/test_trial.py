@@ -1,0 +1,76 @@
+"""One trial in this process: the seed decides the student's initialisation and the batch order,
+and nothing else does."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness.config import parse_study
+from harness.grid import expand
+from harness.methods.base import Batch, Method, register
+from harness.tracking import Tracker
+from harness.trial import run_trial
+
+from tests.conftest import TINY
+
+#: what each trial of ``test_seed_probe`` saw: (seed, initial student state, ids of its batches)
+SEEN: list[tuple[int, dict[str, torch.Tensor], list[torch.Tensor]]] = []
+
+
+@register("test_seed_probe")
+class SeedProbe(Method):
+    description = "test: records the student's initial weights and the batch order"
+    terms = {"kd": None}
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.initial = {k: v.detach().clone() for k, v in self.student.state_dict().items()}
+        self.ids: list[torch.Tensor] = []
+        SEEN.append((-1, self.initial, self.ids))
+
+    def loss_terms(self, batch: Batch) -> dict[str, torch.Tensor]:
+        self.ids.append(batch.index.clone())
+        z = self.student(batch.x)
+        return {"kd": torch.nn.functional.kl_div(
+            z.log_softmax(1), torch.cat(batch.teacher_logits, 1).softmax(1), reduction="batchmean")}
+
+
+@pytest.fixture(scope="module")
+def probes(tmp_path_factory: pytest.TempPathFactory) -> dict[int, list]:
+    from tests.conftest import isolated_dir
+
+    tmp: Path = tmp_path_factory.mktemp("seeds")
+    with isolated_dir(tmp):
+        study = parse_study({**TINY, "methods": {"test_seed_probe": {}}, "seeds": [0, 1],
+                             "train": {"epochs": 1, "batch_size": 256}})
+        trials = {t.seed: t for t in expand(study)}
+        tracker = Tracker(f"sqlite:///{tmp}/mlflow.db")
+        exp = tracker.experiment(study.name)
+        out: dict[int, list] = {}
+        for seed in (0, 1, 0):
+            SEEN.clear()
+            final = run_trial(study, trials[seed], tracker, exp)
+            out.setdefault(seed, []).append((SEEN[0][1], SEEN[0][2], final))
+        return out
+
+
+def test_the_same_seed_gives_the_same_initialisation_batches_and_numbers(probes: dict[int, list]) -> None:
+    (init_a, ids_a, final_a), (init_b, ids_b, final_b) = probes[0]
+    assert all(torch.equal(init_a[k], init_b[k]) for k in init_a)
+    assert len(ids_a) == len(ids_b) > 1 and all(torch.equal(a, b) for a, b in zip(ids_a, ids_b))
+    assert final_a["test/union_acc"] == final_b["test/union_acc"]
+
+
+def test_another_seed_gives_another_initialisation_and_batch_order(probes: dict[int, list]) -> None:
+    (init_0, ids_0, _), = probes[0][:1]
+    (init_1, ids_1, _), = probes[1]
+    weights = [k for k in init_0 if init_0[k].is_floating_point() and init_0[k].numel() > 1 and init_0[k].std() > 0]
+    assert weights and all(not torch.equal(init_0[k], init_1[k]) for k in weights)
+    assert not torch.equal(ids_0[0], ids_1[0])
+    # an epoch visits each image at most once (the last partial batch is dropped), in another order
+    for ids in (ids_0, ids_1):
+        flat = torch.cat(ids).tolist()
+        assert len(set(flat)) == len(flat)
