@@ -3,7 +3,14 @@
 The cache key hashes everything that determines a teacher (source data set, root, image size,
 validation fraction, its classes, architecture and options, training recipe, seed). An entry is
 ``{"state_dict", "meta"}`` saved atomically and loaded with ``torch.load(weights_only=True)``;
-an unreadable or mismatching entry is retrained, never trusted.
+``meta`` holds the key and the *digest* of the weights (:func:`state_digest`). An unreadable
+entry, one of another key, or one whose weights do not match its digest is retrained, never
+trusted.
+
+What is derived from a teacher (its routing statistics, the teachers' outputs on a split's
+training images) is keyed by the digest of the weights it was computed from, not by the config:
+a retrained teacher whose weights differ (a corrupt entry retrained on a non-deterministic GPU,
+an entry replaced by another) never meets the statistics or outputs of the old weights.
 """
 
 from __future__ import annotations
@@ -14,9 +21,10 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
+from torch import Tensor
 
 from harness.config import DatasetConfig, Recipe, TeacherConfig, TrainConfig
 from harness.data.splits import PartData, SplitData
@@ -38,6 +46,17 @@ def stable_hash(obj: Any, n: int = 16) -> str:
     """Hex digest of canonical JSON (sorted keys), the basis of every cache and trial key."""
     blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:n]
+
+
+def state_digest(state: Mapping[str, Tensor]) -> str:
+    """sha256 (hex) of a state dict: for each entry in key order, its name, dtype, shape and raw
+    bytes, read on the CPU from a contiguous copy (deterministic, whatever device trained it)."""
+    h = hashlib.sha256()
+    for name, t in state.items():
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def teacher_spec(split: SplitData, k: int, dataset: DatasetConfig, cfg: TeacherConfig) -> dict[str, Any]:
@@ -66,7 +85,8 @@ def task_data(split: SplitData, k: int) -> SplitData:
 
 @dataclass
 class TeacherRecord:
-    """A teacher with its cache key, whether it came from the cache, and its own-task metrics."""
+    """A teacher with its cache key, the digest of its weights, whether it came from the cache,
+    its own-task metrics, and its seed."""
 
     index: int
     key: str
@@ -76,22 +96,36 @@ class TeacherRecord:
     metrics: dict[str, float]
     history: list[dict[str, float]]
     stats: TeacherStats | None = None
+    digest: str = ""
+    seed: int = 0
+
+
+def checkpoint_path(key: str, cache_dir: str | None = None) -> Path:
+    return cache_root(cache_dir) / "teachers" / f"{key}.pt"
 
 
 def _load(path: Path, net: Net) -> dict[str, Any] | None:
+    """The entry's meta with the weights loaded into ``net``; None (with a warning) when the
+    entry is unreadable, of another architecture, or its weights do not match its digest."""
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
         net.load_state_dict(blob["state_dict"])
-        return blob["meta"]
+        meta = blob["meta"]
+        stored = meta.get("digest")
     except Exception as e:  # corrupt, truncated, or from another architecture
         warnings.warn(f"teacher cache entry {path} is unreadable ({type(e).__name__}); retraining", stacklevel=2)
         return None
+    if stored != state_digest(net.state_dict()):
+        why = "has no digest" if not stored else "does not match its digest"
+        warnings.warn(f"teacher cache entry {path} {why} (weights not verified); retraining", stacklevel=2)
+        return None
+    return meta
 
 
-def _save(path: Path, net: Net, meta: dict[str, Any]) -> None:
+def _save_atomic(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save({"state_dict": net.state_dict(), "meta": meta}, tmp)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
     os.replace(tmp, path)
 
 
@@ -108,12 +142,19 @@ def train_teacher(data: SplitData, cfg: TeacherConfig, device: str = "cpu") -> t
     return net.cpu().eval(), metrics, res.history
 
 
+def stats_path(rec: TeacherRecord, cache_dir: str | None = None, settings: RoutingStats = RoutingStats()) -> Path:
+    """``<key>-routing-<digest>-<settings>.pt``: the teacher key (its own data), the digest of the
+    weights the statistics were fitted with, and the settings."""
+    name = f"{rec.key}-routing-{rec.digest[:16]}-{stable_hash(settings.model_dump())}.pt"
+    return cache_root(cache_dir) / "teachers" / name
+
+
 def routing_stats(
     rec: TeacherRecord, split: SplitData, cache_dir: str | None = None, settings: RoutingStats = RoutingStats()
 ) -> TeacherStats:
     """Teacher k's routing statistics, fitted on its own training/validation images only and
-    cached next to its checkpoint (the file name hashes the teacher key and the settings)."""
-    path = cache_root(cache_dir) / "teachers" / f"{rec.key}-routing-{stable_hash(settings.model_dump())}.pt"
+    cached next to its checkpoint, keyed by the digest of its weights (:func:`stats_path`)."""
+    path = stats_path(rec, cache_dir, settings)
     if path.exists():
         try:
             return TeacherStats.from_dict(torch.load(path, map_location="cpu", weights_only=True))
@@ -122,10 +163,7 @@ def routing_stats(
     x_tr, y_tr = split.task_part(rec.index, "train")
     x_va, _ = split.task_part(rec.index, "val")
     stats = fit_stats(rec.net, x_tr, y_tr, x_va, settings)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(stats.to_dict(), tmp)
-    os.replace(tmp, path)
+    _save_atomic(path, stats.to_dict())
     return stats
 
 
@@ -139,15 +177,18 @@ def get_teachers(
     for k, cfg in enumerate(cfgs):
         spec = teacher_spec(split, k, dataset, cfg)
         key = stable_hash(spec)
-        path = cache_root(cache_dir) / "teachers" / f"{key}.pt"
+        path = checkpoint_path(key, cache_dir)
         net = build_model(cfg.arch, split.in_shape, split.tasks[k].n, **cfg.options())
         meta = _load(path, net) if path.exists() else None
         if meta is not None and meta.get("key") == key:
-            rec = TeacherRecord(k, key, spec, net.eval(), True, meta["metrics"], meta.get("history", []))
+            rec = TeacherRecord(k, key, spec, net.eval(), True, meta["metrics"], meta.get("history", []),
+                                digest=meta["digest"], seed=cfg.seed)
         else:
             net, metrics, history = train_teacher(task_data(split, k), cfg, device)
-            _save(path, net, {"key": key, "metrics": metrics, "history": history})
-            rec = TeacherRecord(k, key, spec, net, False, metrics, history)
+            digest = state_digest(net.state_dict())
+            _save_atomic(path, {"state_dict": net.state_dict(),
+                                "meta": {"key": key, "digest": digest, "metrics": metrics, "history": history}})
+            rec = TeacherRecord(k, key, spec, net, False, metrics, history, digest=digest, seed=cfg.seed)
         rec.stats = routing_stats(rec, split, cache_dir)
         if on_ready is not None:
             on_ready(rec)
@@ -155,28 +196,40 @@ def get_teachers(
     return records
 
 
+def outputs_path(records: list[TeacherRecord], split: SplitData, cache_dir: str | None = None) -> Path:
+    """``outputs-<hash>.pt``, the hash over the teachers' keys and weight digests and the split's
+    tasks, sources and training-set size."""
+    desc = {"teachers": [[r.key, r.digest] for r in records], "split": split.describe()["tasks"],
+            "sources": [(t.dataset, t.root) for t in split.tasks], "n": len(split.parts["train"])}
+    return cache_root(cache_dir) / "teachers" / f"outputs-{stable_hash(desc)}.pt"
+
+
+def cache_files(records: list[TeacherRecord], split: SplitData, cache_dir: str | None = None) -> list[Path]:
+    """The cache files of these teachers that exist now: checkpoints, routing statistics of the
+    current weights, and the split's teacher outputs (what a worker without this file system needs)."""
+    paths = [checkpoint_path(r.key, cache_dir) for r in records]
+    paths += [stats_path(r, cache_dir) for r in records] + [outputs_path(records, split, cache_dir)]
+    return [p for p in paths if p.exists()]
+
+
 def cached_outputs(
     records: list[TeacherRecord], split: SplitData, cache_dir: str | None = None
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """The frozen teachers' (logits, features) on the split's training images, computed once per
-    split and stored next to the checkpoints (keyed by the teachers' keys and the split's tasks),
-    so every method, variant and seed of the split reuses them."""
+    split and stored next to the checkpoints (keyed by the digests of the teachers' weights and
+    the split, :func:`outputs_path`), so every method, variant and seed of the split reuses them."""
     from harness.methods.base import TeacherSet
     from harness.train import teacher_outputs
 
-    desc = {"teachers": [r.key for r in records], "split": split.describe()["tasks"],
-            "sources": [(t.dataset, t.root) for t in split.tasks], "n": len(split.parts["train"])}
-    path = cache_root(cache_dir) / "teachers" / f"outputs-{stable_hash(desc)}.pt"
+    n = len(split.parts["train"])
+    path = outputs_path(records, split, cache_dir)
     if path.exists():
         try:
             blob = torch.load(path, map_location="cpu", weights_only=True)
-            if len(blob["logits"]) == len(records) and all(len(t) == desc["n"] for t in blob["logits"]):
+            if len(blob["logits"]) == len(records) and all(len(t) == n for t in blob["logits"]):
                 return blob["logits"], blob["feats"]
         except Exception as e:
             warnings.warn(f"teacher-output cache {path} is unreadable ({type(e).__name__}); recomputing", stacklevel=2)
     logits, feats = teacher_outputs(TeacherSet([r.net for r in records]), split.parts["train"].x)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save({"logits": logits, "feats": feats}, tmp)
-    os.replace(tmp, path)
+    _save_atomic(path, {"logits": logits, "feats": feats})
     return logits, feats

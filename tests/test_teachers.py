@@ -112,3 +112,97 @@ def test_teacher_outputs_cached_once_per_split(tmp_path):
     with pytest.warns(UserWarning, match="unreadable"):
         fixed = cached_outputs(recs, SPLIT, str(tmp_path))
     assert torch.equal(fixed[0][0], logits[0])
+
+
+# --------------------------------------------------------------------------- weight digests
+
+MLP = TeacherConfig(arch="mlp", hidden=16, epochs=2, batch_size=32, lr=0.01)
+
+
+def test_state_digest_covers_names_dtypes_shapes_and_values():
+    from harness.teachers import state_digest
+
+    base = {"a.weight": torch.arange(6, dtype=torch.float32).reshape(2, 3), "a.n": torch.tensor(3)}
+    d = state_digest(base)
+    assert len(d) == 64 and d == state_digest({k: v.clone() for k, v in base.items()})
+    assert d == state_digest({k: v.t().contiguous().t() for k, v in base.items()})  # memory layout: same digest
+    changed = [
+        {**base, "a.weight": torch.where(base["a.weight"] == 5, 5.5, base["a.weight"])},  # one value
+        {**base, "a.weight": base["a.weight"].reshape(3, 2)},  # same bytes, other shape
+        {**base, "a.weight": base["a.weight"].view(torch.int32)},  # same bytes, other dtype
+        {"b.weight": base["a.weight"], "a.n": base["a.n"]},  # other name
+        {"a.n": base["a.n"], "a.weight": base["a.weight"]},  # other order
+    ]
+    assert len({d, *map(state_digest, changed)}) == 1 + len(changed)
+    half = [state_digest({"x": torch.ones(2, dtype=dt)}) for dt in (torch.bfloat16, torch.float16)]
+    assert half[0] != half[1]
+
+
+def test_derived_caches_follow_the_weights_not_the_config(tmp_path):
+    """The entry of teacher 0 comes to hold other weights under its key, with their own valid digest
+    (a corrupt entry retrained on a non-deterministic GPU does that). Its routing statistics and the
+    split's teacher outputs are then those of the new weights, exactly as a clean cache computes them,
+    never the old ones found under the same config."""
+    from harness.teachers import cached_outputs, checkpoint_path, state_digest
+
+    root, clean_root = tmp_path / "c", tmp_path / "clean"
+    first = get_teachers(SPLIT, DS, [MLP, MLP], str(root))
+    old_out = cached_outputs(first, SPLIT, str(root))
+    # a clean cache whose teacher 0 has the new weights (trained with another seed)
+    clean = get_teachers(SPLIT, DS, [MLP.model_copy(update={"seed": 1}), MLP], str(clean_root))
+    clean_out = cached_outputs(clean, SPLIT, str(clean_root))
+    assert not _same(clean[0].net, first[0].net)
+    new_state = clean[0].net.state_dict()
+    torch.save({"state_dict": new_state, "meta": {"key": first[0].key, "digest": state_digest(new_state),
+                                                  "metrics": clean[0].metrics, "history": []}},
+               checkpoint_path(first[0].key, str(root)))
+
+    again = get_teachers(SPLIT, DS, [MLP, MLP], str(root))
+    assert again[0].cached and _same(again[0].net, clean[0].net)
+    assert again[0].digest == clean[0].digest != first[0].digest and again[1].digest == first[1].digest
+    for name in ("means", "precision", "bank", "z_mean", "z_std", "val_sorted"):
+        assert torch.equal(getattr(again[0].stats, name), getattr(clean[0].stats, name)), name
+        assert torch.equal(getattr(again[1].stats, name), getattr(first[1].stats, name)), name
+    assert not torch.equal(again[0].stats.means, first[0].stats.means)
+    logits, feats = cached_outputs(again, SPLIT, str(root))
+    assert all(torch.equal(a, b) for a, b in zip(logits + feats, clean_out[0] + clean_out[1]))
+    assert not torch.equal(logits[0], old_out[0][0])
+
+
+def test_weights_that_do_not_match_their_digest_are_retrained(tmp_path):
+    from harness.teachers import checkpoint_path, state_digest
+
+    first = get_teachers(SPLIT, DS, [MLP, MLP], str(tmp_path))
+    path = checkpoint_path(first[0].key, str(tmp_path))
+    blob = torch.load(path, weights_only=True)
+    assert blob["meta"]["digest"] == first[0].digest == state_digest(first[0].net.state_dict())
+    # the weights changed under a digest that still names the trained ones (bit rot, a bad copy)
+    tampered = {k: v + 1e-3 if v.is_floating_point() else v for k, v in blob["state_dict"].items()}
+    torch.save({**blob, "state_dict": tampered}, path)
+    with pytest.warns(UserWarning, match="does not match its digest"):
+        again = get_teachers(SPLIT, DS, [MLP, MLP], str(tmp_path))
+    assert [r.cached for r in again] == [False, True] and _same(again[0].net, first[0].net)
+    assert torch.equal(again[0].stats.precision, first[0].stats.precision)
+    # an entry of the format before digests cannot be verified: retrained too
+    torch.save({"state_dict": blob["state_dict"], "meta": {"key": first[0].key, "metrics": {}}}, path)
+    with pytest.warns(UserWarning, match="has no digest"):
+        assert get_teachers(SPLIT, DS, [MLP, MLP], str(tmp_path))[0].cached is False
+    assert torch.load(path, weights_only=True)["meta"]["digest"] == first[0].digest
+
+
+def test_cache_files_are_those_of_the_current_weights(tmp_path):
+    """What a worker without this file system is sent: checkpoints, the routing statistics of the
+    weights they hold (not those of older weights of the same key), the split's outputs."""
+    import shutil
+
+    from harness.teachers import cache_files, cached_outputs, checkpoint_path, outputs_path, stats_path
+
+    recs = get_teachers(SPLIT, DS, [MLP, MLP], str(tmp_path))
+    stale = stats_path(recs[0], str(tmp_path)).with_name(f"{recs[0].key}-routing-{'0' * 16}-x.pt")
+    shutil.copy(stats_path(recs[0], str(tmp_path)), stale)
+    assert cache_files(recs, SPLIT, str(tmp_path)) == [checkpoint_path(r.key, str(tmp_path)) for r in recs] + [
+        stats_path(r, str(tmp_path)) for r in recs]  # outputs not computed yet
+    cached_outputs(recs, SPLIT, str(tmp_path))
+    files = cache_files(recs, SPLIT, str(tmp_path))
+    assert files[-1] == outputs_path(recs, SPLIT, str(tmp_path)) and len(files) == 5 and stale not in files
+    assert all(r.digest[:16] in stats_path(r, str(tmp_path)).name for r in recs)
