@@ -4,13 +4,16 @@ Order of a study invocation:
 
 1. validate (study file, methods, parameters, model options, class ranges, data roots, devices)
    before anything is created, so bad input leaves no experiment, cache entry or run behind;
-2. resume: a trial whose key already has a FINISHED run is skipped; RUNNING runs of the other
-   keys (left by a killed study) are marked KILLED, and the trial is redone;
+2. resume: a trial whose key already has a FINISHED run is skipped; every other trial is redone
+   (its last run FAILED or KILLED); RUNNING runs of those keys (left by a killed study) are
+   marked KILLED;
 3. a parent run for this invocation (kind ``study``), then the teacher stage: each split's
-   teachers are trained (or loaded) once, here, so workers only load them from the cache;
+   teachers (one set, or one per seed with ``teacher_seeds: per_seed``) are trained or loaded
+   once, here, with their routing statistics and outputs, so workers only load them from the cache;
 4. the trials on the pool: the parent opens each trial's run (RUNNING) and a worker executes it;
    a trial that raises, hits a NaN/inf loss or runs out of memory ends FAILED with the reason,
-   and so does one whose worker dies; failed trials are retried up to ``max_retries`` times;
+   and so does one whose worker dies (unless it had ended the run FINISHED: then the trial is
+   done); failed trials are retried up to ``max_retries`` times;
 5. a summary, exit code 0 if every trial finished, 1 otherwise; the report when all finished.
 """
 
@@ -26,7 +29,7 @@ from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Union
+from typing import Any, Iterable, Iterator, Union
 from urllib.parse import urlparse
 
 from harness.config import StudyConfig, dump_study, load_study
@@ -37,9 +40,9 @@ from harness.progress import Progress, make_progress
 from harness.scheduler import (
     LocalPool, RayPool, Slot, TrialJob, WorkerContext, build_slots, run_trial_job, warm_trial_worker,
 )
-from harness.teachers import cache_root
+from harness.teachers import cache_files, cached_outputs
 from harness.tracking import TAG, Tracker, git_tags, version_tags
-from harness.trial import open_trial_run, prepare_teachers
+from harness.trial import open_trial_run, prepare_teachers, teacher_seeds_of
 
 Pool = Union[LocalPool, RayPool]
 #: artifact of a study run: the JSON list of the trial keys of the study as run (the report's scope)
@@ -120,15 +123,14 @@ def make_pool(study: StudyConfig, backend: str, workers: int | None, address: st
     return LocalPool(build_slots(study.devices, study.trials_per_device), workers)
 
 
-def teacher_files(study: StudyConfig, keys: list[str]) -> dict[str, bytes]:
-    """Every cache entry of these teachers (``<key>.pt``, ``<key>-<...>.pt``) by path, relative to
-    here when inside, for workers on nodes that do not share this file system."""
+def teacher_files(paths: Iterable[Path]) -> dict[str, bytes]:
+    """These cache files (checkpoints, routing statistics and teacher outputs of the current
+    weights: :func:`harness.teachers.cache_files`) by path, relative to here when inside, for
+    workers on nodes that do not share this file system."""
     out = {}
-    folder = (cache_root(study.cache_dir) / "teachers").resolve()
-    for key in keys:
-        for path in sorted(folder.glob(f"{key}*.pt")):
-            rel = os.path.relpath(path) if path.is_relative_to(Path.cwd()) else str(path)
-            out[rel] = path.read_bytes()
+    for path in dict.fromkeys(p.resolve() for p in paths):
+        rel = os.path.relpath(path) if path.is_relative_to(Path.cwd()) else str(path)
+        out[rel] = path.read_bytes()
     return out
 
 
@@ -220,14 +222,9 @@ def execute(session: Session, todo: list[Trial], splits: dict, backend: str, liv
     try:
         s.tracker.log_text(s.parent, dump_study(s.study), "study.yaml")
         s.tracker.log_text(s.parent, json.dumps(s.keys, indent=0), TRIAL_KEYS_ARTIFACT)
-        keys = []
-        for name in dict.fromkeys(t.split for t in todo):  # only splits with trials to run
-            recs = prepare_teachers(s.study, splits[name], s.tracker, s.experiment_id, device=s.pool.teacher_device)
-            keys += [r.key for r in recs]
-            accs = ", ".join(f"{r.metrics.get('test/union_acc_best', float('nan')):.3f}" for r in recs)
-            print(f"teachers of {name}: {'cached' if all(r.cached for r in recs) else 'trained'} (test acc {accs})")
+        files = teacher_stage(s, todo, splits)
         if isinstance(s.pool, RayPool):  # nodes without this file system get the teachers with the jobs
-            s.context = WorkerContext.capture(teacher_files(s.study, keys))
+            s.context = WorkerContext.capture(teacher_files(files))
         else:  # a standby worker opens the store and loads the data while the slot's trial runs
             s.context = WorkerContext.capture(warm=((warm_trial_worker, (s.tracker.uri, s.study)),))
         with make_progress(len(todo), s.pool.limit, live) as progress:
@@ -238,6 +235,25 @@ def execute(session: Session, todo: list[Trial], splits: dict, backend: str, liv
         s.tracker.set_tags(s.parent, {f"{TAG}failure": reason})
         s.tracker.finish(s.parent, "KILLED" if stopped else "FAILED")
         raise
+
+
+def teacher_stage(s: Session, todo: list[Trial], splits: dict) -> list[Path]:
+    """Train (or load) the teachers of every split with trials to run, once per teacher seed those
+    trials use (``teacher_seeds``), with their routing statistics and, without augmentation, their
+    outputs on the training images, so workers only load them. Returns their cache files."""
+    files: list[Path] = []
+    for name in dict.fromkeys(t.split for t in todo):  # only splits with trials to run
+        for seed in teacher_seeds_of(s.study, [t.seed for t in todo if t.split == name]):
+            recs = prepare_teachers(s.study, splits[name], s.tracker, s.experiment_id,
+                                    device=s.pool.teacher_device, seed=seed)
+            if not s.study.train.augment:
+                cached_outputs(recs, splits[name], s.study.cache_dir)
+            files += cache_files(recs, splits[name], s.study.cache_dir)
+            accs = ", ".join(f"{r.metrics.get('test/union_acc_best', float('nan')):.3f}" for r in recs)
+            which = f" (teacher seed {seed})" if seed is not None else ""
+            print(f"teachers of {name}{which}: {'cached' if all(r.cached for r in recs) else 'trained'} "
+                  f"(test acc {accs})")
+    return files
 
 
 def run_trials(s: Session, todo: list[Trial], progress: Progress) -> list[tuple[Trial, str]]:
@@ -257,9 +273,10 @@ def run_trials(s: Session, todo: list[Trial], progress: Progress) -> list[tuple[
                 progress.started(trial.run_name, slot.name if slot else None, attempt)
             for out in s.pool.wait(timeout=1.0):
                 trial, attempt = inflight.pop(out.key)
-                if out.ok:
+                result = out.result if out.ok else finished_result(s.tracker, out.key)
+                if result is not None:  # also a worker that ended its run FINISHED and died before replying
                     cls = get_method(trial.method)
-                    progress.finished(trial.run_name, out.result, ranked=cls.trains and not cls.uses_labels)
+                    progress.finished(trial.run_name, result, ranked=cls.trains and not cls.uses_labels)
                     continue
                 reason = settle_failure(s.tracker, out.key, out.error, out.kind)
                 retry = attempt < s.study.max_retries
@@ -289,6 +306,13 @@ def submit(s: Session, trial: Trial, attempt: int) -> tuple[str, Slot | None]:
                                                        f"{TAG}failure_kind": "exception"})
         raise
     return run_id, slot
+
+
+def finished_result(tracker: Tracker, run_id: str) -> dict[str, float] | None:
+    """The final metrics of a run whose worker gave no result but that ended FINISHED (the worker
+    finished it and died before replying): the trial is done, not failed. None otherwise."""
+    run = tracker.run(run_id)
+    return dict(run.data.metrics) if run.info.status == "FINISHED" else None
 
 
 def settle_failure(tracker: Tracker, run_id: str, error: str, kind: str) -> str:

@@ -12,7 +12,8 @@ import resource
 import sys
 import time
 import traceback
-from typing import Any
+import warnings
+from typing import Any, Iterable
 
 import numpy as np
 import torch
@@ -45,12 +46,15 @@ def trial_tags(trial: Trial, uses_labels: bool, seeded: bool = True) -> dict[str
 
 
 def log_teacher(tracker: Tracker, experiment_id: str, study: str, split: str, rec: TeacherRecord) -> None:
-    """One FINISHED run per teacher key and experiment (a cache hit logs only if none exists)."""
-    if tracker.find(experiment_id, {f"{TAG}teacher_key": rec.key, f"{TAG}split": split}, ("FINISHED",)):
+    """One FINISHED run per teacher key, weights (digest) and experiment (a cache hit logs only if
+    none exists; a retrained teacher with other weights gets a run of its own)."""
+    same = {f"{TAG}teacher_key": rec.key, f"{TAG}teacher_digest": rec.digest, f"{TAG}split": split}
+    if tracker.find(experiment_id, same, ("FINISHED",)):
         return
     tags = {
         f"{TAG}study": study, f"{TAG}split": split, f"{TAG}kind": "teacher", f"{TAG}task": str(rec.index),
-        f"{TAG}teacher_key": rec.key, f"{TAG}method": "teacher", f"{TAG}variant": "full",
+        f"{TAG}teacher_key": rec.key, f"{TAG}teacher_digest": rec.digest, f"{TAG}teacher_seed": str(rec.seed),
+        f"{TAG}method": "teacher", f"{TAG}variant": "full",
         f"{TAG}cached": str(rec.cached).lower(), f"{TAG}uses_labels": "true",
     }
     run_id = tracker.start(experiment_id, f"{split}/teacher{rec.index}", tags, rec.spec)
@@ -67,16 +71,31 @@ def log_teacher(tracker: Tracker, experiment_id: str, study: str, split: str, re
 
 def prepare_teachers(
     study: StudyConfig, split: SplitData, tracker: Tracker | None = None, experiment_id: str | None = None,
-    device: str = "cpu",
+    device: str = "cpu", seed: int | None = None,
 ) -> list[TeacherRecord]:
-    """Train or load the split's teachers (and log each once to MLflow)."""
+    """Train or load the split's teachers for student seed ``seed`` (and log each once to MLflow).
+
+    With ``teacher_seeds: fixed`` the seed is ignored (one set of teachers for every seed); with
+    ``per_seed`` the teachers are trained with ``seed`` (see ``StudyConfig.teachers_for``)."""
     cfg = next(s for s in study.splits if s.name == split.name)
 
     def on_ready(rec: TeacherRecord) -> None:
         if tracker is not None and experiment_id is not None:
             log_teacher(tracker, experiment_id, study.name, split.name, rec)
 
-    return get_teachers(split, study.dataset, study.teachers_for(cfg), study.cache_dir, device, on_ready)
+    return get_teachers(split, study.dataset, study.teachers_for(cfg, seed), study.cache_dir, device, on_ready)
+
+
+def teacher_seeds_of(study: StudyConfig, seeds: Iterable[int]) -> list[int | None]:
+    """The seeds whose teachers trials of these student ``seeds`` use: ``[None]`` (one set for
+    all) with ``teacher_seeds: fixed``, else each seed once, in order."""
+    return list(dict.fromkeys(seeds)) if study.teacher_seeds == "per_seed" else [None]
+
+
+def teacher_tags(records: list[TeacherRecord]) -> dict[str, str]:
+    """What a trial's numbers rest on: its teachers' cache keys and weight digests, in task order."""
+    return {f"{TAG}teacher_keys": ",".join(r.key for r in records),
+            f"{TAG}teacher_digests": ",".join(r.digest for r in records)}
 
 
 @torch.no_grad()
@@ -158,7 +177,8 @@ def execute_trial(
         cls = get_method(trial.method)
         split_cfg = next((i, s) for i, s in enumerate(study.splits) if s.name == trial.split)
         data = data or build_split(split_cfg[1], study.dataset, f"splits[{split_cfg[0]}]")
-        records = prepare_teachers(study, data, device=device)
+        records = prepare_teachers(study, data, device=device, seed=trial.seed)
+        tracker.set_tags(run_id, teacher_tags(records))
         teachers = TeacherSet([r.net for r in records], [r.stats for r in records])
         torch.manual_seed(trial.seed)
         np.random.seed(trial.seed)
@@ -177,8 +197,13 @@ def execute_trial(
         outputs = None if study.train.augment else cached_outputs(records, data, study.cache_dir)
         try:
             res = fit(method, data, study.train, trial.seed, device, on_epoch, cached_outputs=outputs)
-        finally:
-            curves.flush()  # the epochs so far, also of a trial that fails or is pruned
+        except BaseException:
+            try:
+                curves.flush()  # the epochs so far, also of a trial that fails or is pruned ...
+            except Exception as flush_error:  # ... but the trial's own failure is the reason
+                warnings.warn(f"could not log the last epochs of run {run_id}: {flush_error}", stacklevel=1)
+            raise
+        curves.flush()
         final = dict(res.final)
         if diagnose:
             final.update(diagnostics(method, teachers, data, device, outputs))
@@ -195,8 +220,10 @@ def execute_trial(
                                       f"{TAG}end": f"{time.time():.3f}",
                                       f"{TAG}traceback": traceback.format_exc()[-4000:]})
             tracker.finish(run_id, "KILLED" if kind in ("interrupted", "pruned") else "FAILED")
-        finally:
-            raise
+        except Exception as log_error:  # the store failed too: the trial's own failure still wins (the
+            # runner marks a run left RUNNING with the reason the worker reports)
+            warnings.warn(f"could not record the failure of run {run_id}: {log_error}", stacklevel=1)
+        raise
 
 
 def run_trial(

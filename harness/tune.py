@@ -539,11 +539,12 @@ def tune(
             f"{TAG}host": platform.node(), f"{TAG}runner_pid": os.getpid(), f"{TAG}pool": pool.describe(),
             **search.provenance, **version_tags(),
         })
-        from harness.trial import prepare_teachers
+        from harness.trial import prepare_teachers, teacher_seeds_of
 
         try:
             for name in plan.splits:
-                prepare_teachers(study, splits[name], tracker, exp, device=pool.teacher_device)
+                for seed in teacher_seeds_of(study, plan.seeds):  # one set, or one per seed (per_seed)
+                    prepare_teachers(study, splits[name], tracker, exp, device=pool.teacher_device, seed=seed)
             with _sigterm_as_interrupt():
                 try:
                     search.run()

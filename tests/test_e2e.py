@@ -79,6 +79,27 @@ def test_teachers_trained_once_and_logged(ran):
     assert len([f for f in files if f.startswith("outputs-")]) == 1  # one teacher-output cache per split
 
 
+def test_every_number_names_the_weights_it_rests_on(ran):
+    """Teacher runs and trial runs carry the digest of the teacher weights, which is the one stored
+    with the checkpoint and the one its weights hash to."""
+    import torch
+
+    from harness.teachers import state_digest
+
+    _, _, runs, _, tmp = ran
+    teachers = sorted((r for r in runs if r.data.tags.get("harness.kind") == "teacher"),
+                      key=lambda r: int(r.data.tags["harness.task"]))
+    digests = [r.data.tags["harness.teacher_digest"] for r in teachers]
+    for r, digest in zip(teachers, digests):
+        blob = torch.load(tmp / "cache" / "teachers" / f"{r.data.tags['harness.teacher_key']}.pt", weights_only=True)
+        assert blob["meta"]["digest"] == digest == state_digest(blob["state_dict"])
+        assert r.data.tags["harness.teacher_seed"] == "0"
+    assert len(set(digests)) == 2
+    for r in _trials(runs):
+        assert r.data.tags["harness.teacher_digests"] == ",".join(digests)
+        assert r.data.tags["harness.teacher_keys"] == ",".join(t.data.tags["harness.teacher_key"] for t in teachers)
+
+
 def test_rerun_skips_finished_trials(ran):
     _, client, runs, study, _ = ran
     assert main(["run-study", str(study), "--no-report", "--workers", "1"]) == 0

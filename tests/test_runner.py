@@ -18,11 +18,50 @@ from mlflow.tracking import MlflowClient
 
 import tests.plugins_for_tests  # noqa: F401  (registers the test methods here; workers use HARNESS_PLUGINS)
 from harness.cli import main
+from harness.methods.base import Batch, register
 from harness.runner import run_study
 from harness.tracking import TAG
+from tests.plugins_for_tests import _KD
 
 ROOT = Path(__file__).resolve().parents[1]
 SCORE = "test/union_acc"
+#: workers of the tests below also load the methods this module registers
+PLUGINS = "tests.plugins_for_tests,tests.test_runner"
+
+
+@register("test_finish_then_die")
+class FinishesThenDies(_KD):
+    """KD whose worker process dies (SIGKILL) right after it ended its run FINISHED, before it
+    could send the result back: the moment between ``finish_unique`` and the reply."""
+
+    description = "test: the worker dies after finishing its run"
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        import multiprocessing
+
+        import harness.trial
+
+        if multiprocessing.parent_process() is None:  # never in the test process itself
+            return
+        finish = harness.trial.finish_unique
+
+        def finish_then_die(*a: Any) -> None:
+            finish(*a)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        harness.trial.finish_unique = finish_then_die
+
+
+@register("test_bad_term")
+class BadTermName(_KD):
+    """KD with a loss term MLflow refuses as a metric name (``loss/bad#term``)."""
+
+    terms = {"bad#term": None}
+    description = "test: a term whose metric name the store refuses"
+
+    def loss_terms(self, batch: Batch) -> dict[str, Any]:
+        return {"bad#term": super().loss_terms(batch)["kd"]}
 
 
 @pytest.fixture(scope="module")
@@ -302,3 +341,173 @@ def test_progress_counts_eta_and_best(monkeypatch: pytest.MonkeyPatch) -> None:
     live.close()
     text = live_out.getvalue()
     assert "FAILED x: worker died (signal 9 SIGKILL)" in text and "1 failed, 1 remaining" in text
+
+
+# --------------------------------------------------------------------------- teachers per seed, shipped files
+
+
+def _teacher_runs(uri: str, study: str) -> list[Any]:
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(study)
+    return client.search_runs([exp.experiment_id], f"tags.`{TAG}kind` = 'teacher'")
+
+
+def test_per_seed_teachers_differ_by_seed_and_fixed_ones_do_not(env: dict[str, Any], sequential: dict[str, float],
+                                                                capsys: pytest.CaptureFixture) -> None:
+    # fixed (the sequential grid): every trial rests on the same teachers
+    fixed = {r.data.tags[f"{TAG}teacher_digests"] for r in trial_runs(env["uri"], "grid-w1")}
+    assert len(fixed) == 1
+    path = write_study(env, "per-seed", {"kd": {}}, [0, 1], teacher_seeds="per_seed")
+    assert run_study(path, env["uri"], workers=2, report=False, live=False) == 0
+    out = capsys.readouterr().out
+    assert "teachers of 2x5 (teacher seed 0): cached" in out and "teachers of 2x5 (teacher seed 1): trained" in out
+    runs = {int(r.data.tags[f"{TAG}seed"]): r.data.tags for r in trial_runs(env["uri"], "per-seed")}
+    digests = {seed: tags[f"{TAG}teacher_digests"].split(",") for seed, tags in runs.items()}
+    keys = {seed: tags[f"{TAG}teacher_keys"].split(",") for seed, tags in runs.items()}
+    assert len(digests[0]) == len(digests[1]) == 2 and all(len(d) == 64 for d in digests[0] + digests[1])
+    assert not set(digests[0]) & set(digests[1]) and not set(keys[0]) & set(keys[1])
+    assert ",".join(digests[0]) == fixed.pop()  # the study's teachers have seed 0: seed 0's are the fixed ones
+    # one teacher run per (task, teacher seed), each with the digest the trials of that seed used
+    teachers = {(r.data.tags[f"{TAG}task"], int(r.data.tags[f"{TAG}teacher_seed"])): r.data.tags
+                for r in _teacher_runs(env["uri"], "per-seed")}
+    assert sorted(teachers) == [("0", 0), ("0", 1), ("1", 0), ("1", 1)]
+    for (task, seed), tags in teachers.items():
+        assert tags[f"{TAG}teacher_digest"] == digests[seed][int(task)]
+        assert tags[f"{TAG}teacher_key"] == keys[seed][int(task)]
+    # each seed's teachers have their own outputs on the split (besides those of the fixed grid)
+    assert len(list((env["dir"] / "cache" / "teachers").glob("outputs-*.pt"))) == 2
+
+
+def test_workers_without_the_runners_files_get_every_teacher_cache_file(env: dict[str, Any], tmp_path: Path) -> None:
+    """A node that does not share this file system (Ray) is sent the checkpoints, routing statistics
+    and teacher outputs, and runs its trial on them: it computes and writes nothing of its own."""
+    from harness.config import load_study
+    from harness.grid import build_splits, expand
+    from harness.runner import Session, teacher_files, teacher_stage
+    from harness.scheduler import LocalPool, TrialJob, WorkerContext, build_slots, run_trial_job
+    from harness.tracking import Tracker
+    from harness.trial import open_trial_run
+
+    study = load_study(write_study(env, "shipped", {"kd": {}}, [0], cache_dir="shipcache"))
+    (trial,) = expand(study)
+    tracker = Tracker(env["uri"])
+    exp = tracker.experiment(study.name)
+    pool = LocalPool(build_slots("cpu", cores=1), standby=False)
+    try:
+        files = teacher_files(teacher_stage(Session(study, tracker, exp, pool), [trial], build_splits(study)))
+        shipped = sorted(Path(p).name for p in files)
+        assert all(not Path(p).is_absolute() for p in files) and len(shipped) == 5, shipped
+        assert sum(n.startswith("outputs-") for n in shipped) == 1 and sum("-routing-" in n for n in shipped) == 2
+        node = tmp_path / "node"  # the worker's own directory: the runner's cache is not there
+        node.mkdir()
+        here = WorkerContext.capture(files)
+        ctx = WorkerContext(str(node), {**here.env, "HARNESS_PLUGINS": PLUGINS}, here.sys_path, files)
+        run_id = open_trial_run(tracker, exp, study, trial)
+        pool.submit(run_id, run_trial_job, TrialJob(study, trial, run_id, tracker.uri), ctx)
+        outs: list[Any] = []
+        _wait_for(lambda: outs.extend(pool.wait(1.0)) or outs, 120, "the trial")
+    finally:
+        pool.close()
+    assert outs[0].ok, outs[0].error
+    assert sorted(p.name for p in (node / "shipcache" / "teachers").iterdir()) == shipped
+    tags = tracker.run(run_id).data.tags
+    assert tracker.run(run_id).info.status == "FINISHED"
+    digests = [n.split("-routing-")[1][:16] for n in shipped if "-routing-" in n]
+    assert sorted(d[:16] for d in tags[f"{TAG}teacher_digests"].split(",")) == sorted(digests)
+
+
+# --------------------------------------------------------------------------- workers and failures
+
+
+def test_a_worker_that_finished_its_run_and_died_is_not_a_failure(env: dict[str, Any], capsys: pytest.CaptureFixture,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HARNESS_PLUGINS", PLUGINS)
+    path = write_study(env, "finish-die", {"test_finish_then_die": {}}, [0], max_retries=1)
+    assert run_study(path, env["uri"], workers=1, report=False, live=False) == 0
+    assert "done: 1 finished, 0 failed, 0 skipped" in capsys.readouterr().out
+    (run,) = trial_runs(env["uri"], "finish-die")  # not retried
+    assert run.info.status == "FINISHED" and run.data.tags[f"{TAG}attempt"] == "0"
+    assert f"{TAG}failure" not in run.data.tags and 0 < run.data.metrics[SCORE] <= 1
+    assert study_runs(env["uri"], "finish-die")[0].data.metrics["trials_finished"] == 1
+
+
+def _in_process(env: dict[str, Any], name: str, method: str) -> tuple[Any, Any, Any, str]:
+    from harness.config import load_study
+    from harness.grid import expand
+    from harness.tracking import Tracker
+    from harness.trial import open_trial_run
+
+    study = load_study(write_study(env, name, {method: {}}, [0], train={"epochs": 3, "batch_size": 128}))
+    (trial,) = expand(study)
+    tracker = Tracker(env["uri"])
+    exp = tracker.experiment(name)
+    assert exp is not None
+    return study, trial, tracker, open_trial_run(tracker, exp, study, trial)
+
+
+def _stop_after_first_epoch(epoch: int, metrics: dict[str, float]) -> None:
+    raise RuntimeError(f"stopped by the test after epoch {epoch}")
+
+
+def test_a_failing_flush_does_not_hide_why_the_trial_failed(env: dict[str, Any]) -> None:
+    """The trial fails; flushing its curves then fails too (a metric name the store refuses):
+    the trial's own exception is raised and recorded as the reason."""
+    from harness.trial import execute_trial
+
+    study, trial, tracker, run_id = _in_process(env, "flush-fails", "test_bad_term")
+    with pytest.warns(UserWarning, match="could not log the last epochs"):
+        with pytest.raises(RuntimeError, match="stopped by the test after epoch 1"):
+            execute_trial(study, trial, tracker, run_id, epoch_hook=_stop_after_first_epoch, diagnose=False)
+    run = tracker.run(run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags[f"{TAG}failure"] == "RuntimeError: stopped by the test after epoch 1"
+    assert run.data.tags[f"{TAG}failure_kind"] == "exception"
+
+
+def test_a_store_that_fails_while_a_trial_fails_does_not_hide_the_reason(env: dict[str, Any]) -> None:
+    """The run is deleted from the store while the trial fails: neither the curves nor the failure
+    can be recorded, and the trial's own exception is still the one raised (the runner records it)."""
+    from harness.trial import execute_trial
+
+    study, trial, tracker, run_id = _in_process(env, "store-fails", "kd")
+
+    def delete_and_fail(epoch: int, metrics: dict[str, float]) -> None:
+        MlflowClient(env["uri"]).delete_run(run_id)
+        _stop_after_first_epoch(epoch, metrics)
+
+    with pytest.warns(UserWarning) as caught:
+        with pytest.raises(RuntimeError, match="stopped by the test after epoch 1"):
+            execute_trial(study, trial, tracker, run_id, epoch_hook=delete_and_fail, diagnose=False)
+    texts = [str(w.message) for w in caught]
+    assert any("could not log the last epochs" in t for t in texts)
+    assert any("could not record the failure" in t for t in texts)
+
+
+def test_resume_redoes_exactly_the_trials_whose_last_run_failed_or_was_killed(
+        env: dict[str, Any], capsys: pytest.CaptureFixture) -> None:
+    marker = env["dir"] / "resume-flaky.marker"
+    path = write_study(env, "resume", {"kd": {}, "test_flaky": {"marker": str(marker)}}, [0, 1])
+    assert run_study(path, env["uri"], workers=1, report=False, live=False) == 1  # the first flaky trial fails
+    first = trial_runs(env["uri"], "resume")
+    assert sorted(r.info.status for r in first) == ["FAILED", "FINISHED", "FINISHED", "FINISHED"]
+    failed = next(r for r in first if r.info.status == "FAILED")
+    assert failed.data.tags[f"{TAG}method"] == "test_flaky"
+    killed = next(r for r in first if r.data.tags[f"{TAG}method"] == "kd" and r.data.tags[f"{TAG}seed"] == "1")
+    client = MlflowClient(env["uri"])  # this one ended KILLED (as a stopped study leaves it)
+    client.set_tag(killed.info.run_id, f"{TAG}failure_kind", "interrupted")
+    client.set_terminated(killed.info.run_id, "KILLED")
+    kept = {r.info.run_id for r in first} - {failed.info.run_id, killed.info.run_id}
+    capsys.readouterr()
+
+    assert run_study(path, env["uri"], workers=1, report=False, live=False) == 0
+    assert "4 trials, 2 already finished" in capsys.readouterr().out
+    after = trial_runs(env["uri"], "resume")
+    new = [r for r in after if r.info.run_id not in {f.info.run_id for f in first}]
+    redone = {failed.data.tags[f"{TAG}trial_key"], killed.data.tags[f"{TAG}trial_key"]}
+    assert sorted(r.data.tags[f"{TAG}trial_key"] for r in new) == sorted(redone)
+    assert {r.info.status for r in new} == {"FINISHED"}
+    by_key = finished_by_key(after)
+    assert len(by_key) == 4 and all(len(v) == 1 for v in by_key.values())
+    assert kept <= {v[0].info.run_id for v in by_key.values()}  # the FINISHED ones were skipped
+    old = {failed.info.run_id: "FAILED", killed.info.run_id: "KILLED"}
+    assert {r.info.run_id: r.info.status for r in after if r.info.run_id in old} == old
