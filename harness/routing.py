@@ -1,25 +1,49 @@
 """Routing: which teacher claims an unlabelled image (spec, "Routing"), and the targets it implies.
 
-Claim score s_k(x) of teacher k, from its logits z_k(x) (n_k classes) and features f_k(x):
+Claim score s_k(x) of teacher k, from its logits z_k(x) (n_k classes) and features f_k(x); higher
+means "more likely one of its own images". With d_c = (z_c - z_c*) / T_pl (c* the top class,
+T_pl the rule's pseudo-label temperature) and L = logsumexp_{c != c*} d_c = log((1 - p_max) / p_max):
 
-- ``confidence``  max_c softmax(z_k)_c                      (the paper-era default)
+- ``confidence``  logit(p_max) = log(p_max / (1 - p_max)) = -L, p_max = max_c softmax(z_k / T_pl)_c
+                  (the paper-era default). Monotone in p_max, so the claim ORDER is that of the
+                  max softmax, but it keeps resolving where p_max rounds to 1.0 in float32 (top
+                  margin above ~17): margins 20 and 30 give about 20 and 30. +inf when n_k = 1.
 - ``max_logit``   max_c z_k,c
 - ``energy``      logsumexp_c z_k,c
-- ``entropy``     -H(softmax(z_k)) / log n_k                 (0 for n_k = 1)
+- ``entropy``     log(log n_k) - log H(softmax(z_k / T_pl)): monotone decreasing in the normalised
+                  entropy H / log n_k (0 at the uniform distribution), computed in log space as
+                  log H = logsumexp(log softplus(L), {d_c - softplus(L) + log(-d_c)}_{c != c*})
+                  (H = softplus(L) + sum_{c != c*} p_c (-d_c), every term >= 0), so two confident
+                  teachers with different margins get different scores. +inf when n_k = 1.
 - ``mahalanobis`` -min_c sqrt((f - mu_c)^T P (f - mu_c)), mu_c teacher k's class means, P the
                   inverse of one shared Ledoit-Wolf covariance, both on its own training features
 - ``knn``         -|f^ - b^_(j)|, distance of the L2-normalised feature to its j-th nearest
                   neighbour (j = ``knn_k``, 5) among teacher k's own normalised validation features
 
 Standardisation, fitted on each teacher's own data only: ``none``; ``z`` = (s - mean) / std over
-its own training images; ``percentile`` = fraction of its own validation scores <= s. Several
-scores are summed after standardisation (``max_logit+mahalanobis``). The claiming teacher is
-k* = argmax_k of the combined score (ties: lowest k); the pseudo-label is o_{k*} + argmax z_{k*}.
+its own training images, applied to the scores above (so ``confidence/z`` standardises the
+log-odds, which spreads like a logit margin, not the saturating probability; a score equal to
+its mean, e.g. a one-class teacher's constant +inf, gives 0); ``percentile`` = fraction of its
+own validation scores <= s. Several scores are summed after standardisation
+(``max_logit+mahalanobis``).
+
+Claiming teacher k* = argmax_k of the combined score. Exact ties (one-class teachers, percentile
+steps of 1/M) are broken by continuous secondary scores, never by the teachers' order: with
+``percentile``, first by the same scores z-standardised; then, for every rule, by the energy
+logsumexp_c z_k,c of the raw logits. Only teachers indistinguishable on all of these fall back to
+the lowest index. The pseudo-label is o_{k*} + argmax z_{k*}; its confidence (for CKA's
+``conf_threshold``) is max_c softmax(z_{k*} / T_pl)_c.
+
+``T_pl`` (spec "Pseudo-labels": p_k = softmax(z_k / T_pl), default 1) only acts on ``confidence``,
+``entropy`` and the pseudo-label confidence. The fitted statistics are at T_pl = 1, so T_pl != 1
+cannot be combined with a standardised ``confidence``/``entropy`` score (a validation error).
 
 Targets over the union logits: ``concat`` = softmax(concat_k z_k / T) (as in KD), ``routed`` =
 softmax(z_{k*} / T) placed in slice S_{k*}, zero elsewhere.
 
-A rule is written ``score/standardize/targets``, e.g. ``max_logit+mahalanobis/z/routed``.
+A rule is written ``score/standardize/targets``, e.g. ``max_logit+mahalanobis/z/routed``, or as a
+mapping with the same keys plus ``T_pl`` (``{score: confidence, T_pl: 2}``). ``T_pl`` is left out
+of the rule's serialised form when it is the default 1, so trial keys of existing studies stay.
 """
 
 from __future__ import annotations
@@ -30,9 +54,15 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationInfo, field_validator, model_serializer,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 from torch import Tensor
 
+#: scores that read softmax(z / T_pl)
+TEMPERED = ("confidence", "entropy")
 SCORES = ("confidence", "max_logit", "energy", "entropy", "mahalanobis", "knn")
 STANDARDIZE = ("none", "z", "percentile")
 TARGETS = ("concat", "routed")
@@ -47,15 +77,23 @@ class RoutingConfig(BaseModel):
     score: str = "confidence"
     standardize: Literal["none", "z", "percentile"] = "none"
     targets: Literal["concat", "routed"] = "concat"
+    T_pl: float = Field(1.0, gt=0, description="pseudo-label temperature: p_k = softmax(z_k / T_pl)")
 
     @model_validator(mode="before")
     @classmethod
     def _from_string(cls, v: object) -> object:
         if isinstance(v, str):
-            parts = v.split("/")
+            rule, at, opt = v.partition("@")
+            parts = rule.split("/")
             if not 1 <= len(parts) <= 3:
-                raise ValueError(f"routing rule {v!r}: write score/standardize/targets")
-            return dict(zip(("score", "standardize", "targets"), parts))
+                raise ValueError(f"routing rule {v!r}: write score/standardize/targets[@T_pl=<value>]")
+            out: dict[str, object] = dict(zip(("score", "standardize", "targets"), parts))
+            if at:
+                key, eq, val = opt.partition("=")
+                if key != "T_pl" or not eq:
+                    raise ValueError(f"routing rule {v!r}: only '@T_pl=<value>' may follow the rule")
+                out["T_pl"] = val
+            return out
         return v
 
     @field_validator("score")
@@ -67,13 +105,35 @@ class RoutingConfig(BaseModel):
             raise ValueError(f"unknown or repeated claim score {bad[0] if bad else v!r} (choose from: {', '.join(SCORES)})")
         return v
 
+    @field_validator("T_pl")
+    @classmethod
+    def _T_pl_with_fitted_stats(cls, v: float, info: ValidationInfo) -> float:
+        scores = str(info.data.get("score", "")).split("+")
+        if v != 1.0 and info.data.get("standardize", "none") != "none" and any(s in TEMPERED for s in scores):
+            raise PydanticCustomError("T_pl", "T_pl != 1 needs standardize: none with a confidence or entropy "
+                                      "score (statistics are fitted at T_pl = 1)")
+        return v
+
+    @model_serializer(mode="wrap")
+    def _omit_default_T_pl(self, handler: SerializerFunctionWrapHandler) -> dict[str, object]:
+        """Leave ``T_pl`` out at its default, so rules (and trial keys) read as before it existed."""
+        d = handler(self)
+        if self.T_pl == 1.0:
+            d.pop("T_pl", None)
+        return d
+
     @property
     def scores(self) -> tuple[str, ...]:
         return tuple(self.score.split("+"))
 
     @property
     def name(self) -> str:
-        return f"{self.score}/{self.standardize}/{self.targets}"
+        """``score/standardize/targets`` (plus ``@T_pl=<v>`` when T_pl is not 1)."""
+        base = f"{self.score}/{self.standardize}/{self.targets}"
+        if self.T_pl == 1.0:
+            return base
+        t = f"{self.T_pl:g}"
+        return f"{base}@T_pl={t if float(t) == self.T_pl else repr(self.T_pl)}"
 
     @property
     def needs_stats(self) -> bool:
@@ -82,7 +142,7 @@ class RoutingConfig(BaseModel):
 
     @classmethod
     def parse(cls, text: str) -> "RoutingConfig":
-        """``"score[+score]/standardize/targets"`` (the last two optional)."""
+        """``"score[+score]/standardize/targets[@T_pl=<value>]"`` (all but the score optional)."""
         return cls.model_validate(text)
 
 
@@ -92,6 +152,9 @@ class RoutingStats(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     knn_k: int = Field(5, ge=1)
     shrinkage: Literal["ledoit_wolf"] = "ledoit_wolf"
+    #: version of the claim-score formulas the statistics are fitted on (2: log-odds confidence,
+    #: log-space entropy); part of the cache key, so statistics of older formulas are refitted
+    score_version: Literal[2] = 2
 
 
 @dataclass
@@ -114,21 +177,54 @@ class TeacherStats:
         return cls(**d)  # type: ignore[arg-type]
 
 
-def raw_score(name: str, logits: Tensor, feats: Tensor, stats: TeacherStats | None, exclude_self: bool = False) -> Tensor:
+def _top_gaps(z: Tensor) -> tuple[Tensor, Tensor]:
+    """(d, L) for logits z [N, n]: d_c = z_c - z_c* with the top class c* set to -inf, [N, n],
+    and L = logsumexp_{c != c*} d_c = log((1 - p_max) / p_max), [N] (-inf when n = 1)."""
+    top = z.argmax(1, keepdim=True)
+    d = (z - z.gather(1, top)).scatter(1, top, -math.inf)
+    return d, torch.logsumexp(d, 1)
+
+
+def _log_softplus(x: Tensor) -> Tensor:
+    """log(log(1 + e^x)), still resolving where softplus(x) ~ e^x underflows (x < -15)."""
+    return torch.where(x < -15, x + torch.log1p(-0.5 * torch.exp(x.clamp_max(-15))), torch.log(F.softplus(x)))
+
+
+def log_odds_confidence(logits: Tensor, T_pl: float = 1.0) -> Tensor:
+    """logit(p_max) = -logsumexp_{c != c*} (z_c - z_c*) / T_pl, p_max = max softmax(z / T_pl); [N]."""
+    z = logits.float() / T_pl
+    if z.shape[1] == 1:
+        return torch.full((len(z),), math.inf, device=z.device)
+    return -_top_gaps(z)[1]
+
+
+def log_entropy_score(logits: Tensor, T_pl: float = 1.0) -> Tensor:
+    """log(log n) - log H(softmax(z / T_pl)) in log space (module docstring); +inf for n = 1; [N]."""
+    z = logits.float() / T_pl
+    n = z.shape[1]
+    if n == 1:
+        return torch.full((len(z),), math.inf, device=z.device)
+    d, L = _top_gaps(z)
+    sp = F.softplus(L)[:, None]
+    ok = torch.isfinite(d) & (d < 0)  # classes tied with the top contribute p_c * 0
+    terms = torch.where(ok, d - sp + torch.log(torch.where(ok, -d, 1.0)), -math.inf)
+    log_h = torch.logsumexp(torch.cat([_log_softplus(L)[:, None], terms], 1), 1)
+    return math.log(math.log(n)) - log_h
+
+
+def raw_score(
+    name: str, logits: Tensor, feats: Tensor, stats: TeacherStats | None, exclude_self: bool = False, T_pl: float = 1.0
+) -> Tensor:
     """One teacher's claim score (higher = more likely its own image), shape [N]."""
     z = logits.float()
     if name == "confidence":
-        return F.softmax(z, 1).max(1).values
+        return log_odds_confidence(z, T_pl)
     if name == "max_logit":
         return z.max(1).values
     if name == "energy":
         return torch.logsumexp(z, 1)
     if name == "entropy":
-        n = z.shape[1]
-        if n == 1:
-            return torch.zeros(len(z))
-        lp = F.log_softmax(z, 1)
-        return (lp.exp() * lp).sum(1) / math.log(n)
+        return log_entropy_score(z, T_pl)
     if stats is None:
         raise ValueError(f"claim score {name!r} needs the teacher's fitted statistics")
     f = feats.float()
@@ -150,21 +246,45 @@ def standardize(scores: Tensor, name: str, how: str, stats: TeacherStats | None)
     if stats is None:
         raise ValueError(f"standardisation {how!r} needs the teacher's fitted statistics")
     i = SCORES.index(name)
-    if how == "z":
-        return (scores - stats.z_mean[i]) / stats.z_std[i]
+    if how == "z":  # a score equal to its mean (also +inf = +inf) is 0
+        return torch.where(scores == stats.z_mean[i], 0.0, (scores - stats.z_mean[i]) / stats.z_std[i])
     ref = stats.val_sorted[i]
     return torch.searchsorted(ref.contiguous(), scores.contiguous(), right=True).float() / max(len(ref), 1)
 
 
 def claim_scores(
-    logits: list[Tensor], feats: list[Tensor], stats: list[TeacherStats] | None, rule: RoutingConfig
+    logits: list[Tensor], feats: list[Tensor], stats: list[TeacherStats] | None, rule: RoutingConfig,
+    how: str | None = None,
 ) -> Tensor:
-    """Combined standardised claim scores, [N, K]."""
+    """Combined standardised claim scores, [N, K] (standardisation ``how``, default the rule's)."""
+    how = rule.standardize if how is None else how
     cols = []
     for k, (z, f) in enumerate(zip(logits, feats)):
         st = stats[k] if stats else None
-        cols.append(sum(standardize(raw_score(s, z, f, st), s, rule.standardize, st) for s in rule.scores))
+        cols.append(sum(standardize(raw_score(s, z, f, st, T_pl=rule.T_pl), s, how, st) for s in rule.scores))
     return torch.stack(cols, dim=1)
+
+
+def lex_argmax(keys: list[Tensor]) -> Tensor:
+    """Per row, the column that is largest on ``keys[0]``, ties broken by ``keys[1]``, and so on;
+    each key [N, K]. Columns equal on every key go to the lowest index."""
+    cand = torch.ones_like(keys[0], dtype=torch.bool)
+    for key in keys:
+        masked = torch.where(cand, key, -math.inf)
+        cand = cand & (masked == masked.max(1, keepdim=True).values)
+    return cand.float().argmax(1)
+
+
+def claiming_teacher(
+    logits: list[Tensor], feats: list[Tensor], stats: list[TeacherStats] | None, rule: RoutingConfig
+) -> Tensor:
+    """k* [N]: argmax of the rule's score; exact ties by the z-standardised score (``percentile``
+    rules), then by the energy logsumexp z_k; never by teacher order while these differ."""
+    keys = [claim_scores(logits, feats, stats, rule)]
+    if rule.standardize == "percentile":
+        keys.append(claim_scores(logits, feats, stats, rule, how="z"))
+    keys.append(torch.stack([torch.logsumexp(z.float(), 1) for z in logits], 1))
+    return lex_argmax(keys)
 
 
 @torch.no_grad()
@@ -172,14 +292,17 @@ def route(
     logits: list[Tensor], feats: list[Tensor], stats: list[TeacherStats] | None, rule: RoutingConfig,
     offsets: tuple[int, ...] | list[int],
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(union pseudo-labels, claiming teacher k*, claiming teacher's max softmax), each [N]."""
-    k_star = claim_scores(logits, feats, stats, rule).argmax(1)
+    """(union pseudo-labels o_{k*} + argmax z_{k*}, claiming teacher k*, its max softmax(z / T_pl)),
+    each [N]: the one implementation of the spec's pseudo-labels (no gradient)."""
+    if len(offsets) != len(logits) or not logits:
+        raise ValueError(f"got {len(offsets)} offsets for {len(logits)} teachers")
+    k_star = claiming_teacher(logits, feats, stats, rule)
     labels = torch.empty_like(k_star)
     conf = torch.empty(len(k_star), device=k_star.device)
     for k, t in enumerate(logits):
         m = k_star == k
         if m.any():
-            p = F.softmax(t[m].float(), 1)
+            p = F.softmax(t[m].float() / rule.T_pl, 1)
             c, idx = p.max(1)
             labels[m], conf[m] = idx + offsets[k], c
     return labels, k_star, conf
@@ -223,7 +346,7 @@ def fit_stats(
     tr = torch.stack([raw_score(s, z_tr, f_tr, partial) for s in SCORES])
     va = torch.stack([raw_score(s, z_va, f_va, partial, exclude_self=True) for s in SCORES])
     partial.z_mean = tr.mean(1)
-    partial.z_std = tr.std(1).clamp_min(1e-6)
+    partial.z_std = tr.std(1).nan_to_num(1.0).clamp_min(1e-6)  # nan: a one-class teacher's +inf scores
     partial.val_sorted = va.sort(1).values
     return partial
 

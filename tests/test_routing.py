@@ -1,4 +1,5 @@
-"""Routing: claim scores against direct computations, standardisation on own data, ties, targets."""
+"""Routing: claim scores against direct computations, standardisation on own data, ties, targets,
+pseudo-labels (the one implementation of the spec's "Pseudo-labels") and their temperature T_pl."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 from sklearn.covariance import LedoitWolf
 
-from harness import losses
 from harness.routing import (
     SCORES, RoutingConfig, TeacherStats, claim_scores, fit_stats, raw_score, route, standardize, target_logits,
 )
@@ -40,11 +40,45 @@ def test_logit_scores_by_hand():
     f = torch.zeros(2, 1)
     assert torch.allclose(raw_score("max_logit", z, f, None), torch.tensor([2.0, 1.0]))
     assert torch.allclose(raw_score("energy", z, f, None), torch.tensor([math.log(math.e**2 + 1), math.log(2 * math.e)]))
-    assert torch.allclose(raw_score("confidence", z, f, None), torch.tensor([math.e**2 / (math.e**2 + 1), 0.5]))
+    # confidence = log-odds of the max softmax: p = e^2 / (e^2 + 1) -> log(p / (1 - p)) = 2; p = 1/2 -> 0
+    assert torch.allclose(raw_score("confidence", z, f, None), torch.tensor([2.0, 0.0]), atol=1e-6)
     p = math.e**2 / (math.e**2 + 1)
     h = -(p * math.log(p) + (1 - p) * math.log(1 - p)) / math.log(2)
-    assert torch.allclose(raw_score("entropy", z, f, None), torch.tensor([-h, -1.0]), atol=1e-6)
-    assert torch.equal(raw_score("entropy", torch.ones(3, 1), torch.zeros(3, 1), None), torch.zeros(3))
+    # entropy = -log(H / log n): the normalised entropy h ~ 0.53 gives -log h, the uniform row 0
+    assert torch.allclose(raw_score("entropy", z, f, None), torch.tensor([-math.log(h), 0.0]), atol=1e-6)
+    # three classes with T_pl = 2: p = softmax(z / 2), scores from the tempered probabilities
+    z3 = torch.tensor([[3.0, 1.0, -1.0]])
+    q = [math.exp(v / 2) for v in (3.0, 1.0, -1.0)]
+    q = [v / sum(q) for v in q]
+    hq = -sum(v * math.log(v) for v in q) / math.log(3)
+    assert raw_score("confidence", z3, f[:1], None, T_pl=2.0).item() == pytest.approx(math.log(q[0] / (1 - q[0])), rel=1e-5)
+    assert raw_score("entropy", z3, f[:1], None, T_pl=2.0).item() == pytest.approx(-math.log(hq), rel=1e-5)
+    # one class: p_max = 1 and H = 0, so both scores are +inf (a one-class teacher is always sure)
+    assert torch.equal(raw_score("entropy", torch.ones(3, 1), torch.zeros(3, 1), None), torch.full((3,), math.inf))
+    assert torch.equal(raw_score("confidence", torch.ones(3, 1), torch.zeros(3, 1), None), torch.full((3,), math.inf))
+
+
+def test_confidence_and_entropy_scores_match_float64_references_and_keep_resolving():
+    # random logits from flat to sharp (margins up to ~20), against the plain formulas in float64
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(200, 4, generator=g, dtype=torch.float64) * torch.logspace(-1, 0.7, 200, dtype=torch.float64)[:, None]
+    p = torch.softmax(z, 1)
+    pm = p.max(1).values
+    h = -(p * p.log()).sum(1) / math.log(4)
+    f = torch.zeros(200, 1)
+    conf, ent = raw_score("confidence", z, f, None), raw_score("entropy", z, f, None)
+    assert conf.dtype == torch.float32
+    assert torch.allclose(conf.double(), (pm / (1 - pm)).log(), rtol=1e-5, atol=1e-5)
+    assert torch.allclose(ent.double(), -h.log(), rtol=1e-5, atol=1e-5)
+    # float32 inputs with top margins beyond saturation (from 20 on, p_max == 1.0 in float32): still ordered
+    margins = torch.tensor([15.0, 20.0, 30.0, 60.0, 120.0, 400.0])
+    zs = torch.stack([margins, torch.zeros(6), torch.full((6,), -1.0)], 1)
+    for name in ("confidence", "entropy"):
+        s = raw_score(name, zs, torch.zeros(6, 1), None)
+        assert torch.isfinite(s).all() and (s.diff() > 0).all(), name
+    # confidence ~ log-odds: for a dominant top class it is the margin minus log sum_{c != c*} e^{z_c - z_2nd}
+    c = raw_score("confidence", zs, torch.zeros(6, 1), None)
+    assert torch.allclose(c, margins - math.log(1 + math.exp(-1)), rtol=1e-6)
 
 
 def test_mahalanobis_matches_direct_computation():
@@ -88,6 +122,14 @@ def test_fit_stats_uses_ledoit_wolf_and_own_data_only():
     # z-standardised own training scores have mean 0 and std 1
     zs = standardize(raw_score("max_logit", f @ net.w.T, f, st), "max_logit", "z", st)
     assert zs.mean().item() == pytest.approx(0, abs=1e-5) and zs.std().item() == pytest.approx(1, abs=1e-5)
+    # a one-class teacher: constant +inf confidence/entropy; finite statistics, standardised z = 0
+    one = fit_stats(Linear2([[1.0, 0.0, 0.0]]), x, torch.zeros(60, dtype=torch.long), x_val)
+    for s in ("confidence", "entropy"):
+        i = SCORES.index(s)
+        assert math.isinf(one.z_mean[i].item()) and math.isfinite(one.z_std[i].item())
+        inf = raw_score(s, torch.zeros(4, 1), torch.zeros(4, 3), one)
+        assert torch.equal(standardize(inf, s, "z", one), torch.zeros(4))
+        assert torch.equal(standardize(inf, s, "percentile", one), torch.ones(4))
     # percentile: fraction of own validation scores <= s
     fv = x_val.flatten(1)
     vs = raw_score("max_logit", fv @ net.w.T, fv, st)
@@ -123,16 +165,166 @@ def test_sum_of_scores_is_sum_of_standardised_scores():
     assert torch.allclose(ml, torch.tensor([[(3.0 - 1) / 2, (2.0 - 1) / 2]]))
 
 
-def test_confidence_route_equals_pseudo_labels_and_ties_go_to_first():
+def _ref_pseudo_labels(logits, offsets, rule="confidence", T_pl=1.0):
+    """The spec's "Pseudo-labels" in float64 with plain softmax: k* = argmax_k max_c p_k(c)
+    (or argmin_k H(p_k) / log n_k), y = o_k* + argmax_c p_k*(c), confidence max_c p_k*(c)."""
+    ps = [torch.softmax(z.double() / T_pl, 1) for z in logits]
+    if rule == "confidence":
+        score = torch.stack([p.max(1).values for p in ps], 1)
+    else:
+        score = torch.stack([(p * p.log()).sum(1) / math.log(p.shape[1]) for p in ps], 1)
+    k = score.argmax(1)
+    rows = torch.arange(len(k))
+    y = torch.stack([p.argmax(1) + o for p, o in zip(ps, offsets)], 1)[rows, k]
+    conf = torch.stack([p.max(1).values for p in ps], 1)[rows, k]
+    return y, k, conf
+
+
+@pytest.mark.parametrize("rule", ["confidence", "entropy"])
+@pytest.mark.parametrize("T_pl", [1.0, 0.5, 3.0])
+def test_route_agrees_with_reference_pseudo_labels_on_random_logits(rule, T_pl):
+    # unsaturated logits (no float ties): the new scores keep the order of p_max / entropy exactly
     g = torch.Generator().manual_seed(2)
-    z = [torch.randn(50, 3, generator=g), torch.randn(50, 4, generator=g)]
-    f = [torch.zeros(50, 1)] * 2
-    got = route(z, f, None, RoutingConfig(), (0, 3))
-    exp = losses.pseudo_labels(z, (0, 3))
-    assert torch.equal(got[0], exp[0]) and torch.equal(got[1], exp[1]) and torch.allclose(got[2], exp[2])
-    tie = [torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 0.0]])]
-    labels, k, _ = route(tie, [torch.zeros(1, 1)] * 2, None, RoutingConfig.parse("max_logit"), (0, 2))
-    assert k.item() == 0 and labels.item() == 0
+    z = [torch.randn(300, 3, generator=g) * 2, torch.randn(300, 4, generator=g) * 3, torch.randn(300, 2, generator=g)]
+    f = [torch.zeros(300, 1)] * 3
+    y, k, conf = route(z, f, None, RoutingConfig(score=rule, T_pl=T_pl), (0, 3, 7))
+    ry, rk, rconf = _ref_pseudo_labels(z, (0, 3, 7), rule, T_pl)
+    assert torch.equal(k, rk) and torch.equal(y, ry)
+    assert torch.allclose(conf.double(), rconf, rtol=1e-5)
+    assert len(set(k.tolist())) == 3 and y.dtype == torch.int64 and k.dtype == torch.int64
+
+
+def test_confidence_and_entropy_disagree_where_the_spec_says():
+    # A: 2 classes at offset 0; B: 3 classes at offset 2. Row 0: A is more confident (0.7 > 0.6) but
+    # B has the lower normalised entropy (0.86 < 0.88); row 1: B wins on both (0.96 > 0.9).
+    def logp(rows):
+        return torch.tensor([[math.log(p) for p in r] for r in rows])
+    za, zb = logp([[0.7, 0.3], [0.1, 0.9]]), logp([[0.6, 0.2, 0.2], [0.02, 0.02, 0.96]])
+    f = [torch.zeros(2, 1)] * 2
+    y, k, conf = route([za, zb], f, None, RoutingConfig(), (0, 2))
+    assert k.tolist() == [0, 1] and y.tolist() == [0, 4] and conf.tolist() == pytest.approx([0.7, 0.96], rel=1e-6)
+    y, k, conf = route([za, zb], f, None, RoutingConfig.parse("entropy"), (0, 2))
+    assert k.tolist() == [1, 1] and y.tolist() == [2, 4] and conf.tolist() == pytest.approx([0.6, 0.96], rel=1e-6)
+
+
+@pytest.mark.parametrize("rule", ["confidence", "entropy", "confidence/z", "entropy/z", "confidence/percentile"])
+def test_more_confident_teacher_claims_whatever_the_order(rule):
+    # top-logit margins 20 and 30: max softmax is exactly 1.0 for both in float32; the old code gave
+    # every such image to teacher 0. The margin-30 teacher must claim, in both orders. Row 3, margins
+    # 120 and 160: even the entropy of the probabilities underflows to 0 in float32.
+    z20 = torch.tensor([[20.0, 0.0, -1.0], [0.0, 25.0, 5.0], [120.0, 0.0, 0.0]])  # margins 20, 20, 120
+    z30 = torch.tensor([[-2.0, 28.0, 0.0], [35.0, 5.0, 4.0], [0.0, 160.0, 0.0]])  # margins 30, 30, 160
+    f = [torch.zeros(3, 1)] * 2
+    flat = TeacherStats(torch.zeros(1, 1), torch.eye(1), torch.zeros(1, 1), torch.zeros(len(SCORES)), torch.ones(len(SCORES)),
+                        torch.linspace(-5, 40, 10).repeat(len(SCORES), 1))  # the same statistics for both teachers
+    r = RoutingConfig.parse(rule)
+    y, k, _ = route([z20, z30], f, [flat, flat], r, (0, 3))
+    assert k.tolist() == [1, 1, 1] and y.tolist() == [4, 3, 4]
+    y, k, _ = route([z30, z20], f, [flat, flat], r, (0, 3))
+    assert k.tolist() == [0, 0, 0] and y.tolist() == [1, 0, 1]
+
+
+def test_entropy_resolves_confident_teachers_with_the_same_margin():
+    # same top margin 20 (p_max = 1.0 in float32 for both); B spreads its remaining mass over four
+    # classes: normalised entropies (float64, by hand) A 6.2e-8 < B 1.1e-7, so A claims, in both orders
+    za = torch.tensor([[20.0, 0.0]])
+    zb = torch.tensor([[20.0, 0.0, 0.0, 0.0, 0.0]])
+    e = math.exp(-20)
+    ha = -sum(p * math.log(p) for p in (1 / (1 + e), e / (1 + e))) / math.log(2)
+    hb = -sum(p * math.log(p) for p in [1 / (1 + 4 * e)] + [e / (1 + 4 * e)] * 4) / math.log(5)
+    f = [torch.zeros(1, 1)] * 2
+    assert route([za, zb], f, None, RoutingConfig.parse("entropy"), (0, 2))[1].item() == 0
+    assert route([zb, za], f, None, RoutingConfig.parse("entropy"), (0, 5))[1].item() == 1
+    s = claim_scores([za, zb], f, None, RoutingConfig.parse("entropy"))
+    assert s[0].tolist() == pytest.approx([-math.log(ha), -math.log(hb)], rel=1e-5)
+
+
+def test_percentile_ties_are_broken_by_the_z_standardised_score_not_the_order():
+    # both teachers' scores are above all of their validation scores: percentile 1.0 for both.
+    # z-standardised max_logit: teacher "hi" (5 - 0) / 1 = 5 beats teacher "lo" (9 - 6) / 1 = 3.
+    def st(mean):
+        s = TeacherStats(torch.zeros(1, 1), torch.eye(1), torch.zeros(1, 1), torch.zeros(len(SCORES)), torch.ones(len(SCORES)),
+                         torch.zeros(len(SCORES), 4))
+        s.z_mean[1] = mean
+        return s
+    hi, lo = torch.tensor([[5.0, 0.0]]), torch.tensor([[9.0, 0.0, 0.0]])
+    f = [torch.zeros(1, 1)] * 2
+    r = RoutingConfig.parse("max_logit/percentile")
+    assert claim_scores([hi, lo], f, [st(0.0), st(6.0)], r).tolist() == [[1.0, 1.0]]
+    assert route([hi, lo], f, [st(0.0), st(6.0)], r, (0, 2))[1].item() == 0
+    assert route([lo, hi], f, [st(6.0), st(0.0)], r, (0, 3))[1].item() == 1
+
+
+def test_remaining_ties_are_broken_by_energy_not_the_order():
+    # max_logit ties at 1.0; the second teacher has the larger energy logsumexp(z)
+    a, b = torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 0.5]])
+    f = [torch.zeros(1, 1)] * 2
+    for rule in ("max_logit", "max_logit/none/routed"):
+        assert route([a, b], f, None, RoutingConfig.parse(rule), (0, 2))[1].item() == 1
+        assert route([b, a], f, None, RoutingConfig.parse(rule), (0, 2))[1].item() == 0
+    # two one-class teachers (confidence +inf for both): the larger logit claims, in both orders
+    one_lo, one_hi = torch.tensor([[0.2]]), torch.tensor([[3.0]])
+    for rule in ("confidence", "entropy"):
+        y, k, conf = route([one_lo, one_hi], f, None, RoutingConfig.parse(rule), (0, 1))
+        assert k.item() == 1 and y.item() == 1 and conf.item() == 1.0
+        assert route([one_hi, one_lo], f, None, RoutingConfig.parse(rule), (0, 1))[1].item() == 0
+    # equal classes inside the claiming teacher: the first of them (argmax), offsets decide the id
+    z = torch.tensor([[1.0, 3.0, 3.0]])
+    assert route([z, z - 10], [torch.zeros(1, 1)] * 2, None, RoutingConfig(), (3, 0))[0].item() == 4
+
+
+def test_large_logits_give_finite_scores_and_confidences():
+    z1 = torch.tensor([[50.0, -50.0], [-50.0, 50.0]])
+    z2 = torch.tensor([[-50.0, 50.0, 0.0], [0.0, 0.0, 0.0]])
+    f = [torch.zeros(2, 1)] * 2
+    for rule in ("confidence", "entropy"):
+        labels, teacher, conf = route([z1, z2], f, None, RoutingConfig.parse(rule), (0, 2))
+        assert torch.all(torch.isfinite(conf)) and torch.all(torch.isfinite(claim_scores([z1, z2], f, None, RoutingConfig.parse(rule))))
+        # row 0: margins 100 (teacher 0) and 50 (teacher 1); row 1: teacher 0 sure, teacher 1 uniform
+        assert teacher.tolist() == [0, 0] and labels.tolist() == [0, 1]
+
+
+def test_T_pl_changes_confidence_and_can_change_the_claimant():
+    # A: two classes, fairly sharp; B: six classes with a larger top gap.
+    # T_pl = 1: p_max A 0.881 > B 0.801; T_pl = 0.5: A 0.982 < B 0.988.
+    za = torch.tensor([[2.0, 0.0]])
+    zb = torch.tensor([[3.0, 0.0, 0.0, 0.0, 0.0, 0.0]])
+    f = [torch.zeros(1, 1)] * 2
+    for T_pl, claimant, c in ((1.0, 0, math.e**2 / (math.e**2 + 1)), (0.5, 1, math.e**6 / (math.e**6 + 5))):
+        y, k, conf = route([za, zb], f, None, RoutingConfig(T_pl=T_pl), (0, 2))
+        assert k.item() == claimant and y.item() == (0 if claimant == 0 else 2)
+        assert conf.item() == pytest.approx(c, rel=1e-6)
+    # entropy at T_pl: normalised entropies A 0.527 > B 0.458 at T_pl = 1 (B claims); at T_pl = 2,
+    # A 0.840 < B 0.860 (A claims)
+    for T_pl, claimant in ((1.0, 1), (2.0, 0)):
+        assert route([za, zb], f, None, RoutingConfig(score="entropy", T_pl=T_pl), (0, 2))[1].item() == claimant
+    # T_pl moves the confidence, never the class inside a teacher
+    _, _, c2 = route([za], f[:1], None, RoutingConfig(T_pl=2.0), (0,))
+    assert c2.item() == pytest.approx(math.e / (math.e + 1), rel=1e-6)
+
+
+def test_T_pl_is_validated_and_left_out_of_the_default_rule():
+    assert RoutingConfig().model_dump() == {"score": "confidence", "standardize": "none", "targets": "concat"}
+    r = RoutingConfig.parse("entropy/none/routed@T_pl=2")
+    assert r.T_pl == 2.0 and r.model_dump(mode="json")["T_pl"] == 2.0 and r.name == "entropy/none/routed@T_pl=2"
+    assert RoutingConfig.model_validate(r.model_dump()) == r and RoutingConfig.parse(r.name) == r
+    assert RoutingConfig.model_validate({"score": "confidence", "T_pl": 0.25}).name == "confidence/none/concat@T_pl=0.25"
+    assert RoutingConfig.parse("max_logit/z@T_pl=0.5").T_pl == 0.5  # T_pl does not act on max_logit
+    for bad in ({"T_pl": 0}, {"T_pl": -1.0}, "confidence/z@T_pl=2", {"score": "max_logit+entropy", "standardize": "percentile", "T_pl": 3},
+                "confidence@T=2", "confidence@T_pl"):
+        with pytest.raises(ValidationError) as e:
+            RoutingConfig.model_validate(bad)
+        assert "T_pl" in str(e.value)
+
+
+def test_offsets_must_match_teachers_and_inputs_are_not_modified():
+    z = [torch.randn(4, 3), torch.randn(4, 2)]
+    saved = [t.clone() for t in z]
+    with pytest.raises(ValueError, match="offsets"):
+        route(z, [torch.zeros(4, 1)] * 2, None, RoutingConfig(), (0,))
+    z[0].requires_grad_(True)
+    y, k, conf = route(z, [torch.zeros(4, 1)] * 2, None, RoutingConfig(), (0, 3))
+    assert not conf.requires_grad and all(torch.equal(a.detach(), b) for a, b in zip(z, saved))
 
 
 def test_routed_targets_are_claiming_softmax_in_its_slice():
@@ -142,8 +334,14 @@ def test_routed_targets_are_claiming_softmax_in_its_slice():
         p = F.softmax(target_logits(z, k, RoutingConfig.parse("confidence/none/routed"), T) / T, 1)
         assert torch.equal(p[0, 2:], torch.zeros(3)) and torch.equal(p[1, :2], torch.zeros(2))
         assert torch.allclose(p[0, :2], F.softmax(z[0][0] / T, 0)) and torch.allclose(p[1, 2:], F.softmax(z[1][1] / T, 0))
-        kl = losses.soft_target_kl(target_logits(z, k, RoutingConfig(targets="routed"), T), torch.randn(2, 5), T)
-        assert torch.isfinite(kl)
+        # KL against the routed target: the zero slices add nothing (0 log 0 = 0), no inf or NaN
+        zs = torch.randn(2, 5, generator=torch.Generator().manual_seed(4))
+        tl = target_logits(z, k, RoutingConfig(targets="routed"), T)
+        kl = (F.softmax(tl / T, 1) * (F.log_softmax(tl / T, 1) - F.log_softmax(zs / T, 1))).sum(1).mean()
+        q0, q1 = F.softmax(z[0][0] / T, 0), F.softmax(z[1][1] / T, 0)
+        ls = F.log_softmax(zs / T, 1)
+        by_hand = ((q0 * (q0.log() - ls[0, :2])).sum() + (q1 * (q1.log() - ls[1, 2:])).sum()) / 2
+        assert kl.item() == pytest.approx(by_hand.item(), rel=1e-5)
     assert torch.equal(target_logits(z, k, RoutingConfig(), 1.0), torch.cat(z, 1))
 
 
