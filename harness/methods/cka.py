@@ -14,7 +14,10 @@ Formulas as reconstructed in ``cka-spec.md``; every **variant** there is a param
 h = normalize(g(f)) with projectors g: Linear(d_in, 256) -> BN -> ReLU -> Linear(256, 128).
 y^ are pseudo-labels from the frozen teachers (no ground truth), claimed under the ``routing``
 rule (default: highest max-softmax confidence; the spec's lowest-entropy variant is
-``routing: entropy``; ``targets: routed`` also routes L_task's target). With w_task = 0 (the
+``routing: entropy``; ``targets: routed`` also routes L_task's target; the pseudo-label
+temperature of p_k = softmax(z_k / T_pl) is ``routing: {score: ..., T_pl: ...}``, default 1).
+``conf_threshold`` keeps, for L_intra and L_inter only, the samples whose claiming teacher's
+max_c p_k*(c) >= the threshold; L_align and L_task use every sample. With w_task = 0 (the
 ``-task`` ablation) the head is trained by cross-entropy on y^ instead, logged as ``task_hard``.
 """
 
@@ -40,7 +43,7 @@ class CKAParams(Params):
     tau: float = Field(0.1, gt=0, description="contrastive temperature")
     tau_a: float = Field(0.1, gt=0, description="alignment temperature")
     T: float = Field(1.0, gt=0, description="soft-target temperature")
-    routing: RoutingConfig = Field(RoutingConfig(), description="claiming rule and targets (harness.routing)")
+    routing: RoutingConfig = Field(RoutingConfig(), description="claiming rule, targets and T_pl (harness.routing)")
     conf_threshold: float = Field(0.0, ge=0, le=1)
     intra_models: Literal["student", "all"] = "student"
     symmetric: bool = False
