@@ -1,11 +1,12 @@
 """Loss functions of CKA and its baselines, as pure tensor functions.
 
 These are the formulas of the method spec (``shared/design/cka-spec.md``: "The four loss
-components", "Pseudo-labels" and CFL's MMD under "Baselines"). The CKA paper (Gao, Fu, Liu, Han,
-"Contrastive Knowledge Amalgamation for Unsupervised Image Classification", arXiv 2307.14781) is
-public only as its abstract; the exact formulas are the spec's reconstruction from it and from
-the methods it builds on: SupCon (Khosla et al., NeurIPS 2020), KD (Hinton et al., 2015) and CFL
-(Luo et al., IJCAI 2019).
+components" and CFL's MMD under "Baselines"). The CKA paper (Gao, Fu, Liu, Han, "Contrastive
+Knowledge Amalgamation for Unsupervised Image Classification", arXiv 2307.14781) is public only as
+its abstract; the exact formulas are the spec's reconstruction from it and from the methods it
+builds on: SupCon (Khosla et al., NeurIPS 2020), KD (Hinton et al., 2015) and CFL (Luo et al.,
+IJCAI 2019). Pseudo-labels (which teacher claims an image, spec "Pseudo-labels") are routing, not
+a loss: :func:`harness.routing.route` is their one implementation.
 
 Every function is stateless and side-effect free. All are numerically stable for temperatures
 down to 0.05 and logits up to +-50 in float32 and float64: probabilities are only ever handled
@@ -16,7 +17,6 @@ itself) are removed from the matrices rather than filled with a large negative n
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -29,14 +29,9 @@ __all__ = [
     "align_relation",
     "cross_supcon",
     "mmd2",
-    "pseudo_labels",
     "soft_target_kl",
     "supcon",
 ]
-
-PSEUDO_LABEL_RULES = ("confidence", "entropy")
-"""Rules accepted by :func:`pseudo_labels` for choosing the claiming teacher."""
-
 
 # --------------------------------------------------------------------------- helpers
 
@@ -369,89 +364,3 @@ def mmd2(
 
     value = kernel_mean(xn, xn) + kernel_mean(yn, yn) - 2.0 * kernel_mean(xn, yn)
     return value.clamp_min(0.0)
-
-
-# --------------------------------------------------------------------------- pseudo-labels
-
-
-def pseudo_labels(
-    teacher_logits: Sequence[Tensor],
-    offsets: Sequence[int],
-    T: float = 1.0,
-    rule: str = "confidence",
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Union-space pseudo-labels from the teachers' logits (spec: "Pseudo-labels").
-
-    Formula (CKA, Gao et al. arXiv 2307.14781, as reconstructed in the spec)::
-
-        p_k = softmax(z_k / T)
-        rule "confidence": k* = argmax_k max_c p_k(c)
-        rule "entropy":    k* = argmin_k H(p_k) / log(n_k)   (0 when n_k = 1)
-        y^ = o_{k*} + argmax_c p_{k*}(c),  confidence = max_c p_{k*}(c).
-
-    Ties (equal scores, or equal class probabilities) go to the lowest index. Confidences are
-    compared as log-probabilities (same order as the probabilities, but confidences that
-    round to the same float near 1 stay distinguishable). Computed without gradient.
-
-    Args:
-        teacher_logits: K tensors [N, n_k], teacher k's logits on the same N images.
-        offsets: K ints o_k, the start of teacher k's slice in the union label space.
-        T: Temperature, > 0.
-        rule: ``"confidence"`` or ``"entropy"``.
-
-    Returns:
-        ``(labels, teacher, confidence)``: union pseudo-labels int64 [N], claiming teacher
-        k* int64 [N], and max_c p_{k*}(c) as a float tensor [N] (whatever rule chose k*).
-
-    Raises:
-        ValueError: On an unknown ``rule``, ``T <= 0``, no teachers, mismatched
-            ``offsets`` length, or logits that are not [N, n_k] with a common N.
-    """
-    if rule not in PSEUDO_LABEL_RULES:
-        raise ValueError(
-            f"unknown pseudo-label rule {rule!r}; expected one of {', '.join(PSEUDO_LABEL_RULES)}"
-        )
-    _check_positive("T", T)
-    k_total = len(teacher_logits)
-    if k_total == 0:
-        raise ValueError("teacher_logits must contain at least one teacher")
-    if len(offsets) != k_total:
-        raise ValueError(f"got {len(offsets)} offsets for {k_total} teachers")
-    n = teacher_logits[0].shape[0] if teacher_logits[0].dim() == 2 else -1
-    for k, z in enumerate(teacher_logits):
-        if z.dim() != 2 or z.shape[0] != n or z.shape[1] < 1:
-            raise ValueError(
-                f"teacher_logits[{k}] must be [N, n_k] with N = {n} and n_k >= 1, "
-                f"got shape {tuple(z.shape)}"
-            )
-    dtype = teacher_logits[0].dtype
-    for z in teacher_logits[1:]:
-        dtype = torch.promote_types(dtype, z.dtype)
-    if not dtype.is_floating_point:
-        dtype = torch.get_default_dtype()
-    device = teacher_logits[0].device
-
-    with torch.no_grad():
-        confs, classes, scores = [], [], []
-        for z in teacher_logits:
-            log_p = _log_softmax(z.detach().to(dtype) / T, dim=1)
-            max_log_p, cls = log_p.max(dim=1)  # first maximum on ties
-            confs.append(max_log_p.exp())
-            classes.append(cls)
-            if rule == "confidence":
-                scores.append(max_log_p)  # monotone in max_c p_k(c)
-            else:
-                n_k = z.shape[1]
-                if n_k == 1:
-                    entropy = torch.zeros_like(max_log_p)
-                else:
-                    entropy = -(log_p.exp() * log_p).sum(dim=1) / math.log(n_k)
-                scores.append(-entropy)  # argmax of -H == argmin of H
-        score = torch.stack(scores, dim=1)  # [N, K]
-        teacher = torch.argmax(score, dim=1)  # first maximum -> lowest teacher index on ties
-        rows = torch.arange(score.shape[0], device=device)
-        conf = torch.stack(confs, dim=1)[rows, teacher]
-        cls = torch.stack(classes, dim=1)[rows, teacher]
-        offs = torch.as_tensor(list(offsets), dtype=torch.int64, device=device)
-        labels = offs[teacher] + cls
-    return labels.to(torch.int64), teacher.to(torch.int64), conf

@@ -18,7 +18,6 @@ from harness.losses import (
     align_relation,
     cross_supcon,
     mmd2,
-    pseudo_labels,
     soft_target_kl,
     supcon,
 )
@@ -143,7 +142,6 @@ def test_supcon_closed_form_excludes_anchors_without_positives() -> None:
     y = torch.tensor([0, 0, 1])
     expected = (math.log(1 + math.exp(-1)) + math.log(2)) / 2  # mean over 2 anchors, not 3
     assert supcon(h, y, tau=1.0).item() == pytest.approx(expected, rel=1e-12)
-    assert expected != pytest.approx(expected * 2 / 3)
 
 
 def test_supcon_two_samples_same_label_is_zero() -> None:
@@ -180,7 +178,8 @@ def test_cross_supcon_matches_reference(labels: list[int]) -> None:
     assert cross_supcon(hs, ht, y, tau=0.2).item() == pytest.approx(fwd, rel=1e-10)
     sym = cross_supcon(hs, ht, y, tau=0.2, symmetric=True).item()
     assert sym == pytest.approx((fwd + bwd) / 2, rel=1e-10)
-    assert fwd != pytest.approx(bwd)  # the directions differ, so the symmetric test has teeth
+    # the teacher-anchored direction is really computed: ``symmetric`` changes the value
+    assert sym != pytest.approx(cross_supcon(hs, ht, y, tau=0.2).item(), rel=1e-6)
 
 
 def test_align_kl_closed_form() -> None:
@@ -219,11 +218,11 @@ def test_align_relation_closed_form_masks_diagonal() -> None:
     rs = [_softmax([1, 0]), _softmax([1, 0]), _softmax([0, 0])]
     expected = sum(_kl(a, b) for a, b in zip(rt, rs)) / 3
     assert align_relation(hs, ht, tau=1.0).item() == pytest.approx(expected, rel=1e-12)
-    # If the diagonal were kept (or set to 0 inside the softmax) the value would differ.
+    # Not the value with the diagonal kept inside the softmax.
     keep = [_softmax([1, 0, -1]), _softmax([0, 1, 0]), _softmax([-1, 0, 1])]
     keep_s = [_softmax([1, 1, 0]), _softmax([1, 1, 0]), _softmax([0, 0, 1])]
     with_diag = sum(_kl(a, b) for a, b in zip(keep, keep_s)) / 3
-    assert expected != pytest.approx(with_diag)
+    assert align_relation(hs, ht, tau=1.0).item() != pytest.approx(with_diag, rel=1e-3)
 
 
 def test_align_relation_matches_reference() -> None:
@@ -355,10 +354,9 @@ def test_symmetric_is_average_of_directions() -> None:
     hs, ht = _unit(6, 5, seed=26), _unit(6, 5, seed=27)
     y = torch.tensor([0, 1, 1, 2, 0, 2])
     fwd, bwd = cross_supcon(hs, ht, y), cross_supcon(ht, hs, y)
-    assert cross_supcon(hs, ht, y, symmetric=True).item() == pytest.approx(
-        0.5 * (fwd.item() + bwd.item()), rel=1e-12
-    )
-    assert fwd.item() != pytest.approx(bwd.item())
+    sym = cross_supcon(hs, ht, y, symmetric=True).item()
+    assert sym == pytest.approx(0.5 * (fwd.item() + bwd.item()), rel=1e-12)
+    assert sym != pytest.approx(fwd.item(), rel=1e-6)  # not just the student-anchored direction
 
 
 # --------------------------------------------------------------------------- limits
@@ -490,22 +488,11 @@ def test_supcon_extreme_value_is_exact_where_naive_log_softmax_underflows(
     a = 1 / tau
     h = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [1.0, 0.0]], dtype=dtype, requires_grad=True)
     y = torch.tensor([0, 0, 1])
-    naive = -torch.log(torch.softmax(h.detach() @ h.detach().T / tau, 1))
-    assert not torch.all(torch.isfinite(naive))  # the trap is real
     expected = (2 * a + math.log1p(math.exp(-2 * a)) + math.log(2)) / 2
     loss = supcon(h, y, tau=tau)
     assert loss.item() == pytest.approx(expected, rel=1e-6)
     loss.backward()
     assert torch.all(torch.isfinite(h.grad))
-
-
-def test_pseudo_labels_stable_with_large_logits() -> None:
-    z1 = torch.tensor([[50.0, -50.0], [-50.0, 50.0]])
-    z2 = torch.tensor([[-50.0, 50.0, 0.0], [0.0, 0.0, 0.0]])
-    for rule in ("confidence", "entropy"):
-        labels, teacher, conf = pseudo_labels([z1, z2], [0, 2], rule=rule)
-        assert torch.all(torch.isfinite(conf))
-        assert labels.tolist()[1] == 1 and teacher.tolist()[1] == 0
 
 
 # --------------------------------------------------------------------------- supcon, no positives
@@ -531,99 +518,6 @@ def test_supcon_anchors_without_positives_still_act_as_negatives() -> None:
     )
 
 
-# --------------------------------------------------------------------------- pseudo-labels
-
-
-def _logits(probs: list[list[float]]) -> torch.Tensor:
-    return torch.tensor([[math.log(p) for p in row] for row in probs], dtype=torch.float64)
-
-
-def _norm_entropy(p: list[float]) -> float:
-    return -sum(q * math.log(q) for q in p if q > 0) / math.log(len(p))
-
-
-def test_pseudo_labels_confidence_vs_entropy_pick_different_teachers() -> None:
-    # Teacher A: 2 classes at offset 0; teacher B: 3 classes at offset 2.
-    pa = [[0.7, 0.3], [0.1, 0.9]]
-    pb = [[0.6, 0.2, 0.2], [0.05, 0.05, 0.9]]
-    # Row 0: A is more confident (0.7 > 0.6) but B has the lower normalised entropy.
-    assert _norm_entropy(pb[0]) < _norm_entropy(pa[0])
-    # Row 1: equal confidence 0.9 (tie -> teacher A); B's entropy is lower.
-    assert _norm_entropy(pb[1]) < _norm_entropy(pa[1])
-    za, zb = _logits(pa), _logits(pb)
-
-    labels, teacher, conf = pseudo_labels([za, zb], [0, 2], rule="confidence")
-    assert teacher.tolist() == [0, 0]
-    assert labels.tolist() == [0, 1]
-    assert conf.tolist() == pytest.approx([0.7, 0.9], rel=1e-12)
-    assert labels.dtype == torch.int64 and teacher.dtype == torch.int64
-    assert conf.dtype.is_floating_point
-
-    labels, teacher, conf = pseudo_labels([za, zb], [0, 2], rule="entropy")
-    assert teacher.tolist() == [1, 1]
-    assert labels.tolist() == [2, 4]  # offset 2 + class 0, offset 2 + class 2
-    assert conf.tolist() == pytest.approx([0.6, 0.9], rel=1e-12)  # max prob of the claimant
-
-
-def test_pseudo_labels_ties_break_to_lowest_index() -> None:
-    z = torch.tensor([[1.0, 3.0, 3.0], [0.0, 0.0, 0.0]])
-    for rule in ("confidence", "entropy"):
-        # Identical teachers: teacher 0 claims; equal classes: class 0 (first maximum).
-        labels, teacher, _ = pseudo_labels([z, z.clone()], [0, 3], rule=rule)
-        assert teacher.tolist() == [0, 0]
-        assert labels.tolist() == [1, 0]
-        # Teacher order decides, not offsets.
-        labels, teacher, _ = pseudo_labels([z, z.clone()], [3, 0], rule=rule)
-        assert teacher.tolist() == [0, 0]
-        assert labels.tolist() == [4, 3]
-
-
-def test_pseudo_labels_temperature_changes_confidence_not_argmax() -> None:
-    z = _logits([[0.25, 0.75]])  # logits (log 1/4, log 3/4): ratio 3
-    _, _, c1 = pseudo_labels([z], [0], T=1.0)
-    labels2, _, c2 = pseudo_labels([z], [0], T=2.0)
-    assert c1.item() == pytest.approx(0.75)
-    assert c2.item() == pytest.approx(math.sqrt(3) / (1 + math.sqrt(3)))
-    assert labels2.tolist() == [1]
-
-
-def test_pseudo_labels_temperature_can_change_the_confidence_claimant() -> None:
-    # A: two classes, fairly sharp; B: many classes with a larger top logit gap.
-    za = torch.tensor([[2.0, 0.0]], dtype=torch.float64)
-    zb = torch.tensor([[3.0, 0.0, 0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
-
-    def conf(z: torch.Tensor, T: float) -> float:
-        p = _softmax([float(v) / T for v in z[0]])
-        return max(p)
-
-    # T = 1: A 0.881 > B 0.801; T = 0.5: A 0.982 < B 0.988.
-    for T, claimant in ((1.0, 0), (0.5, 1)):
-        _, teacher, c = pseudo_labels([za, zb], [0, 2], T=T)
-        assert teacher.item() == claimant
-        assert c.item() == pytest.approx(max(conf(za, T), conf(zb, T)), rel=1e-12)
-    assert (conf(za, 1.0) > conf(zb, 1.0)) and (conf(za, 0.5) < conf(zb, 0.5))
-
-
-def test_pseudo_labels_single_class_teacher_has_zero_entropy() -> None:
-    za = torch.tensor([[5.0, -5.0]])  # very confident, but entropy > 0
-    zb = torch.tensor([[0.3]])  # one class: normalised entropy 0 by definition
-    labels, teacher, conf = pseudo_labels([za, zb], [0, 2], rule="entropy")
-    assert teacher.tolist() == [1] and labels.tolist() == [2]
-    assert conf.item() == pytest.approx(1.0)
-    _, teacher, _ = pseudo_labels([za, zb], [0, 2], rule="confidence")
-    assert teacher.tolist() == [1]  # p = 1.0 for a one-class teacher also wins on confidence
-
-
-def test_pseudo_labels_no_gradient_and_unknown_rule() -> None:
-    z = torch.randn(3, 4, requires_grad=True)
-    labels, teacher, conf = pseudo_labels([z], [0])
-    assert not conf.requires_grad and not labels.requires_grad
-    with pytest.raises(ValueError, match="margin"):
-        pseudo_labels([z], [0], rule="margin")
-    with pytest.raises(ValueError):
-        pseudo_labels([z, z], [0])  # offsets length mismatch
-
-
 # --------------------------------------------------------------------------- purity
 
 
@@ -633,7 +527,6 @@ def test_functions_do_not_modify_inputs() -> None:
     zs, zt = hs * 10, ht * 10
     saved = [t.clone() for t in (hs, ht, y, zs, zt)]
     _all_losses(hs, ht, zt, zs, y, tau=0.1)
-    pseudo_labels([zt[:, :2], zs], [0, 2], rule="entropy")
     for before, after in zip(saved, (hs, ht, y, zs, zt)):
         assert torch.equal(before, after)
 
