@@ -1,4 +1,4 @@
-"""``cfl``: Common Feature Learning (Luo et al., IJCAI 2019), as in ``cka-spec.md``.
+"""``cfl``: Common Feature Learning (Luo et al., IJCAI 2019), specified in ``docs/methods.md`` §9.
 
     a_k = Linear(d_k, c) + ReLU, a_s = Linear(d_s, c) + ReLU, E = Linear(c, c) -> ReLU -> Linear(c, c),
     dec_k = Linear(c, d_k) -> ReLU -> Linear(d_k, d_k), H_s = E(a_s(f_s)), H_k = E(a_k(f_k));

@@ -1,5 +1,5 @@
 """``kd``: KL-only multi-teacher amalgamation onto the concatenated label space (Hinton et al. 2015;
-as in the KA toolkits).
+as in the KA toolkits). Specified in ``docs/methods.md`` §8.
 
     L_kd = T^2 * mean_i KL( softmax(concat_k z_k,i / T) || softmax(z_s,i / T) )
 

@@ -1,6 +1,7 @@
 """``scratch``: the same student trained with the true union labels (cross-entropy).
 
 The supervised reference that amalgamation tries to reach without labels; it sees labels.
+Specified in ``docs/methods.md`` §10.
 """
 
 from harness.methods.base import register

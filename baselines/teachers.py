@@ -1,4 +1,4 @@
-"""``teachers``: reference rows, no training.
+"""``teachers``: reference rows, no training (``docs/methods.md`` §11).
 
 - per-task accuracy: each teacher on its own task's test images (argmax inside S_k);
 - union accuracy: the claiming-teacher ensemble, every test image routed to k*(x)

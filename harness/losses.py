@@ -1,7 +1,7 @@
 """Loss functions of CKA and its baselines, as pure tensor functions.
 
-These are the formulas of the method spec (``shared/design/cka-spec.md``: "The four loss
-components" and CFL's MMD under "Baselines"). The CKA paper (Gao, Fu, Liu, Han, "Contrastive
+These are the formulas of the method specification (``docs/methods.md``: §7 for CKA's four
+loss components, §8-9 for KD and CFL's MMD). The CKA paper (Gao, Fu, Liu, Han, "Contrastive
 Knowledge Amalgamation for Unsupervised Image Classification", arXiv 2307.14781) is public only as
 its abstract; the exact formulas are the spec's reconstruction from it and from the methods it
 builds on: SupCon (Khosla et al., NeurIPS 2020), KD (Hinton et al., 2015) and CFL (Luo et al.,

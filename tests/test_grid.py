@@ -134,6 +134,13 @@ def test_the_cases_cover_every_train_field_and_method_parameter() -> None:
             "methods.kd.routing.score"} <= names
 
 
+@pytest.mark.parametrize("method", ["cka", "kd", "teachers"])
+def test_the_pseudo_label_temperature_changes_the_key(method: str) -> None:
+    base = _keys({**BASE, "methods": {method: {}}})
+    hot = _keys({**BASE, "methods": {method: {"routing": {"score": "confidence", "T_pl": 2.0}}}})
+    assert base.keys() == hot.keys() and all(base[k] != hot[k] for k in base)
+
+
 def test_seed_precision_and_results_version_change_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
     keys = _keys(BASE)
     assert keys[("a", "kd", "full", 0)] != keys[("a", "kd", "full", 1)]

@@ -1,6 +1,7 @@
 """CKA: Contrastive Knowledge Amalgamation (Gao, Fu, Liu, Han, arXiv 2307.14781).
 
-Formulas as reconstructed in ``cka-spec.md``; every **variant** there is a parameter here.
+Specified in ``docs/methods.md`` §7 (formulas, variants, what reconstructs the paper and what
+is our addition); every **variant** there is a parameter here.
 
     L = w_task L_task + w_intra L_intra + w_inter L_inter + w_align L_align
 
