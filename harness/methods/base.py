@@ -52,6 +52,8 @@ class Batch:
 
     ``teacher_logits``/``teacher_feats`` are the frozen teachers' outputs on ``x`` (one tensor per
     teacher). ``y`` (union labels) is filled only for methods with ``uses_labels = True``.
+    ``index`` holds opaque image ids (:func:`harness.train.opaque_ids`): stable per image across
+    epochs, but carrying no information about which task an image belongs to.
     """
 
     x: Tensor
