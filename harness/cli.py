@@ -53,12 +53,38 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(device=args.device, workers=args.workers, as_json=args.json, quick=args.quick)
 
 
-def _cmd_report(args: argparse.Namespace) -> int:
+def _study_keys(text: str, source: str, precision: str | None = None) -> list[str]:
+    """The trial keys of a study file's text, at ``precision`` if given (else the one this
+    machine's devices give); expanding imports torch: here, not in the report."""
+    import inspect
+
+    import yaml
+
+    from harness.config import parse_study
+    from harness.grid import expand
+
     try:
-        from harness.report.build import build_report
-    except ImportError:
-        raise HarnessError("'harness report' is not built yet (see the reports issue)") from None
-    out = build_report(args.study, tracking_uri=args.tracking_uri, out_dir=args.out)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise HarnessError(f"{source}: not valid YAML ({str(e).splitlines()[0]})") from None
+    study = parse_study(data, source)
+    if precision is None:
+        return [t.key for t in expand(study)]
+    if "precision" not in inspect.signature(expand).parameters:
+        raise HarnessError("--precision: this version of the harness has no precision in its trial keys")
+    return [t.key for t in expand(study, precision=precision)]  # type: ignore[call-arg]
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    """A study file given is expanded here and the report uses only runs of its trial keys; a
+    study name uses the keys its latest study run logged (else its logged study file, expanded)."""
+    from harness.report.build import build_report
+    from harness.report.frames import resolve_study
+
+    _, text = resolve_study(args.study)  # a missing or broken study file: one line, exit 2
+    keys = _study_keys(text, args.study, args.precision) if text is not None else None
+    out = build_report(args.study, tracking_uri=args.tracking_uri, out_dir=args.out, keys=keys,
+                       expand=lambda t: _study_keys(t, "study.yaml logged by the latest study run", args.precision))
     print(f"report written to {out}")
     return 0
 
@@ -116,9 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_cmd_tune)
 
     rep = sub.add_parser("report", help="tables, statistics and plots from MLflow into results/<study>/")
-    rep.add_argument("study", help="study name or study file")
+    rep.add_argument("study", help="study name (runs of the keys its latest study run logged) or study file "
+                                   "(runs of that file's trial keys only)")
     rep.add_argument("--tracking-uri")
     rep.add_argument("--out", default=None, help="output folder (default results/<study>)")
+    rep.add_argument("--precision", choices=("fp32", "bf16"), default=None,
+                     help="with a study file: the precision its trials ran at (default: the one this machine's "
+                          "devices give; a study run on GPUs with train.amp ran at bf16)")
     rep.set_defaults(func=_cmd_report)
 
     b = sub.add_parser("bench", help="overhead, cache and makespan ratios measured in one run")

@@ -7,12 +7,15 @@ parameters that vary between runs, software versions, build date), ``comparison.
 ``tuning.csv`` and the PNG figures. An experiment that holds only ``harness tune`` searches gets
 a report with the tuning section alone. Every table is sorted and every random draw seeded, so
 two builds from the same store differ only in the one ``Built:`` line of ``report.md``.
+
+Only the study's trial runs count (scoped by trial key, see :mod:`.frames`); report.md says what
+each number rests on (:mod:`.disclosure`) and shows no path of the machine that built it
+(:mod:`.paths`).
 """
 
 from __future__ import annotations
 
 import platform
-import re
 import time
 from importlib import metadata
 from pathlib import Path
@@ -20,8 +23,11 @@ from pathlib import Path
 import pandas as pd
 
 from harness.errors import HarnessError
-from harness.report import plots, stats
-from harness.report.frames import StudyData, load_study, row_label
+from typing import Collection
+
+from harness.report import disclosure, plots, stats
+from harness.report.frames import KeyExpander, StudyData, load_study, row_label
+from harness.report.paths import redact_paths, show_uri
 from harness.report.tuning import TuningData, load_tuning, param_importances, tuning_frame, tuning_markdown
 from harness.report.tables import (
     METRIC_TITLES, ablation_display, ablation_frame, comparison_display, comparison_frame, diagnostics_display, latex,
@@ -33,11 +39,21 @@ PACKAGES = ("ka-harness", "mlflow", "pandas", "numpy", "scipy", "matplotlib", "s
 SKIP_PARAMS = ("seed", "method", "variant", "study")
 
 
-def build_report(study: str, tracking_uri: str | None = None, out_dir: str | Path | None = None) -> Path:
-    """Build the report of ``study`` (a name or a study file) and return its folder."""
-    data = load_study(study, tracking_uri, allow_empty=True)
+def build_report(study: str, tracking_uri: str | None = None, out_dir: str | Path | None = None,
+                 keys: Collection[str] | None = None, expand: KeyExpander | None = None) -> Path:
+    """Build the report of ``study`` (a name or a study file) and return its folder.
+
+    ``keys``/``expand``: the study's trial keys, or how to expand a study file into them
+    (:func:`harness.report.frames.load_study`)."""
+    data = load_study(study, tracking_uri, allow_empty=True, keys=keys, expand=expand)
     tuning = load_tuning(data.uri, data.experiment_id)
     if data.trials.empty and tuning.empty:
+        n = len(data.others)
+        if data.keys is not None and n:
+            raise HarnessError(
+                f"report: experiment '{data.name}' has no finished trial run of the study's {len(data.keys)} trial "
+                f"keys ({data.scope}) in {data.uri}, only {n} run{'s' if n != 1 else ''} of other configurations "
+                "(another version of the study file, or another precision: see --precision)")
         raise HarnessError(f"report: experiment '{data.name}' has no finished trial runs in {data.uri}")
     out = Path(out_dir) if out_dir is not None else Path("results") / data.name
     out.mkdir(parents=True, exist_ok=True)
@@ -53,7 +69,7 @@ def build_report(study: str, tracking_uri: str | None = None, out_dir: str | Pat
         latex(comparison_display(comp, s, "tex"), f"comparison, split {s} (union / per-task accuracy, %)")
         for s in data.splits if (comp["split"] == s).any()))
     (out / "ablation.tex").write_text("\n".join(
-        latex(ablation_display(abl, s, m, metric, "tex"), f"ablation, split {s}, {m}, {metric}")
+        latex(ablation_display(abl, s, m, metric, "tex"), f"ablation, split {s}, {m}, {METRIC_TITLES[metric]}")
         for s, m, metric in _ablation_tables(abl)))
     figures = _figures(data, comp, abl, out)
     (out / "report.md").write_text(_markdown(data, comp, abl, figures, tuning, tuning_md))
@@ -123,15 +139,17 @@ def _markdown(data: StudyData, comp: pd.DataFrame, abl: pd.DataFrame, figs: dict
     bad = att[att["status"] != "FINISHED"]
     md = [f"# Study `{data.name}`: results\n",
           f"{BUILT_PREFIX} {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}_\n",
-          f"Rebuilt from the MLflow store alone: `{_redact(data.uri)}`, experiment `{data.name}` (id {data.experiment_id}). "
+          f"Rebuilt from the MLflow store alone: `{show_uri(data.uri)}`, experiment `{data.name}` (id {data.experiment_id}). "
           f"{len(data.trials)} trials used ({len(att[att['status'] == 'FINISHED'])} finished trial runs, "
           f"{len(bad)} failed, killed or still running), {len(data.teachers)} teacher runs; "
           f"splits: {', '.join(f'`{s}`' for s in data.splits)}"
-          + (f"; {_tuning_count(tuning)}" if not tuning.empty else "") + ".\n"]
+          + (f"; {_tuning_count(tuning)}" if not tuning.empty else "") + ".\n",
+          disclosure.scope_line(data)]
     md += _comparison_section(data, comp, figs)
     md += _ablation_section(data, abl, figs)
     md += tuning_md
     md += _problems_section(data)
+    md += disclosure.others_section(data)
     md += _params_section(data)
     md += _config_section(data)
     md += _software_section(data)
@@ -148,7 +166,7 @@ def _tuning_only_markdown(data: StudyData, tuning: TuningData, tuning_md: list[s
     att = data.attempts
     md = [f"# Study `{data.name}`: results\n",
           f"{BUILT_PREFIX} {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}_\n",
-          f"Rebuilt from the MLflow store alone: `{_redact(data.uri)}`, experiment `{data.name}` "
+          f"Rebuilt from the MLflow store alone: `{show_uri(data.uri)}`, experiment `{data.name}` "
           f"(id {data.experiment_id}). Hyper-parameter searches only: {_tuning_count(tuning)}; "
           + (f"no finished trial run of `harness run-study` ({len(att)} failed, killed or still running)"
              if len(att) else "no trial run of `harness run-study`") + ", so no comparison or ablation tables.\n"]
@@ -161,32 +179,25 @@ def _tuning_only_markdown(data: StudyData, tuning: TuningData, tuning_md: list[s
     return "\n".join(md)
 
 
-def _redact(uri: str) -> str:
-    """A tracking URI without any ``user:password@`` part."""
-    return re.sub(r"//[^/@]*@", "//", uri)
-
-
 def _fig(figs: dict[str, Path], key: str, alt: str) -> list[str]:
     return [f"![{alt}]({figs[key].name})\n"] if key in figs else []
 
 
 def _comparison_section(data: StudyData, comp: pd.DataFrame, figs: dict[str, Path]) -> list[str]:
     md = ["## Comparison\n",
-          "Cells: mean ± std over seeds (sample std, ddof = 1) of the accuracy on the test split, in %; "
-          "*last* = model after the last epoch, *best val.* = model at the epoch with the best validation "
-          "union accuracy. n = finished seeds (failed, killed, running and missing seeds are named). "
-          "A cell whose n differs from its row's n shows its own. **Bold**: best label-free amalgamation "
-          "method per column.\n"]
-    labelled = sorted({r for r, k, u in zip(comp["row"], comp["kind"], comp["uses_labels"]) if k == "method" and u})
-    md.append("Labels: † marks methods trained with the true training labels "
-              f"({', '.join(f'`{x}`' for x in labelled) or 'none here'}; references, not amalgamation). "
-              "Teachers saw the labels of their own task only; every other method saw no label. Teacher rows: "
-              "each cached teacher on its own task's test images; claiming ensemble: each test image routed to "
-              "the teacher that claims it.\n")
+          "**Primary metric: union accuracy of the model after the last epoch** (*last epoch*). Secondary: "
+          "*best-val. epoch*, the model at the epoch with the best validation union accuracy. Task columns: last "
+          "epoch. Cells: mean ± std over seeds (sample std, ddof = 1) of the accuracy on the test split, in %. "
+          "n = finished seeds (failed, killed, running and missing seeds are named). A cell whose n differs from "
+          "its row's n shows its own. **Bold**: best label-free amalgamation method per column.\n",
+          disclosure.labels_paragraph(data, comp),
+          disclosure.teacher_sentence(data, comp),
+          disclosure.seed_std_sentence(data)]
     for split in data.splits:
         if not (comp["split"] == split).any():
             continue
         md += [f"### Split `{split}`\n", markdown(comparison_display(comp, split, "md"))]
+        md += disclosure.routing_sentence(comp, split)
         diag = diagnostics_display(comp, split)
         if diag is not None:
             md += ["Diagnostics (labels read only to measure): accuracy of the pseudo-labels on the training "
@@ -209,7 +220,7 @@ def _ablation_section(data: StudyData, abl: pd.DataFrame, figs: dict[str, Path])
         for s, m, metric in _ablation_tables(abl):
             if (s, m) == (split, method):
                 md += [f"{METRIC_TITLES[metric]}:\n", markdown(ablation_display(abl, split, method, metric, "md"))]
-    md += _fig(figs, "ablation", "Ablation deltas with bootstrap intervals")
+    md += _fig(figs, "ablation", "Ablation deltas with 95% intervals")
     losses = [k for k in figs if k.startswith("losses/")]
     if losses:
         md.append("### Loss terms per epoch\n")
@@ -232,7 +243,7 @@ def _problems_section(data: StudyData) -> list[str]:
         for r in bad.itertuples(index=False):
             rows["Run"].append(f"`{r.run_name or r.run_id}`")
             rows["Status"].append(r.status + (f" ({r.failure_kind})" if r.failure_kind else ""))
-            rows["Reason"].append((r.failure or "–").replace("|", "/").replace("\n", " ")[:160])
+            rows["Reason"].append(redact_paths(r.failure or "–").replace("|", "/").replace("\n", " ")[:160])
             rows["Redone"].append("yes (another run finished it)" if (r.split, r.method, r.variant, r.seed) in done
                                   else "no: not in the tables")
         md += ["Only FINISHED runs give numbers; these runs did not finish:\n", markdown(pd.DataFrame(rows), left=4)]
@@ -240,8 +251,8 @@ def _problems_section(data: StudyData) -> list[str]:
     if dup.empty:
         md.append("No trial has more than one finished run.\n")
     else:
-        md.append("**Warning**: these trials have several FINISHED runs (only by mistake: two studies writing to "
-                  "one experiment, or a study rerun after a parameter changed); the latest run of each is used:\n")
+        md.append("**Warning**: these trials have several FINISHED runs of the same trial key (only by mistake: two "
+                  "invocations of the study at once, or a run repeated by hand); the latest run of each is used:\n")
         md.append(markdown(pd.DataFrame({
             "Trial": [f"`{r.split}/{row_label(r.method, r.variant)}/seed{r.seed}`" for r in dup.itertuples()],
             "Finished runs": dup["n_finished"].astype(str), "Used run": [f"`{x}`" for x in dup["used_run_id"]]}),
@@ -289,14 +300,14 @@ def _runs_text(pairs: list[tuple[str, str]], having: list[tuple[str, str]], spli
 
 
 def _short(value: object, n: int = 60) -> str:
-    s = str(value).replace("|", "/").replace("`", "'")
+    s = redact_paths(str(value)).replace("|", "/").replace("`", "'")
     return s if len(s) <= n else s[: n - 1] + "…"
 
 
 def _config_section(data: StudyData) -> list[str]:
     md = ["## Study configuration\n"]
     if data.study_yaml:
-        return md + ["The study file:\n", "```yaml\n" + data.study_yaml.rstrip() + "\n```\n"]
+        return md + ["The study file:\n", "```yaml\n" + redact_paths(data.study_yaml).rstrip() + "\n```\n"]
     p = data.params
     common = [c for c in p.columns if p[c].nunique() == 1 and c not in SKIP_PARAMS]
     body = "\n".join(f"{c}: {_short(p[c].dropna().iloc[0], 200)}" for c in common) or "(none)"

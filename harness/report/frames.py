@@ -1,10 +1,23 @@
 """MLflow -> pandas: tidy frames of one study, read from the tracking store alone.
 
-- ``trials``: one row per (split, method, variant, seed), the latest FINISHED trial run of that
-  key, with every final metric as a column (``test/union_acc``, ``diag/probe_acc``, ...);
-- ``attempts``: every trial run whatever its status (FAILED/KILLED/RUNNING included), with the
-  failure reason, so tables can say "n=2 of 3; 1 failed";
-- ``teachers``: the latest FINISHED teacher run per (split, task) (metric ``test/acc``);
+Runs are scoped by trial key: only trial runs whose ``harness.trial_key`` is one of the study's
+keys count (the keys given, e.g. by the CLI from a study file; else ``trial_keys.json`` logged
+by the latest study run; else the keys of the logged ``study.yaml``, expanded by a callback the
+caller supplies, since expanding needs torch). Without any of these the report is not scoped and
+says so. Runs of other keys (an edited and reverted study, a partial rerun) are kept apart in
+``others`` and never reach a table, figure or statistic.
+
+- ``trials``: one row per (split, method, variant, seed), the latest FINISHED in-scope trial run
+  of that key, with every final metric as a column (``test/union_acc``, ``diag/probe_acc``, ...);
+- ``attempts``: every in-scope trial run whatever its status (FAILED/KILLED/RUNNING included),
+  with the failure reason, so tables can say "n=2 of 3; 1 failed";
+- ``others``: every trial run outside the scope (same columns as ``attempts``);
+- ``teachers``: FINISHED teacher runs (metric ``test/acc``). Scoped: the runs of the teachers the
+  in-scope trial runs used, by their ``harness.teacher_keys``/``teacher_digests`` tags, or for
+  older runs by the teacher config in their params (``teacher.*``, ``val_fraction``,
+  ``image_size``); the latest run per teacher key and weights (several per task with
+  ``teacher_seeds: per_seed``). None when the trials say neither (the tables then use the in-scope
+  ``teachers`` reference run). Not scoped: the latest run per (split, task);
 - ``history``: per-epoch metrics (``loss/*``, ``val/*``, ``epoch_seconds``, ...) of the trials
   in ``trials``, long form (one row per run, metric and epoch);
 - ``params``: the flattened config of the trials in ``trials`` (one row per run).
@@ -14,20 +27,22 @@ Nothing here imports torch; nothing is computed that is not in the store.
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import json
 import os
 import re
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Collection, Iterator, Sequence
 
 import pandas as pd
 import yaml
 from mlflow.tracking import MlflowClient
 
 from harness.errors import HarnessError
-from harness.tracking import TAG, resolve_uri
+from harness.tracking import TAG, flatten, resolve_uri
 
 KEYS = ["split", "method", "variant", "seed"]
 FINAL_PREFIXES = ("test/", "diag/")
@@ -35,7 +50,11 @@ FINAL_KEYS = ("val/union_acc_best", "best_epoch", "trial_seconds", "peak_rss_mb"
 PROVENANCE = ("version", "torch_version", "mlflow_version", "numpy_version", "python_version", "git_commit",
               "git_dirty")  # harness.<name> tags of a trial run
 INFO_COLUMNS = ["run_id", "run_name", "status", "start_time", "end_time", "split", "method", "variant",
-                "seed", "uses_labels", "failure", "failure_kind", "seeded", *PROVENANCE]
+                "seed", "trial_key", "uses_labels", "failure", "failure_kind", "seeded", *PROVENANCE]
+TRIAL_KEYS_ARTIFACT = "trial_keys.json"  # harness.runner.TRIAL_KEYS_ARTIFACT (the runner imports torch)
+STUDY_ARTIFACT = "study.yaml"
+#: a study file's text -> its trial keys (``harness.grid.expand``; the CLI supplies it)
+KeyExpander = Callable[[str], Sequence[str]]
 REFERENCE_METHOD = "teachers"  # the reference rows (claiming-teacher ensemble), seed-independent
 
 
@@ -69,6 +88,10 @@ class StudyData:
     history: pd.DataFrame
     params: pd.DataFrame
     study_yaml: str | None = None
+    #: the study's trial keys (None: not scoped), where they came from, and why not when None
+    keys: frozenset[str] | None = None
+    scope: str = ""
+    others: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=INFO_COLUMNS))
 
     @property
     def study(self) -> dict[str, Any]:
@@ -146,6 +169,7 @@ def _info(run: Any) -> dict[str, Any]:
         "method": tags.get(f"{TAG}method", ""),
         "variant": tags.get(f"{TAG}variant", "full") or "full",
         "seed": to_int(tags.get(f"{TAG}seed")),
+        "trial_key": tags.get(f"{TAG}trial_key", ""),
         "uses_labels": tags.get(f"{TAG}uses_labels", "false").lower() == "true",
         "failure": tags.get(f"{TAG}failure", ""),
         "failure_kind": tags.get(f"{TAG}failure_kind", ""),
@@ -201,52 +225,152 @@ def _no_progress_bar() -> Iterator[None]:
             os.environ[key] = old
 
 
-def _study_yaml(client: MlflowClient, experiment_id: str) -> str | None:
-    """``study.yaml`` logged as an artifact of the latest study run, if the runner logged one."""
+def _logged_study(client: MlflowClient, experiment_id: str) -> tuple[str | None, list[str] | None]:
+    """(``study.yaml``, ``trial_keys.json``) of the latest study run that logged either (the
+    runner logs both; older runners only the first); (None, None) when no study run did."""
     runs = sorted(_search(client, experiment_id, "study"), key=lambda r: (r.info.start_time or 0, r.info.run_id))
     for run in reversed(runs):
         try:
-            if not any(a.path == "study.yaml" for a in client.list_artifacts(run.info.run_id)):
+            names = {a.path for a in client.list_artifacts(run.info.run_id)}
+            if not names & {STUDY_ARTIFACT, TRIAL_KEYS_ARTIFACT}:
                 continue
             with tempfile.TemporaryDirectory() as tmp, _no_progress_bar():
-                return Path(client.download_artifacts(run.info.run_id, "study.yaml", tmp)).read_text()
+                text = keys = None
+                if STUDY_ARTIFACT in names:
+                    text = Path(client.download_artifacts(run.info.run_id, STUDY_ARTIFACT, tmp)).read_text()
+                if TRIAL_KEYS_ARTIFACT in names:
+                    raw = json.loads(Path(client.download_artifacts(run.info.run_id, TRIAL_KEYS_ARTIFACT, tmp)).read_text())
+                    keys = [str(k) for k in raw] if isinstance(raw, list) else None
+                return text, keys
         except Exception:  # an unreachable artifact store must not break the report
             continue
-    return None
+    return None, None
+
+
+def _scope(keys: Collection[str] | None, given_text: str | None, logged_text: str | None,
+           logged_keys: list[str] | None, expand: KeyExpander | None) -> tuple[frozenset[str] | None, str]:
+    """The study's trial keys and where they came from (or None and why the report is not scoped)."""
+    if keys is not None:
+        return frozenset(keys), "the study file given" if given_text else "the trial keys given"
+    if logged_keys is not None and not (given_text and expand):
+        return frozenset(logged_keys), f"`{TRIAL_KEYS_ARTIFACT}` of the latest study run"
+    text, source = (given_text, "the study file given") if given_text else (
+        logged_text, f"`{STUDY_ARTIFACT}` of the latest study run (expanded; that run logged no `{TRIAL_KEYS_ARTIFACT}`)")
+    if text and expand is not None:
+        try:
+            return frozenset(expand(text)), source
+        except HarnessError as e:
+            return None, f"{source} could not be expanded ({e})"
+    if text:
+        return None, f"the store has no `{TRIAL_KEYS_ARTIFACT}` and the study file was not expanded"
+    return None, f"no study run in this experiment logged `{TRIAL_KEYS_ARTIFACT}` or `{STUDY_ARTIFACT}`"
+
+
+def _teacher_params(params: dict[str, str], k: int) -> dict[str, str] | None:
+    """The params a teacher run of task ``k`` logs (``teacher.*``, ``val_fraction``,
+    ``image_size``), as recorded in a trial run's params; None when the trial did not record them."""
+    try:
+        cfgs = ast.literal_eval(params["teachers"])  # a list of dicts, logged as its Python string
+        cfg = cfgs[k]
+    except (KeyError, IndexError, ValueError, SyntaxError, TypeError):
+        return None
+    if not isinstance(cfg, dict):
+        return None
+    want = flatten(cfg, "teacher.")
+    for name in ("val_fraction", "image_size"):
+        if f"dataset.{name}" in params:
+            want[name] = params[f"dataset.{name}"]
+    return want
+
+
+def _used_teachers(trial: Any, ntasks: int) -> list[tuple[int, dict[str, str]]]:
+    """What identifies the teachers a trial run used, per task: ``{"teacher_key": .., "teacher_digest":
+    ..}`` from its ``harness.teacher_keys``/``teacher_digests`` tags (task order), else the teacher
+    params of its logged config (``teacher.*``, ``val_fraction``, ``image_size``); [] when neither."""
+    tags, params = trial.data.tags, trial.data.params
+    keys = [k for k in tags.get(f"{TAG}teacher_keys", "").split(",") if k]
+    if keys:
+        digests = [d for d in tags.get(f"{TAG}teacher_digests", "").split(",") if d]
+        return [(k, {"teacher_key": key, **({"teacher_digest": digests[k]} if len(digests) == len(keys) else {})})
+                for k, key in enumerate(keys)]
+    out = []
+    for k in range(ntasks):
+        want = _teacher_params(params, k)
+        if want is not None:
+            out.append((k, want))
+    return out
+
+
+def _scoped_teachers(trows: pd.DataFrame, runs: dict[str, Any], trials: list[tuple[str, Any]]) -> pd.DataFrame:
+    """The teacher runs that in-scope trials used (the latest run per teacher key and weights)."""
+    ntasks = {s: int(g["task"].max()) + 1 for s, g in trows.groupby("split")} if not trows.empty else {}
+    wanted: dict[tuple[str, int], list[dict[str, str]]] = {}
+    for split, run in trials:
+        for k, want in _used_teachers(run, ntasks.get(split, 0)):
+            if want not in wanted.setdefault((split, k), []):
+                wanted[(split, k)].append(want)
+    keep = []
+    for r in trows.itertuples(index=False):
+        run = runs[r.run_id]
+        have = {**run.data.params, "teacher_key": r.teacher_key, "teacher_digest": r.teacher_digest}
+        for want in wanted.get((r.split, r.task), []):
+            if all(have.get(name) == v or (name == "teacher_digest" and not r.teacher_digest)
+                   for name, v in want.items()):
+                keep.append(r.run_id)
+                break
+    rows = trows[trows["run_id"].isin(keep)]
+    return _latest(rows, ["split", "task", "teacher_key", "teacher_digest"])
 
 
 def load_study(study: str, tracking_uri: str | None = None, history: bool = True,
-               allow_empty: bool = False) -> StudyData:
+               allow_empty: bool = False, keys: Collection[str] | None = None,
+               expand: KeyExpander | None = None) -> StudyData:
     """Read one study (a name, or a study file whose ``name:`` is used) from the MLflow store.
 
-    An experiment without a finished trial run is an error unless ``allow_empty`` (then
-    ``trials``, ``history`` and ``params`` are empty: an experiment that holds only the searches
-    of ``harness tune``)."""
+    Scope, the first that applies: ``keys`` (the study's trial keys: the CLI expands a study file
+    given on the command line); ``expand`` of a study file given; the keys logged by the latest
+    study run (``trial_keys.json``); ``expand`` of its logged ``study.yaml``; else none (the latest
+    run of every split, method, variant and seed, as before trial keys). An experiment without a finished in-scope trial run is
+    an error unless ``allow_empty`` (then ``trials``, ``history`` and ``params`` are empty: an
+    experiment that holds only the searches of ``harness tune``)."""
     name, text = resolve_study(study)
     uri = resolve_uri(tracking_uri)
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(name)
     if exp is None or exp.lifecycle_stage == "deleted":
         raise HarnessError(f"report: no experiment '{name}' in {uri}")
+    logged_text, logged_keys = _logged_study(client, exp.experiment_id)
+    scope_keys, scope = _scope(keys, text, logged_text, logged_keys, expand)
     trial_runs = {r.info.run_id: r for r in _search(client, exp.experiment_id, "trial")}
-    attempts = pd.DataFrame([_info(r) for r in trial_runs.values()], columns=INFO_COLUMNS)
-    attempts = attempts.sort_values(KEYS + ["start_time", "run_id"], kind="stable").reset_index(drop=True)
+    every = pd.DataFrame([_info(r) for r in trial_runs.values()], columns=INFO_COLUMNS)
+    every = every.sort_values(KEYS + ["start_time", "run_id"], kind="stable").reset_index(drop=True)
+    inside = every["trial_key"].isin(scope_keys) if scope_keys is not None else pd.Series(True, index=every.index)
+    attempts = every[inside].reset_index(drop=True)
+    others = every[~inside].reset_index(drop=True)
     finished = attempts[attempts["status"] == "FINISHED"]
     if finished.empty and not allow_empty:
-        raise HarnessError(f"report: experiment '{name}' has no finished trial runs in {uri}")
+        extra = f" ({len(others)} trial runs of other configurations)" if len(others) else ""
+        raise HarnessError(f"report: experiment '{name}' has no finished trial runs in {uri}{extra}")
     trials = _with_metrics(_latest(finished, KEYS), trial_runs, final_only=True)
 
     teacher_runs = {r.info.run_id: r for r in _search(client, exp.experiment_id, "teacher")}
     trows = pd.DataFrame(
-        [{**_info(r), "task": to_int(r.data.tags.get(f"{TAG}task"))} for r in teacher_runs.values()],
-        columns=INFO_COLUMNS + ["task"],
+        [{**_info(r), "task": to_int(r.data.tags.get(f"{TAG}task")),
+          "teacher_key": r.data.tags.get(f"{TAG}teacher_key", ""),
+          "teacher_digest": r.data.tags.get(f"{TAG}teacher_digest", "")} for r in teacher_runs.values()],
+        columns=INFO_COLUMNS + ["task", "teacher_key", "teacher_digest"],
     )
     trows = trows[trows["status"] == "FINISHED"]
-    teachers = _with_metrics(_latest(trows, ["split", "task"]), teacher_runs, final_only=False)
+    if scope_keys is None:
+        trows = _latest(trows, ["split", "task"])
+    else:
+        trows = _scoped_teachers(
+            trows, teacher_runs, [(s, trial_runs[r]) for s, r in zip(trials["split"], trials["run_id"])])
+    teachers = _with_metrics(trows, teacher_runs, final_only=False)
 
     hist = _history(client, trials, trial_runs) if history else pd.DataFrame(
         columns=["split", "method", "variant", "label", "seed", "run_id", "metric", "step", "value"])
     params = pd.DataFrame([trial_runs[r].data.params for r in trials["run_id"]], index=trials["run_id"])
     params = params[sorted(params.columns)]
     return StudyData(name, uri, exp.experiment_id, trials, attempts, teachers, hist, params,
-                     text or _study_yaml(client, exp.experiment_id))
+                     text or logged_text, scope_keys, scope, others)

@@ -3,7 +3,7 @@
 - :func:`accuracy_plot`: union accuracy per method, mean ± std over seeds with the seeds as dots;
 - :func:`curves_plot`: validation union accuracy per epoch, mean and ± std band over seeds;
 - :func:`loss_plot`: every logged loss term of one method, per epoch, one line per variant;
-- :func:`ablation_plot`: Δ vs the full method with its bootstrap CI and the per-seed differences;
+- :func:`ablation_plot`: Δ vs the full method with its 95% CI and the per-seed differences;
 - :func:`tuning_history_plot`, :func:`tuning_curves_plot`, :func:`tuning_importance_plot`: the
   Optuna searches of ``harness tune`` (objective per trial, running objective, importances), one
   facet per Optuna study, coloured by trial state.
@@ -26,7 +26,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from harness.report import tuning
-from harness.report.tables import METRIC_TITLES
+from harness.report.tables import METRIC_SHORT, METRIC_TITLES
 
 DPI = 120
 LOG_RATIO = 20  # a loss curve spanning more than this factor is drawn on a log scale
@@ -83,7 +83,7 @@ def _save(fig: Figure, path: Path) -> Path:
 
 
 def accuracy_plot(trials: pd.DataFrame, orders: dict[str, list[str]], pal: Palette, path: Path) -> Path | None:
-    """Rows = splits, columns = last-epoch / best-validation union accuracy (%)."""
+    """Rows = splits, columns = last-epoch (primary) / best-validation (secondary) union accuracy (%)."""
     metrics = [m for m in METRIC_TITLES if m in trials and trials[m].notna().any()]
     orders = {s: o for s, o in orders.items() if o}
     if not metrics or not orders:
@@ -95,7 +95,7 @@ def accuracy_plot(trials: pd.DataFrame, orders: dict[str, list[str]], pal: Palet
         for j, m in enumerate(metrics):
             ax = axes[i][j]
             d = df.assign(acc=100 * df[m]).dropna(subset=["acc"])
-            ax.set_title(f"Split {split}: {METRIC_TITLES[m].lower()}")
+            ax.set_title(f"Split {split}: union accuracy, {METRIC_SHORT[m]}")
             if d.empty:
                 _empty(ax)
                 continue
@@ -174,7 +174,8 @@ def loss_plot(
 
 
 def ablation_plot(abl: pd.DataFrame, diffs: pd.DataFrame, pal: Palette, path: Path) -> Path | None:
-    """Δ (pp) vs the full method: mean (diamond), 95% bootstrap CI (bar), seeds (dots)."""
+    """Δ (pp) vs the full method: mean (diamond), 95% CI (bar: t-interval, bootstrap from 30 pairs),
+    per-seed differences (dots)."""
     a = abl[abl["variant"] != "full"]
     if a.empty:
         return None
@@ -202,10 +203,11 @@ def ablation_plot(abl: pd.DataFrame, diffs: pd.DataFrame, pal: Palette, path: Pa
                             markeredgecolor="black", markeredgewidth=0.6)
             ax.axvline(0, color="black", linewidth=1, linestyle="--")
             ax.set_ylim(len(order) - 0.5, -0.5)
-            ax.set_title(f"Split {split} · {method}: {METRIC_TITLES[metric].lower()}")
+            ax.set_title(f"Split {split} · {method}: {METRIC_SHORT[metric]}")
             ax.set_xlabel(f"Δ union accuracy vs full {method} (percentage points)")
             ax.set_ylabel("")
-    fig.suptitle("Ablations: mean Δ (diamond), 95% bootstrap CI (bar, n ≥ 3 only), per-seed Δ (dots)")
+    fig.suptitle("Ablations: mean Δ (diamond), 95% CI (bar, n ≥ 3 only; t-interval below 30 pairs), "
+                 "per-seed Δ (dots)")
     return _save(fig, path)
 
 

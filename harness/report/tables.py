@@ -23,7 +23,17 @@ PREFERRED_COMPONENTS = ("intra", "inter", "align", "task")  # ablation order whe
 ABLATION_METRICS = ("test/union_acc", "test/union_acc_best")
 _METRIC_GROUPS = ("test/union_acc", "test/union_acc_best", "test/task_acc/", "test/task_acc_best/",
                   "val/union_acc_best", "diag/", "best_epoch", "trial_seconds", "peak_rss_mb")
-METRIC_TITLES = {"test/union_acc": "Union acc., last epoch", "test/union_acc_best": "Union acc., best-val. model"}
+PRIMARY, SECONDARY = "test/union_acc", "test/union_acc_best"
+#: the primary metric is the last-epoch union accuracy (no label of any kind chose the model); the
+#: best-validation one is secondary: its epoch was selected with validation labels
+METRIC_TITLES = {PRIMARY: "Union acc., last epoch (primary)",
+                 SECONDARY: "Union acc., best-val. epoch (secondary: epoch selected with validation labels)"}
+METRIC_SHORT = {PRIMARY: "last epoch (primary)", SECONDARY: "best-val. epoch (secondary)"}
+COMPARISON_HEADS = {PRIMARY: "Union acc., last epoch (%) [primary]",
+                    SECONDARY: "Union acc., best-val. epoch (%) [secondary]"}
+#: a split whose best claiming-teacher ensemble is more than this below its weakest teacher's
+#: own-task accuracy is capped by routing (fractions: 0.10 = 10 percentage points)
+ROUTING_GAP = 0.10
 
 
 # ----------------------------------------------------------------------------- ordering
@@ -121,26 +131,29 @@ def _cells(values: dict[int, float], metric: str) -> dict[str, Any]:
 
 
 def _teacher_rows(data: StudyData, split: str) -> list[dict[str, Any]]:
-    """Teacher k on its own task: its own teacher run (``test/acc``: the cached best-val weights),
-    else the task accuracies of the ``teachers`` reference run."""
-    accs: list[tuple[int, float]] = []
+    """Teacher k on its own task: its teacher runs (``test/acc``: the cached best-val weights; mean ±
+    std when several, e.g. ``teacher_seeds: per_seed``), else the task accuracies of the
+    ``teachers`` reference run(s)."""
+    accs: dict[int, list[float]] = {}
     tr = data.teachers[data.teachers["split"] == split]
     if not tr.empty and "test/acc" in tr:
-        accs = [(int(k), float(a)) for k, a in zip(tr["task"], tr["test/acc"])]
-    else:
+        for k, a in zip(tr["task"], tr["test/acc"]):
+            accs.setdefault(int(k), []).append(float(a))
+    else:  # one reference run, or one per seed with ``teacher_seeds: per_seed``
         t = data.trials
-        ref = t[(t["split"] == split) & (t["method"] == REFERENCE_METHOD) & (t["variant"] == "full")].tail(1)
-        accs = [(int(c.rsplit("/", 1)[1]), float(ref[c].iloc[0])) for c in ref.columns
-                if c.startswith("test/task_acc/")]
+        ref = t[(t["split"] == split) & (t["method"] == REFERENCE_METHOD) & (t["variant"] == "full")]
+        accs = {int(c.rsplit("/", 1)[1]): [float(v) for v in ref[c]] for c in ref.columns
+                if c.startswith("test/task_acc/")}
     out = []
-    for k, acc in sorted(accs):
-        if math.isnan(acc):
+    for k, values in sorted(accs.items()):
+        s = stats.summarize(values)
+        if not s.n:
             continue
         row = {"split": split, "row": f"teacher{k}", "kind": "teacher", "method": "teacher", "variant": f"task{k}",
-               "uses_labels": True, "seeds": "", "n": 1, "n_expected": 1, "n_failed": 0, "n_killed": 0,
+               "uses_labels": True, "seeds": "", "n": s.n, "n_expected": s.n, "n_failed": 0, "n_killed": 0,
                "n_running": 0, "n_missing": 0}
         for m in (f"test/task_acc/{k}", f"test/task_acc_best/{k}"):
-            row.update({f"{m}.mean": acc, f"{m}.std": math.nan, f"{m}.n": 1})
+            row.update({f"{m}.mean": s.mean, f"{m}.std": s.std, f"{m}.n": s.n})
         out.append(row)
     return out
 
@@ -195,14 +208,18 @@ def ablation_frame(data: StudyData) -> pd.DataFrame:
                         p = stats.paired_delta(full, vals)
                         row.update({"n_paired": p.n, "paired_seeds": ",".join(map(str, p.seeds)), "delta": p.delta,
                                     "delta_std": p.delta_std, "ci_low": p.ci_low, "ci_high": p.ci_high,
-                                    "t_stat": p.t_stat, "p_ttest": p.p_ttest, "p_wilcoxon": p.p_wilcoxon,
-                                    "test": p.test, "note": p.note})
+                                    "ci_method": p.ci_method, "t_stat": p.t_stat, "p_ttest": p.p_ttest,
+                                    "p_wilcoxon": p.p_wilcoxon, "test": p.test, "note": p.note})
                     rows.append(row)
     cols = ["split", "method", "variant", "row", "metric", "seeds", "n", "n_expected", "n_failed", "n_killed",
             "n_running", "n_missing", "n_metric", "mean", "std", "n_paired", "paired_seeds", "delta", "delta_std",
-            "ci_low", "ci_high", "t_stat", "p_ttest", "p_wilcoxon", "test", "note"]
+            "ci_low", "ci_high", "ci_method", "t_stat", "p_ttest", "p_ttest_holm", "p_wilcoxon", "p_wilcoxon_holm",
+            "test", "note"]
     df = pd.DataFrame(rows).reindex(columns=cols)
     df["n_paired"] = df["n_paired"].astype("Int64")
+    for (_, _, _), family in df.groupby(["split", "method", "metric"], sort=False):  # one table = one family
+        for raw in ("p_ttest", "p_wilcoxon"):
+            df.loc[family.index, f"{raw}_holm"] = stats.holm(family[raw].astype(float).tolist())
     return df
 
 
@@ -273,9 +290,9 @@ def comparison_display(comp: pd.DataFrame, split: str, kind: str = "md") -> pd.D
     """The comparison table of one split as strings; best label-free method per column in bold."""
     f = Fmt(kind)
     sub = comp[comp["split"] == split]
-    metrics = [m for m in ("test/union_acc", "test/union_acc_best") if f"{m}.mean" in sub]
+    metrics = [m for m in (PRIMARY, SECONDARY) if f"{m}.mean" in sub]
     metrics += [f"test/task_acc/{k}" for k in task_ids(comp, split)]
-    heads = {"test/union_acc": "Union acc., last (%)", "test/union_acc_best": "Union acc., best val. (%)"}
+    heads = COMPARISON_HEADS
     amalg = (sub["kind"] == "method") & ~sub["uses_labels"].astype(bool)
     best = {m: sub.loc[amalg, f"{m}.mean"].max() for m in metrics}
     out: dict[str, list[str]] = {"Method": [], "n": []}
@@ -285,7 +302,7 @@ def comparison_display(comp: pd.DataFrame, split: str, kind: str = "md") -> pd.D
         out["Method"].append(f.text(name.get(r["kind"], r["row"])) + dagger)
         out["n"].append(f.text(n_text(r)))
         for m in metrics:
-            head = f.text(heads.get(m, f"Task {m.rsplit('/', 1)[1]} acc. (%)"))
+            head = f.text(heads.get(m, f"Task {m.rsplit('/', 1)[1]} acc., last epoch (%)"))
             is_best = bool(amalg[r.name]) and r[f"{m}.mean"] == best[m]
             out.setdefault(head, []).append(f.pct(r[f"{m}.mean"], r[f"{m}.std"], r[f"{m}.n"],
                                                   None if r["kind"] == "teacher" else r["n"], is_best))
@@ -319,35 +336,83 @@ def _plain(mean: float, std: float, dash: str) -> str:
 
 ABLATION_HEADS = {  # Markdown header -> LaTeX header
     "Variant": "Variant", "n": "n", "Acc. (%)": r"Acc.\ (\%)", "Δ (pp)": r"$\Delta$ (pp)",
-    "95% CI of Δ (pp)": r"95\% CI of $\Delta$ (pp)", "Pairs": "Pairs", "p (paired t)": r"$p$ (paired $t$)",
-    "p (Wilcoxon)": r"$p$ (Wilcoxon)",
+    "Pairs": "Pairs", "p (paired t)": r"$p$ (paired $t$)", "p Holm (paired t)": r"$p$ Holm (paired $t$)",
+    "p (Wilcoxon)": r"$p$ (Wilcoxon)", "p Holm (Wilcoxon)": r"$p$ Holm (Wilcoxon)",
 }
 
 
+def ci_heading(sub: pd.DataFrame, kind: str = "md") -> str:
+    """``95% CI of Δ (pp; t, n=3)``: the interval's method and the n of the rows that have one."""
+    tex = kind == "tex"
+    has = sub[sub["ci_method"].fillna("").astype(str) != ""] if "ci_method" in sub else sub.iloc[:0]
+    methods = sorted(set(has["ci_method"]))
+    ns = sorted({int(n) for n in has["n_paired"]})
+    n_txt = "" if not ns else (f"n={ns[0]}" if len(ns) == 1 else f"n={ns[0]}–{ns[-1]}")
+    if tex:
+        n_txt = n_txt.replace("–", "--").replace("n=", "$n$=")
+    if len(methods) == 1:
+        name = r"$t$" if tex and methods[0] == stats.CI_T else methods[0]
+        what = f"; {name}, {n_txt}"
+    elif methods:
+        what = (f"; $t$ if $n<{stats.BOOTSTRAP_MIN_N}$, else bootstrap" if tex
+                else f"; t if n < {stats.BOOTSTRAP_MIN_N}, else bootstrap")
+    else:
+        what = ""
+    return (r"95\% CI of $\Delta$ (pp" if tex else "95% CI of Δ (pp") + what + ")"
+
+
 def ablation_display(abl: pd.DataFrame, split: str, method: str, metric: str, kind: str = "md") -> pd.DataFrame:
-    """One split/method/metric block of the ablation table as strings."""
+    """One split/method/metric block of the ablation table as strings (one family of tests:
+    Holm-adjusted p next to the raw p; Wilcoxon columns only when a row has n >= 6 pairs)."""
     f = Fmt(kind)
     sub = abl[(abl["split"] == split) & (abl["method"] == method) & (abl["metric"] == metric)]
-    out: dict[str, list[str]] = {k: [] for k in ABLATION_HEADS}
+    ci = ci_heading(sub, kind)
+    wilcoxon = bool((sub["n_paired"].fillna(0) >= stats.MIN_WILCOXON_N).any())
+    heads = ["Variant", "n", "Acc. (%)", "Δ (pp)", ci, "Pairs", "p (paired t)", "p Holm (paired t)"]
+    heads += ["p (Wilcoxon)", "p Holm (Wilcoxon)"] if wilcoxon else []
+    out: dict[str, list[str]] = {k: [] for k in heads}
     for _, r in sub.iterrows():
         full = r["variant"] == "full"
         out["Variant"].append(f.text(f"{method} (full)" if full else r["row"]))
         out["n"].append(f.text(n_text(r)))
         out["Acc. (%)"].append(f.pct(r["mean"], r["std"], r["n_metric"], r["n"]))
         if full:
-            for k in ("Δ (pp)", "95% CI of Δ (pp)", "Pairs", "p (paired t)", "p (Wilcoxon)"):
+            for k in heads[3:]:
                 out[k].append(f.dash)
             continue
         n = int(r["n_paired"])
         out["Δ (pp)"].append(f.num(100 * r["delta"], signed=True))
         lo, hi = f.num(100 * r["ci_low"], signed=True), f.num(100 * r["ci_high"], signed=True)
-        out["95% CI of Δ (pp)"].append(f.dash if pd.isna(r["ci_low"]) else f"[{lo}, {hi}]")
+        out[ci].append(f.dash if pd.isna(r["ci_low"]) else f"[{lo}, {hi}]")
         out["Pairs"].append(str(n))
         constant = r["note"] == stats.CONSTANT_NOTE
         out["p (paired t)"].append(f.p(r["p_ttest"], n, stats.MIN_TEST_N, constant=constant))
-        out["p (Wilcoxon)"].append(f.p(r["p_wilcoxon"], n, stats.MIN_WILCOXON_N))
+        out["p Holm (paired t)"].append(f.p(r["p_ttest_holm"], n, stats.MIN_TEST_N, constant=constant))
+        if wilcoxon:
+            out["p (Wilcoxon)"].append(f.p(r["p_wilcoxon"], n, stats.MIN_WILCOXON_N))
+            out["p Holm (Wilcoxon)"].append(f.p(r["p_wilcoxon_holm"], n, stats.MIN_WILCOXON_N))
     df = pd.DataFrame(out)
     return df.rename(columns=ABLATION_HEADS) if f.tex else df
+
+
+def routing_caps(comp: pd.DataFrame) -> dict[str, tuple[float, float]]:
+    """Splits capped by routing: {split: (best ensemble union acc., weakest teacher's own-task acc.)}
+    where the best claiming-teacher ensemble (the ``teachers`` reference row's union accuracy, or
+    any row's ``diag/ensemble_union_acc``) is more than :data:`ROUTING_GAP` below the lowest
+    teacher row (each teacher on its own task)."""
+    out = {}
+    for split, sub in comp.groupby("split", sort=False):
+        teach = sub[sub["kind"] == "teacher"]
+        own = [r[f"test/task_acc/{r['row'][7:]}.mean"] for _, r in teach.iterrows()
+               if f"test/task_acc/{r['row'][7:]}.mean" in sub]
+        ens = list(sub.loc[sub["kind"] == "reference", f"{PRIMARY}.mean"]) if f"{PRIMARY}.mean" in sub else []
+        if "diag/ensemble_union_acc.mean" in sub:
+            ens += list(sub.loc[sub["kind"] != "teacher", "diag/ensemble_union_acc.mean"])
+        own = [float(x) for x in own if not pd.isna(x)]
+        ens = [float(x) for x in ens if not pd.isna(x)]
+        if own and ens and max(ens) < min(own) - ROUTING_GAP:
+            out[str(split)] = (max(ens), min(own))
+    return out
 
 
 def markdown(df: pd.DataFrame, left: int = 1) -> str:

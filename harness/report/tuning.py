@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import warnings
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -31,6 +30,7 @@ import pandas as pd
 from mlflow.tracking import MlflowClient
 
 from harness.report.frames import PROVENANCE, _search, to_int
+from harness.report.paths import show_uri
 from harness.report.tables import Fmt, markdown
 from harness.tracking import TAG
 
@@ -325,8 +325,9 @@ def importances_display(imp: Importances) -> pd.DataFrame:
 
 # ----------------------------------------------------------------------------- Markdown
 def redact(uri: str) -> str:
-    """A URL without any ``user:password@`` part."""
-    return re.sub(r"//[^/@]*@", "//", uri)
+    """A storage URL or path as a committed report may show it: no ``user:password@`` part, no
+    absolute path of this machine (:func:`harness.report.paths.show_uri`)."""
+    return show_uri(uri)
 
 
 def tuning_markdown(td: TuningData, imps: dict[str, Importances], figures: list[str]) -> list[str]:
@@ -345,7 +346,8 @@ def tuning_markdown(td: TuningData, imps: dict[str, Importances], figures: list[
     md = ["## Tuning\n",
           "Hyper-parameter searches of `harness tune` (Optuna, direction: maximize), one row per Optuna study. "
           + objective +
-          "COMPLETE trials ran to the end; PRUNED ones were stopped by the pruner (their value, the last running "
+          "The searches read validation labels (the objective is a validation accuracy), so any value chosen "
+          "here rests on them. COMPLETE trials ran to the end; PRUNED ones were stopped by the pruner (their value, the last running "
           "objective, is not comparable); FAIL ones raised or were interrupted. The default trial evaluates the "
           "study file's own values; best = the best COMPLETE trial; Δ = best − default in percentage points. "
           "Every trial with its parameters: `tuning.csv`.\n",

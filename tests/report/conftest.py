@@ -29,7 +29,7 @@ def store_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     folder = _store_dir(tmp_path_factory)
     uri = f"sqlite:///{folder}/mlflow.db"
-    store.build(uri)
+    store.build(uri, folder / "artifacts")
     yield uri
     shutil.rmtree(folder, ignore_errors=True)
 

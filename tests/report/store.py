@@ -1,13 +1,19 @@
 """A small MLflow store with known metric values, logged through MlflowClient in the harness schema.
 
 Study ``toy``. Split ``2x5`` (2 tasks, seeds 0-2) has every kind of row and mishap; split ``3x3``
-(3 tasks, seeds 0-5) has six paired seeds (Wilcoxon) and no teacher runs (teacher rows then come
-from the ``teachers`` reference run). The expected numbers are in the tests.
+(3 tasks, seeds 0-5) has six paired seeds (Wilcoxon), no teacher runs (teacher rows then come
+from the ``teachers`` reference run) and a claiming ensemble far below its teachers (routing).
+The latest study run logged ``trial_keys.json`` (no ``study.yaml``); runs of other trial keys
+(``OTHER``: an edited study) are logged last, so that only scoping by key keeps them out.
+Seed order and value order disagree (``-task`` on 2x5, both variants on 3x3): pairing by sorted
+value instead of by seed changes every spread, t, p and CI. The expected numbers are in the tests.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
+from pathlib import Path
 
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
@@ -25,12 +31,16 @@ SPLIT_A = {
     ("cka", "-intra", False): {0: (0.88, 0.90), 1: (0.91, 0.91), 2: (0.91, 0.92)},
     ("cka", "-inter", False): {0: (0.91, 0.91), 1: (0.93, 0.93)},  # seed 2 never ran
     ("cka", "-align", False): {0: (0.92, 0.92), 1: (0.94, 0.94), 2: (0.96, 0.96)},  # Δ = +0.02 on every seed
-    ("cka", "-task", False): {0: (0.80, 0.80), 1: (0.85, 0.85), 2: (0.87, 0.87)},
+    ("cka", "-task", False): {0: (0.87, 0.87), 1: (0.80, 0.80), 2: (0.85, 0.85)},  # not in seed order
     ("cka", "-intra-inter", False): {0: (0.85, 0.85), 1: (0.86, 0.86), 2: (0.87, 0.87)},
     ("cka", "wide", False): {0: (0.93, 0.93), 1: (0.94, 0.94), 2: (0.95, 0.95)},
 }
-SPLIT_B_FULL = [0.80, 0.81, 0.82, 0.83, 0.84, 0.85]
-SPLIT_B_INTRA = [v - 0.01 * (i + 1) for i, v in enumerate(SPLIT_B_FULL)]
+SPLIT_B_FULL = [0.84, 0.80, 0.83, 0.81, 0.85, 0.82]  # seeds 0-5
+SPLIT_B_DIFF = [-0.02, +0.01, -0.03, -0.05, -0.04, -0.06]  # -intra minus full, per seed
+SPLIT_B_INTRA = [round(f + d, 10) for f, d in zip(SPLIT_B_FULL, SPLIT_B_DIFF)]
+TEACHER_KEYS = {"2x5": ("tkey0", "tkey1")}  # the teachers the 2x5 trials used (tags), digests "d<key>"
+#: runs of other trial keys (an earlier version of the study): (method, variant, seed, last, status)
+OTHER = [("cka", "full", 0, 0.10, "FINISHED"), ("kd", "full", 1, 0.99, "FINISHED"), ("kd", "full", 0, 0.5, "FAILED")]
 TERMS = {"cka": ["task", "intra", "inter", "align"], "kd": ["kd"], "cfl": ["kd", "mmd", "recon"], "scratch": ["ce"]}
 
 
@@ -59,9 +69,17 @@ def log_run(
     return rid
 
 
+def key(split: str, method: str, variant: str, seed: int) -> str:
+    """The toy trial key of one trial of the study."""
+    return f"{split}{method}{variant}{seed}"
+
+
 def trial_tags(split: str, method: str, variant: str, seed: int, uses_labels: bool) -> dict[str, str]:
+    teachers = TEACHER_KEYS.get(split, ())
     return {"harness.study": STUDY, "harness.split": split, "harness.method": method, "harness.variant": variant,
-            "harness.seed": str(seed), "harness.kind": "trial", "harness.trial_key": f"{split}{method}{variant}{seed}",
+            "harness.seed": str(seed), "harness.kind": "trial", "harness.trial_key": key(split, method, variant, seed),
+            **({"harness.teacher_keys": ",".join(teachers),
+                "harness.teacher_digests": ",".join(f"d{k}" for k in teachers)} if teachers else {}),
             "harness.uses_labels": str(uses_labels).lower(), "harness.version": "0.1.0",
             "harness.torch_version": "2.5.0", "harness.python_version": "3.11.7",
             "harness.git_commit": "0123456789abcdef0123", "harness.git_dirty": "false"}
@@ -93,16 +111,29 @@ def trial(client: MlflowClient, exp_id: str, split: str, method: str, variant: s
                    _history(method, best), status, _params(split, method, variant, seed))
 
 
-def build(uri: str) -> MlflowClient:
-    """Log the whole known store at ``uri`` (a fresh sqlite file)."""
+def study_keys() -> list[str]:
+    """The trial keys of the toy study as run (``trial_keys.json``)."""
+    keys = [key("2x5", m, v, s) for (m, v, _), _ in SPLIT_A.items() for s in range(3)]
+    keys += [key("2x5", "teachers", "full", 0), key("3x3", "teachers", "full", 0)]
+    return keys + [key("3x3", "cka", v, s) for v in ("full", "-intra") for s in range(7)]
+
+
+def teacher_run(client: MlflowClient, exp_id: str, split: str, task: int, acc: float, teacher_key: str) -> str:
+    tags = {"harness.study": STUDY, "harness.split": split, "harness.kind": "teacher", "harness.task": str(task),
+            "harness.method": "teacher", "harness.variant": "full", "harness.uses_labels": "true",
+            "harness.teacher_key": teacher_key, "harness.teacher_digest": f"d{teacher_key}"}
+    return log_run(client, exp_id, tags, {"test/acc": acc, "test/acc_last": acc - 0.01, "val/acc_best": acc})
+
+
+def build(uri: str, artifacts: Path) -> MlflowClient:
+    """Log the whole known store at ``uri`` (a fresh sqlite file), artifacts in ``artifacts``."""
     client = MlflowClient(uri)
-    exp = client.create_experiment(STUDY)
+    exp = client.create_experiment(STUDY, artifact_location=artifacts.as_uri())
     log_run(client, exp, {"harness.kind": "study", "harness.study": STUDY}, {}, status="FAILED")
+    study_run = log_run(client, exp, {"harness.kind": "study", "harness.study": STUDY}, {})
+    client.log_text(study_run, json.dumps(study_keys()), "trial_keys.json")
     for k, acc in enumerate([0.99, 0.97]):
-        log_run(client, exp, {"harness.study": STUDY, "harness.split": "2x5", "harness.kind": "teacher",
-                              "harness.task": str(k), "harness.method": "teacher", "harness.variant": "full",
-                              "harness.uses_labels": "true"},
-                {"test/acc": acc, "test/acc_last": acc - 0.01, "val/acc_best": acc})
+        teacher_run(client, exp, "2x5", k, acc, TEACHER_KEYS["2x5"][k])
     ref = {"test/union_acc": 0.90, "test/union_acc_best": 0.90, "test/task_acc/0": 0.99, "test/task_acc/1": 0.97,
            "diag/ensemble_union_acc": 0.90, "best_epoch": 0.0}  # trained nothing: seed-independent
     log_run(client, exp, trial_tags("2x5", "teachers", "full", 0, False), ref,
@@ -118,10 +149,18 @@ def build(uri: str) -> MlflowClient:
     ref3 = {"test/union_acc": 0.75, "test/union_acc_best": 0.75, "test/task_acc/0": 0.95, "test/task_acc/1": 0.94,
             "test/task_acc/2": 0.93, "best_epoch": 0.0}
     log_run(client, exp, trial_tags("3x3", "teachers", "full", 0, False), ref3)
+    ens = {"diag/ensemble_union_acc": 0.75}  # the ensemble of 3x3 is 18 points below its weakest teacher (0.93)
     for seed, (full, intra) in enumerate(zip(SPLIT_B_FULL, SPLIT_B_INTRA)):
-        trial(client, exp, "3x3", "cka", "full", seed, False, full, full, ntasks=3)
-        trial(client, exp, "3x3", "cka", "-intra", seed, False, intra, intra, ntasks=3)
+        trial(client, exp, "3x3", "cka", "full", seed, False, full, full, ntasks=3, **ens)
+        trial(client, exp, "3x3", "cka", "-intra", seed, False, intra, intra, ntasks=3, **ens)
     trial(client, exp, "3x3", "cka", "full", 6, False, 0.0, 0.0, ntasks=3, status="RUNNING")
+    # an earlier version of the study, logged last: the latest runs of their (split, method, seed)
+    teacher_run(client, exp, "2x5", 0, 0.50, "tkey-old")
+    for method, variant, seed, acc, status in OTHER:
+        tags = {**trial_tags("2x5", method, variant, seed, False), "harness.trial_key": f"old-{method}{seed}",
+                "harness.teacher_keys": "tkey-old,tkey1", "harness.teacher_digests": "dtkey-old,dtkey1"}
+        log_run(client, exp, tags, {"test/union_acc": acc, "test/union_acc_best": acc}, status=status,
+                params=_params("2x5", method, variant, seed))
     return client
 
 

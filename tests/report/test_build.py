@@ -32,9 +32,11 @@ def test_outputs_exist_and_pngs_are_shown(report_dir: Path) -> None:
 def test_markdown_sections(report_dir: Path) -> None:
     md = (report_dir / "report.md").read_text()
     assert sum(line.startswith(BUILT_PREFIX) for line in md.splitlines()) == 1
-    for head in ("## Comparison", "### Split `2x5`", "## Ablations", "### Split `3x3`: `cka`",
-                 "## Failed, missing and duplicate runs", "## Parameters that vary between runs",
-                 "## Study configuration", "## Software"):
+    heads = [line for line in md.splitlines() if line.startswith("## ")]
+    assert heads == ["## Comparison", "## Ablations", "## Failed, missing and duplicate runs",
+                     "## Runs of other configurations in this experiment", "## Parameters that vary between runs",
+                     "## Study configuration", "## Software"]
+    for head in ("### Split `2x5`", "### Split `3x3`: `cka`"):
         assert head in md, head
     assert "| `2x5/kd/seed1` | FAILED (exception) | RuntimeError: failed on purpose | no: not in the tables |" in md
     assert ("| `2x5/cfl/seed2` | KILLED (interrupted) | RuntimeError: killed on purpose "
@@ -79,7 +81,7 @@ def test_latex_fragments_parse(report_dir: Path, tmp_path: Path) -> None:
     for block in _tabulars(comp) + _tabulars(abl):
         check_tabular(block)
     assert r"\textbf{94.0 $\pm$ 1.0}" in comp and r"scratch$^\dagger$" in comp
-    assert r"$\Delta$ (pp)" in abl and "[$-3.0$, $-1.0$]" in abl
+    assert r"$\Delta$ (pp)" in abl and "[$-4.5$, $+0.5$]" in abl and r"95\% CI of $\Delta$ (pp; $t$, $n$=3)" in abl
     for tex in (comp, abl):  # outside the tabulars: only comments and blank lines
         rest = re.sub(r"\\begin\{tabular\}.*?\\end\{tabular\}", "", tex, flags=re.S)
         assert all(line.startswith("%") or not line.strip() for line in rest.splitlines())
@@ -123,7 +125,8 @@ def test_report_command_errors_are_one_line(store_uri: str, capsys: pytest.Captu
 
 def test_sparse_study_with_only_failures_and_a_logged_study_file(store_uri: str, tmp_path: Path) -> None:
     """No teachers, no history, no ablations, a method whose every seed failed, one seed missing,
-    and the study file logged as an artifact of the study run (then shown in report.md)."""
+    and the study file logged as an artifact of the study run (then shown in report.md, without the
+    absolute paths in it); no trial_keys.json and no expansion: not scoped, and said so."""
     from mlflow.tracking import MlflowClient
 
     from harness.report.build import build_report
@@ -132,7 +135,8 @@ def test_sparse_study_with_only_failures_and_a_logged_study_file(store_uri: str,
     client = MlflowClient(uri)
     exp = client.create_experiment("edge", artifact_location=(tmp_path / "artifacts").as_uri())
     study_run = store.log_run(client, exp, {"harness.kind": "study", "harness.study": "edge"}, {})
-    client.log_text(study_run, "name: edge\nseeds: [0, 1]\n", "study.yaml")
+    text = f"name: edge\nseeds: [0, 1]\nteacher_seeds: per_seed\ncache_dir: /home/someone/cache\nroot: {REPO}/data/x\n"
+    client.log_text(study_run, text, "study.yaml")
     store.log_run(client, exp, store.trial_tags("s", "kd", "full", 0, False), {"test/union_acc": 0.8, "best_epoch": 3})
     for seed in (0, 1):
         store.log_run(client, exp, store.trial_tags("s", "cka", "full", seed, False), {}, status="FAILED")
@@ -144,6 +148,73 @@ def test_sparse_study_with_only_failures_and_a_logged_study_file(store_uri: str,
     assert "| cka | 0 of 2; 2 failed | – |" in md
     assert "| zoo | 1 | 70.0 |" in md  # tagged seed-independent
     assert "No method of this study has ablation variants." in md
-    assert "```yaml\nname: edge\nseeds: [0, 1]\n```" in md
+    assert ("```yaml\nname: edge\nseeds: [0, 1]\nteacher_seeds: per_seed\ncache_dir: <redacted>/cache\n"
+            "root: data/x\n```") in md  # built with the repository as working directory
+    assert "/home/someone" not in md and str(REPO) not in md
+    assert "so the std over seeds includes teacher variance" in md
+    assert ("**Warning: this report is not scoped by trial key** (the store has no `trial_keys.json` and the study "
+            "file was not expanded): the latest finished run") in md
+    assert "Unknown: the report is not scoped by trial key (see the warning at the top)." in md
     assert (out / "accuracy.png").exists() and not (out / "curves.png").exists()
     assert (out / "ablation.tex").read_text() == ""
+
+
+def test_scope_and_runs_of_other_configurations(report_dir: Path) -> None:
+    """The toy study's 46 keys (trial_keys.json); three runs of an earlier version are counted only."""
+    md = (report_dir / "report.md").read_text()
+    assert ("Scope: only trial runs whose `harness.trial_key` is one of the 46 trial keys of the study "
+            "(`trial_keys.json` of the latest study run); 42 of them have a finished run. 3 trial runs of other "
+            "configurations in this experiment are left out of every table, figure and statistic") in md
+    assert "3 runs (2 finished) of 3 trial keys." in md
+    assert "| `2x5` | `cka` | 1 | 1 | 0 | 1 |" in md and "| `2x5` | `kd` | 2 | 1 | 1 | 2 |" in md
+    assert "not scoped" not in md
+
+
+def test_what_the_numbers_rest_on(report_dir: Path) -> None:
+    md = (report_dir / "report.md").read_text()
+    assert "**Primary metric: union accuracy of the model after the last epoch** (*last epoch*)." in md
+    assert ("Validation labels: the *last epoch* columns used none (the recipe, i.e. epochs, learning rate and loss "
+            "weights, is fixed in the study file); the *best-val. epoch* column reports the epoch chosen with "
+            "validation labels. Test labels are read only to measure.") in md
+    assert "every other method saw no label" not in md
+    assert ("on `2x5`, the runs of the teachers that this study's trial runs used; on `3x3`, the own-task "
+            "accuracies of this study's `teachers` reference run.") in md
+    assert "the std over seeds excludes teacher variance" in md  # no study file: the default, said so
+    # routing: 3x3's ensemble (75.0) is 18 points below its weakest teacher (93.0); 2x5's (90.0) 7 below 97.0
+    assert md.count("Routing caps this split") == 1
+    split_3x3 = md.split("### Split `3x3`\n")[1].split("### ")[0]
+    assert ("Routing caps this split: the best claiming-teacher ensemble reaches 75.0% union accuracy, 18.0 points "
+            "below the weakest teacher on its own task (93.0%; flagged when more than 10 points below).") in split_3x3
+    assert "`routing:` axis of the study file" in split_3x3
+
+
+def test_no_path_of_the_building_machine(report_dir: Path, store_uri: str) -> None:
+    md = (report_dir / "report.md").read_text()
+    folder = store_uri[len("sqlite:///"):].rsplit("/", 1)[0]
+    assert "Rebuilt from the MLflow store alone: `sqlite:///<redacted>/mlflow.db`" in md
+    for name in os.listdir(report_dir):
+        if not name.endswith(".png"):
+            text = (report_dir / name).read_text()
+            assert folder not in text and str(REPO) not in text and "/tmp/" not in text, name
+
+
+def test_tuned_study_says_its_values_rest_on_validation_labels(store_uri: str, tmp_path: Path,
+                                                               report_dir: Path) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from harness.report.build import build_report
+
+    client = MlflowClient(store_uri)
+    exp = client.create_experiment("mini-tuned")
+    store.log_run(client, exp, store.trial_tags("s", "cka", "full", 0, False), {"test/union_acc": 0.8})
+    md = (build_report("mini-tuned", tracking_uri=store_uri, out_dir=tmp_path / "a") / "report.md").read_text()
+    assert ("; and this is a tuned study: the hyper-parameters of the tuned methods were chosen by `harness tune` on "
+            "validation labels (objective: validation union accuracy), so for them every column, the last-epoch one "
+            "included, rests on validation labels. Test labels") in md
+    f = tmp_path / "mini.tuned.yaml"  # the file harness tune writes, header included
+    f.write_text("# Tuned by `harness tune studies/mini.yaml` on 2026-01-01 10:00\n"
+                 "# cka: best trial #3 0.9000 (default 0.8800); 4 complete, 0 pruned; methods.cka.T=2.0\n"
+                 "name: mini-tuned\nseeds: [0]\n")
+    md = (build_report(str(f), tracking_uri=store_uri, out_dir=tmp_path / "b") / "report.md").read_text()
+    assert "the hyper-parameters of `cka` were chosen by `harness tune` on validation labels" in md
+    assert "tuned study" not in (report_dir / "report.md").read_text()

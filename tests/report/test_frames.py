@@ -47,7 +47,7 @@ def test_history_is_per_epoch_for_used_runs_only(study_data) -> None:
 
 
 def test_teacher_runs_and_splits(study_data) -> None:
-    tr = study_data.teachers
+    tr = study_data.teachers  # the later teacher run of key tkey-old (0.50) belongs to no trial of the study
     assert tr[["split", "task", "test/acc"]].values.tolist() == [["2x5", 0, 0.99], ["2x5", 1, 0.97]]
     assert study_data.splits == ["2x5", "3x3"]
     assert study_data.study_yaml is None

@@ -1,0 +1,137 @@
+"""What the numbers of a report rest on, said in report.md: which runs count (the trial-key
+scope and the runs it leaves out), which labels each column used, what the seed std contains,
+and where routing caps the label-free methods.
+
+Each function returns Markdown (a line, a paragraph or a section) from a :class:`StudyData` and
+the comparison frame; nothing here reads the store.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pandas as pd
+
+from harness.report.frames import REFERENCE_METHOD, StudyData, row_label
+from harness.report.tables import ROUTING_GAP, markdown, routing_caps
+
+OTHERS_TITLE = "Runs of other configurations in this experiment"
+_TUNED_HEADER = re.compile(r"^# Tuned by `harness tune", re.M)
+_TUNED_METHOD = re.compile(r"^# ([A-Za-z_][\w-]*): best trial #", re.M)
+
+
+def scope_line(data: StudyData) -> str:
+    """Which trial runs the tables use, and how many were left out."""
+    if data.keys is None:
+        return ("**Warning: this report is not scoped by trial key** "
+                f"({data.scope}): the latest finished run of every split, method, variant and seed is used, "
+                "whatever configuration it ran with, so runs of an edited study can be mixed in. Give the study "
+                "file (`harness report path/to/study.yaml`) to scope it.\n")
+    done = len(set(data.trials["trial_key"]) & data.keys)
+    others = data.others
+    left = (f"{len(others)} trial run{'s' if len(others) != 1 else ''} of other configurations in this experiment "
+            f"{'are' if len(others) != 1 else 'is'} left out of every table, figure and statistic (section "
+            f"*{OTHERS_TITLE}*)." if len(others) else "No trial run of another configuration is in this experiment.")
+    return (f"Scope: only trial runs whose `harness.trial_key` is one of the {len(data.keys)} trial keys of the "
+            f"study ({data.scope}); {done} of them have a finished run. {left}\n")
+
+
+def others_section(data: StudyData) -> list[str]:
+    """Runs of trial keys outside the study's, counted per split and method/variant."""
+    md = [f"## {OTHERS_TITLE}\n"]
+    if data.keys is None:
+        return md + ["Unknown: the report is not scoped by trial key (see the warning at the top).\n"]
+    o = data.others
+    if o.empty:
+        return md + ["None: every trial run in this experiment has one of this study's trial keys.\n"]
+    md.append("Trial runs whose trial key is not one of this study's (a run of an earlier or later version of the "
+              "study file, e.g. another parameter value or precision). Counted here, used nowhere else: "
+              f"{len(o)} runs ({int((o['status'] == 'FINISHED').sum())} finished) of "
+              f"{o['trial_key'].nunique()} trial keys.\n")
+    o = o.assign(label=[row_label(m, v) for m, v in zip(o["method"], o["variant"])])
+    rows: dict[str, list[str]] = {"Split": [], "Method": [], "Runs": [], "Finished": [],
+                                  "Failed, killed or running": [], "Trial keys": []}
+    for (split, label), g in o.groupby(["split", "label"], sort=True):
+        fin = int((g["status"] == "FINISHED").sum())
+        rows["Split"].append(f"`{split}`")
+        rows["Method"].append(f"`{label}`")
+        rows["Runs"].append(str(len(g)))
+        rows["Finished"].append(str(fin))
+        rows["Failed, killed or running"].append(str(len(g) - fin))
+        rows["Trial keys"].append(str(g["trial_key"].nunique()))
+    return md + [markdown(pd.DataFrame(rows), left=2)]
+
+
+def tuned_methods(data: StudyData) -> list[str] | None:
+    """Methods whose values ``harness tune`` chose (from the tuned file's header), [] when the study
+    is a tuned one but the header is not in the store (a ``<name>-tuned`` study), None otherwise."""
+    text = data.study_yaml or ""
+    if _TUNED_HEADER.search(text):
+        return sorted(set(_TUNED_METHOD.findall(text)))
+    return [] if data.name.endswith("-tuned") else None
+
+
+def labels_paragraph(data: StudyData, comp: pd.DataFrame) -> str:
+    """Which labels each column used: training, validation (model selection, tuning) and test."""
+    labelled = sorted({r for r, k, u in zip(comp["row"], comp["kind"], comp["uses_labels"]) if k == "method" and u})
+    tuned = tuned_methods(data)
+    text = ("Labels: † marks methods trained with the true training labels "
+            f"({', '.join(f'`{x}`' for x in labelled) or 'none here'}; references, not amalgamation). Teachers saw "
+            "the training labels of their own task only. No other method saw a training label. Validation labels: "
+            "the *last epoch* columns used none (the recipe, i.e. epochs, learning rate and loss weights, is fixed "
+            "in the study file); the *best-val. epoch* column reports the epoch chosen with validation labels")
+    if tuned is not None:
+        who = ", ".join(f"`{m}`" for m in tuned) if tuned else "the tuned methods"
+        text += (f"; and this is a tuned study: the hyper-parameters of {who} were chosen by `harness tune` on "
+                 "validation labels (objective: validation union accuracy), so for them every column, the last-epoch "
+                 "one included, rests on validation labels")
+    return text + ". Test labels are read only to measure.\n"
+
+
+def teacher_sentence(data: StudyData, comp: pd.DataFrame) -> str:
+    """Where the teacher rows come from, per split."""
+    parts = []
+    for split in data.splits:
+        sub = comp[(comp["split"] == split) & (comp["kind"] == "teacher")]
+        if sub.empty:
+            continue
+        if not (data.teachers["split"] == split).any():
+            src = f"the own-task accuracies of this study's `{REFERENCE_METHOD}` reference run"
+        elif data.keys is None:
+            src = "the latest teacher run of each task (not scoped: it may be a teacher of another configuration)"
+        else:
+            src = "the runs of the teachers that this study's trial runs used"
+        if (sub["n"] > 1).any():
+            src += " (mean ± std over the n teachers of each task that the trials used, e.g. one per seed)"
+        parts.append(f"on `{split}`, {src}")
+    return ("Teacher rows: each cached teacher (the epoch with its best validation accuracy on its own task, i.e. the "
+            "weights every method uses) on its own task's test images"
+            + (f"; {'; '.join(parts)}" if parts else "")
+            + ". Claiming ensemble: each test image routed to the teacher that claims it.\n")
+
+
+def seed_std_sentence(data: StudyData) -> str:
+    """What the std over seeds contains (``teacher_seeds`` of the logged study file)."""
+    mode = data.study.get("teacher_seeds", "fixed") if data.study_yaml else None  # the field's default
+    if mode == "per_seed":
+        return ("Seed std: every seed trains its own teachers (`teacher_seeds: per_seed`), so the std over seeds "
+                "includes teacher variance.\n")
+    if mode == "fixed":
+        return ("Seed std: every seed trains its own student with the same teachers (`teacher_seeds: fixed`), so "
+                "the std over seeds excludes teacher variance (`teacher_seeds: per_seed` in the study file "
+                "includes it).\n")
+    return ("Seed std: the study file is not in the store; with the default `teacher_seeds: fixed` every seed "
+            "shares the teachers and the std over seeds excludes teacher variance.\n")
+
+
+def routing_sentence(comp: pd.DataFrame, split: str) -> list[str]:
+    """One sentence when routing caps the split (best ensemble far below the weakest teacher)."""
+    caps = routing_caps(comp)
+    if split not in caps:
+        return []
+    ens, own = caps[split]
+    return [f"Routing caps this split: the best claiming-teacher ensemble reaches {100 * ens:.1f}% union accuracy, "
+            f"{100 * (own - ens):.1f} points below the weakest teacher on its own task ({100 * own:.1f}%; flagged "
+            f"when more than {100 * ROUTING_GAP:.0f} points below). Every label-free method learns from the teacher "
+            "that claims each image, so routing bounds them here: compare claim rules with the `routing:` axis of "
+            "the study file.\n"]
