@@ -4,8 +4,13 @@ Schema (the reports and the runner rely on it):
 - one experiment per study (its name); one run per trial, and one per teacher;
 - tags ``harness.study``, ``harness.split``, ``harness.method``, ``harness.variant`` (``full`` or
   ``-intra`` ...), ``harness.seed``, ``harness.trial_key``, ``harness.kind`` (``teacher``,
-  ``trial`` or ``study``), ``harness.uses_labels``; teachers add ``harness.task``;
-- params: the flattened resolved config;
+  ``trial`` or ``study``), ``harness.uses_labels``; teachers add ``harness.task``,
+  ``harness.teacher_key``, ``harness.teacher_digest`` (sha256 of its weights) and
+  ``harness.teacher_seed``; trials add ``harness.teacher_keys`` and ``harness.teacher_digests``
+  (comma-joined, in task order: the weights the numbers rest on) and ``harness.precision``
+  (``fp32``/``bf16``, the arithmetic the trial really trained in);
+- params: the flattened resolved config (with ``precision`` and ``results_version``, both in the
+  trial key);
 - per-epoch metrics (step = epoch): ``loss/<term>``, ``loss/total``, ``val/union_acc``,
   ``val/task_acc/<k>``, ``epoch_seconds``, ``images_per_second``; sent in one ``log_batch``
   at most every 5 s (and at the end), so short epochs cost no store round trip each;
@@ -21,7 +26,8 @@ Schema (the reports and the runner rely on it):
   checkout), ``harness.git_dirty``, ``harness.version`` and ``harness.<package>_version`` for
   torch, mlflow, numpy and python;
 - a study invocation is a run of kind ``study`` (tags ``harness.host``, ``harness.runner_pid``,
-  ``harness.backend``); its trials point to it with ``mlflow.parentRunId``.
+  ``harness.backend``; artifacts ``study.yaml`` and ``trial_keys.json``, the keys of the whole
+  study as run, which scope its report); its trials point to it with ``mlflow.parentRunId``.
 """
 
 from __future__ import annotations

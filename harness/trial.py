@@ -27,7 +27,13 @@ from harness.methods.base import SplitInfo, TeacherSet, get_method
 from harness.models import build_model
 from harness.teachers import TeacherRecord, cached_outputs, get_teachers
 from harness.tracking import TAG, Tracker, version_tags
-from harness.train import EarlyStop, EpochCallback, NonFiniteLossError, fit, predict_all, teacher_outputs
+from harness.train import (
+    EarlyStop, EpochCallback, NonFiniteLossError, effective_precision, fit, predict_all, teacher_outputs,
+)
+
+
+class PrecisionMismatch(RuntimeError):
+    """The trial's key was computed for another numeric precision than its device trains at."""
 
 
 def trial_tags(trial: Trial, uses_labels: bool, seeded: bool = True) -> dict[str, str]:
@@ -174,6 +180,11 @@ def execute_trial(
     try:
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats(device)
+        precision = effective_precision(study.train, device)
+        if precision != trial.precision:  # the key promised other arithmetic than this device does
+            raise PrecisionMismatch(f"the trial key is for {trial.precision}, but on {device} the trial "
+                                    f"would train in {precision}; run it on a device of its precision")
+        tracker.set_tags(run_id, {f"{TAG}precision": precision})
         cls = get_method(trial.method)
         split_cfg = next((i, s) for i, s in enumerate(study.splits) if s.name == trial.split)
         data = data or build_split(split_cfg[1], study.dataset, f"splits[{split_cfg[0]}]")

@@ -202,7 +202,7 @@ def run_tune_job(job: TuneJob, slot: Slot) -> dict[str, Any]:
 
 def _train_units(job: TuneJob, slot: Slot, otrial: optuna.trial.Trial, tracker: Tracker, running: Any) -> dict:
     from harness.data.splits import build_split
-    from harness.train import EarlyStop
+    from harness.train import EarlyStop, effective_precision
     from harness.trial import execute_trial, open_trial_run
 
     epochs = job.study.train.epochs
@@ -211,8 +211,10 @@ def _train_units(job: TuneJob, slot: Slot, otrial: optuna.trial.Trial, tracker: 
     for i, (si, seed) in enumerate(job.units):
         split = job.study.splits[si]
         data = validation_only(build_split(split, job.study.dataset, f"splits[{si}]"))
-        key = trial_key(job.study, si, job.method, job.params, seed)
-        trial = Trial(job.study.name, split.name, job.method, f"optuna{job.number}", seed, job.params, key)
+        precision = effective_precision(job.study.train, slot.device)
+        key = trial_key(job.study, si, job.method, job.params, seed, precision)
+        trial = Trial(job.study.name, split.name, job.method, f"optuna{job.number}", seed, job.params, key,
+                      precision)
         tags = {f"{TAG}kind": "tune_run", f"{TAG}optuna_study": job.optuna_study,
                 f"{TAG}optuna_number": job.number}
         run_id = open_trial_run(tracker, job.experiment_id, job.study, trial, parent_run_id=job.run_id,

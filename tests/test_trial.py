@@ -18,6 +18,7 @@ from tests.conftest import TINY
 
 #: what each trial of ``test_seed_probe`` saw: (seed, initial student state, ids of its batches)
 SEEN: list[tuple[int, dict[str, torch.Tensor], list[torch.Tensor]]] = []
+STORE: dict = {}
 
 
 @register("test_seed_probe")
@@ -49,6 +50,7 @@ def probes(tmp_path_factory: pytest.TempPathFactory) -> dict[int, list]:
         trials = {t.seed: t for t in expand(study)}
         tracker = Tracker(f"sqlite:///{tmp}/mlflow.db")
         exp = tracker.experiment(study.name)
+        STORE.update(tracker=tracker, experiment=exp)
         out: dict[int, list] = {}
         for seed in (0, 1, 0):
             SEEN.clear()
@@ -74,3 +76,34 @@ def test_another_seed_gives_another_initialisation_and_batch_order(probes: dict[
     for ids in (ids_0, ids_1):
         flat = torch.cat(ids).tolist()
         assert len(set(flat)) == len(flat)
+
+
+def test_a_trial_keyed_for_another_precision_fails_before_training(isolated: Path) -> None:
+    import dataclasses
+
+    from harness.trial import PrecisionMismatch
+
+    study = parse_study({**TINY, "methods": {"kd": {}}, "seeds": [0]})
+    (trial,) = expand(study)
+    assert trial.precision == "fp32"  # no GPU: fp32 whatever train.amp says
+    tracker = Tracker(f"sqlite:///{isolated}/mlflow.db")
+    exp = tracker.experiment(study.name)
+    bf16 = dataclasses.replace(trial, precision="bf16")
+    with pytest.raises(PrecisionMismatch, match="key is for bf16, but on cpu the trial would train in fp32"):
+        run_trial(study, bf16, tracker, exp)
+    (run,) = tracker.find(exp, {"harness.kind": "trial"}, ("FAILED",))
+    assert "PrecisionMismatch" in run.data.tags["harness.failure"]
+    assert not (isolated / "cache").exists()  # failed before any teacher was trained
+    assert run.data.params["precision"] == "bf16"
+
+
+def test_the_trial_run_records_its_precision_and_results_version(probes: dict[int, list]) -> None:
+    from harness.grid import RESULTS_VERSION
+
+    tracker, exp = STORE["tracker"], STORE["experiment"]
+    runs = tracker.find(exp, {"harness.kind": "trial"}, ("FINISHED",))
+    assert len(runs) == 2  # seeds 0 and 1 (the second run of seed 0 ended KILLED as a duplicate)
+    for run in runs:
+        assert run.data.tags["harness.precision"] == "fp32"
+        assert run.data.params["precision"] == "fp32"
+        assert run.data.params["results_version"] == str(RESULTS_VERSION)
