@@ -239,7 +239,8 @@ def _logged_study(client: MlflowClient, experiment_id: str) -> tuple[str | None,
                 if STUDY_ARTIFACT in names:
                     text = Path(client.download_artifacts(run.info.run_id, STUDY_ARTIFACT, tmp)).read_text()
                 if TRIAL_KEYS_ARTIFACT in names:
-                    raw = json.loads(Path(client.download_artifacts(run.info.run_id, TRIAL_KEYS_ARTIFACT, tmp)).read_text())
+                    path = client.download_artifacts(run.info.run_id, TRIAL_KEYS_ARTIFACT, tmp)
+                    raw = json.loads(Path(path).read_text())
                     keys = [str(k) for k in raw] if isinstance(raw, list) else None
                 return text, keys
         except Exception:  # an unreachable artifact store must not break the report
@@ -254,8 +255,8 @@ def _scope(keys: Collection[str] | None, given_text: str | None, logged_text: st
         return frozenset(keys), "the study file given" if given_text else "the trial keys given"
     if logged_keys is not None and not (given_text and expand):
         return frozenset(logged_keys), f"`{TRIAL_KEYS_ARTIFACT}` of the latest study run"
-    text, source = (given_text, "the study file given") if given_text else (
-        logged_text, f"`{STUDY_ARTIFACT}` of the latest study run (expanded; that run logged no `{TRIAL_KEYS_ARTIFACT}`)")
+    logged = f"`{STUDY_ARTIFACT}` of the latest study run (expanded; that run logged no `{TRIAL_KEYS_ARTIFACT}`)"
+    text, source = (given_text, "the study file given") if given_text else (logged_text, logged)
     if text and expand is not None:
         try:
             return frozenset(expand(text)), source
@@ -330,9 +331,9 @@ def load_study(study: str, tracking_uri: str | None = None, history: bool = True
     Scope, the first that applies: ``keys`` (the study's trial keys: the CLI expands a study file
     given on the command line); ``expand`` of a study file given; the keys logged by the latest
     study run (``trial_keys.json``); ``expand`` of its logged ``study.yaml``; else none (the latest
-    run of every split, method, variant and seed, as before trial keys). An experiment without a finished in-scope trial run is
-    an error unless ``allow_empty`` (then ``trials``, ``history`` and ``params`` are empty: an
-    experiment that holds only the searches of ``harness tune``)."""
+    run of every split, method, variant and seed, as before trial keys). An experiment without a
+    finished in-scope trial run is an error unless ``allow_empty`` (then ``trials``, ``history``
+    and ``params`` are empty: an experiment that holds only the searches of ``harness tune``)."""
     name, text = resolve_study(study)
     uri = resolve_uri(tracking_uri)
     client = MlflowClient(uri)

@@ -347,8 +347,8 @@ def tuning_markdown(td: TuningData, imps: dict[str, Importances], figures: list[
           "Hyper-parameter searches of `harness tune` (Optuna, direction: maximize), one row per Optuna study. "
           + objective +
           "The searches read validation labels (the objective is a validation accuracy), so any value chosen "
-          "here rests on them. COMPLETE trials ran to the end; PRUNED ones were stopped by the pruner (their value, the last running "
-          "objective, is not comparable); FAIL ones raised or were interrupted. The default trial evaluates the "
+          "here rests on them. COMPLETE trials ran to the end; PRUNED ones were stopped by the pruner (their "
+          "value, the last running objective, is not comparable); FAIL ones raised or were interrupted. The default trial evaluates the "
           "study file's own values; best = the best COMPLETE trial; Δ = best − default in percentage points. "
           "Every trial with its parameters: `tuning.csv`.\n",
           markdown(_summary_display(summ, len(kinds) > 1), left=2)]

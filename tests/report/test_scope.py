@@ -92,8 +92,9 @@ def test_precision_is_part_of_the_keys(store_uri: str, tmp_path: Path, capsys: p
     _trial(client, exp, keys[0], 0, 0.80)
     f = tmp_path / "p.yaml"
     f.write_text(text)
-    assert main(["report", str(f), "--tracking-uri", store_uri, "--precision", "fp32", "--out", str(tmp_path / "a")]) == 0
-    assert main(["report", str(f), "--tracking-uri", store_uri, "--precision", "bf16", "--out", str(tmp_path / "b")]) == 2
+    cmd = ["report", str(f), "--tracking-uri", store_uri, "--out"]
+    assert main(cmd + [str(tmp_path / "a"), "--precision", "fp32"]) == 0
+    assert main(cmd + [str(tmp_path / "b"), "--precision", "bf16"]) == 2
     assert capsys.readouterr().err.strip() == (
         f"harness: error: report: experiment 'precision' has no finished trial run of the study's 2 trial keys (the "
         f"study file given) in {store_uri}, only 1 run of other configurations (another version of the study file, "

@@ -182,7 +182,8 @@ def test_markdown_cells_bold_and_labels(report_dir: Path) -> None:
             "| p Holm (paired t) |") in md  # no Wilcoxon columns where no row has 6 pairs
     assert ("| cka-intra | 6 of 7; 1 missing | 79.3 ± 2.7 | -3.2 | [-5.8, -0.6] | 6 | 0.026 | 0.026 | 0.062 "
             "| 0.062 |") in md
-    assert "| 95% CI of Δ (pp; t, n=6) | Pairs | p (paired t) | p Holm (paired t) | p (Wilcoxon) | p Holm (Wilcoxon) |" in md
+    assert ("| 95% CI of Δ (pp; t, n=6) | Pairs | p (paired t) | p Holm (paired t) | p (Wilcoxon) "
+            "| p Holm (Wilcoxon) |") in md
     assert "† marks methods trained with the true training labels (`scratch`" in md
     assert "weak evidence" in md and "scipy.stats.ttest_rel" in md and "scipy.stats.t.interval" in md
 
