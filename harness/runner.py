@@ -41,12 +41,10 @@ from harness.scheduler import (
     LocalPool, RayPool, Slot, TrialJob, WorkerContext, build_slots, run_trial_job, warm_trial_worker,
 )
 from harness.teachers import cache_files, cached_outputs
-from harness.tracking import TAG, Tracker, git_tags, version_tags
+from harness.tracking import TAG, TRIAL_KEYS_ARTIFACT, Tracker, git_tags, version_tags
 from harness.trial import open_trial_run, prepare_teachers, teacher_seeds_of
 
 Pool = Union[LocalPool, RayPool]
-#: artifact of a study run: the JSON list of the trial keys of the study as run (the report's scope)
-TRIAL_KEYS_ARTIFACT = "trial_keys.json"
 
 
 def finished_keys(tracker: Tracker, experiment_id: str | None) -> set[str]:

@@ -52,6 +52,8 @@ try:
 except ImportError:  # Windows: no lock (run one process per new store there)
     fcntl = None  # type: ignore[assignment]
 
+#: artifact of a study run: the JSON list of the trial keys of the study as run (its report's scope)
+TRIAL_KEYS_ARTIFACT = "trial_keys.json"
 TAG = "harness."
 F = TypeVar("F", bound=Callable[..., Any])
 MAX_PARAM = 6000

@@ -42,7 +42,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from harness.errors import HarnessError
-from harness.tracking import TAG, flatten, resolve_uri
+from harness.tracking import TAG, TRIAL_KEYS_ARTIFACT, flatten, resolve_uri
 
 KEYS = ["split", "method", "variant", "seed"]
 FINAL_PREFIXES = ("test/", "diag/")
@@ -51,7 +51,6 @@ PROVENANCE = ("version", "torch_version", "mlflow_version", "numpy_version", "py
               "git_dirty")  # harness.<name> tags of a trial run
 INFO_COLUMNS = ["run_id", "run_name", "status", "start_time", "end_time", "split", "method", "variant",
                 "seed", "trial_key", "uses_labels", "failure", "failure_kind", "seeded", *PROVENANCE]
-TRIAL_KEYS_ARTIFACT = "trial_keys.json"  # harness.runner.TRIAL_KEYS_ARTIFACT (the runner imports torch)
 STUDY_ARTIFACT = "study.yaml"
 #: a study file's text -> its trial keys (``harness.grid.expand``; the CLI supplies it)
 KeyExpander = Callable[[str], Sequence[str]]
