@@ -3,6 +3,9 @@
     a_k = Linear(d_k, c) + ReLU, a_s = Linear(d_s, c) + ReLU, E = Linear(c, c) -> ReLU -> Linear(c, c),
     dec_k = Linear(c, d_k) -> ReLU -> Linear(d_k, d_k), H_s = E(a_s(f_s)), H_k = E(a_k(f_k));
     L = w0 * KD_concat(T) + w1 * sum_k MMD^2(H_s, H_k) + w2 * sum_k MSE(dec_k(H_k), f_k)
+
+Precision (harness.precision): the blocks a, E, dec run under the trial's autocast; KD and MMD^2
+run in float32 outside it (harness.losses), MSE in float32 by autocast's own op lists.
 """
 
 from __future__ import annotations

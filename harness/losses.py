@@ -13,20 +13,32 @@ down to 0.05 and logits up to +-50 in float32 and float64: probabilities are onl
 as log-probabilities (``log_softmax`` / ``logsumexp``), and excluded entries (a sample against
 itself) are removed from the matrices rather than filled with a large negative number, so no
 ``inf`` or ``NaN`` can enter either the value or the gradient.
+
+Precision (:mod:`harness.precision`): every loss here is precision-sensitive (kernel distances
+with tiny bandwidths, log-sum-exp over a batch or over classes, KL between softened
+distributions, 1 - cosine of nearly equal vectors), so each runs in float32 outside autocast,
+whatever the trial's precision: bf16/fp16 arguments are cast to float32 on entry, and the
+gradient flows back to the bf16 activations that produced them. float32 and float64 arguments are
+used as they are, so on the CPU, with ``amp: false`` and in the float64 tests nothing changes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from harness import precision
+
 __all__ = [
     "align_cosine",
     "align_kl",
     "align_relation",
+    "cross_entropy",
     "cross_supcon",
     "mmd2",
     "soft_target_kl",
@@ -34,6 +46,24 @@ __all__ = [
 ]
 
 # --------------------------------------------------------------------------- helpers
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _float32(fn: _F) -> _F:
+    """:func:`harness.precision.float32` (autocast off, bf16/fp16 tensor arguments as float32),
+    except that a call with a float64 tensor argument runs as it is: autocast never lowers
+    float64, and ``precision.to_float32`` would round it down to float32."""
+    in_float32 = precision.float32(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        tensors = (a for a in (*args, *kwargs.values()) if isinstance(a, Tensor))
+        if any(t.dtype == torch.float64 for t in tensors):
+            return fn(*args, **kwargs)
+        return in_float32(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _check_positive(name: str, value: float) -> None:
@@ -100,6 +130,7 @@ def _connected_zero(*tensors: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- contrastive
 
 
+@_float32
 def supcon(h: Tensor, y: Tensor, tau: float = 0.1) -> Tensor:
     """Supervised-contrastive loss inside one model's common space (spec: L_intra).
 
@@ -112,6 +143,9 @@ def supcon(h: Tensor, y: Tensor, tau: float = 0.1) -> Tensor:
     Anchors without a positive are left out of the mean (not counted as 0). The self-pair
     a = i is removed from the denominator (the [N, N] similarity matrix loses its diagonal)
     rather than masked with a large negative value.
+
+    Runs in float32 outside autocast (:mod:`harness.precision`): log-sum-exp over the batch at
+    temperature tau.
 
     Args:
         h: [N, d] common-space vectors, expected unit-norm (not normalised here).
@@ -152,6 +186,7 @@ def _cross_supcon_one_way(anchor: Tensor, cand: Tensor, same: Tensor, tau: float
     return (-pos_log_prob / n_pos).mean()
 
 
+@_float32
 def cross_supcon(
     h_s: Tensor, h_t: Tensor, y: Tensor, tau: float = 0.1, symmetric: bool = False
 ) -> Tensor:
@@ -166,6 +201,9 @@ def cross_supcon(
 
     With ``symmetric=True`` the result is the average of this direction and the
     teacher-anchored one (h_t anchors, h_s candidates, same labels).
+
+    Runs in float32 outside autocast (:mod:`harness.precision`): log-sum-exp over the batch at
+    temperature tau.
 
     Args:
         h_s: [N, d] student common-space vectors (unit-norm expected).
@@ -193,6 +231,7 @@ def cross_supcon(
 # --------------------------------------------------------------------------- alignment
 
 
+@_float32
 def align_kl(h_s: Tensor, h_t: Tensor, tau: float = 0.1) -> Tensor:
     """Sample-level alignment by KL over the d coordinates (spec: L_align default).
 
@@ -201,6 +240,9 @@ def align_kl(h_s: Tensor, h_t: Tensor, tau: float = 0.1) -> Tensor:
         L = mean_i KL( softmax(h_t,i / tau) || softmax(h_s,i / tau) ),
 
     the softmax taken over the d coordinates of each common-space vector.
+
+    Runs in float32 outside autocast (:mod:`harness.precision`): KL between distributions
+    softened by tau.
 
     Args:
         h_s: [N, d] student vectors.
@@ -220,6 +262,7 @@ def align_kl(h_s: Tensor, h_t: Tensor, tau: float = 0.1) -> Tensor:
     return _kl_rows(log_p_t, log_p_s).mean()
 
 
+@_float32
 def align_cosine(h_s: Tensor, h_t: Tensor) -> Tensor:
     """Sample-level alignment by cosine distance (spec: L_align variant ``cosine``).
 
@@ -229,6 +272,9 @@ def align_cosine(h_s: Tensor, h_t: Tensor) -> Tensor:
 
     Rows are L2-normalised here (``F.normalize``, eps 1e-12), so non-unit inputs work; for unit
     inputs this is the spec's mean of 1 - h_s,i.h_t,i.
+
+    Runs in float32 outside autocast (:mod:`harness.precision`): 1 - cosine of nearly equal
+    vectors is a small difference of large numbers.
 
     Args:
         h_s: [N, d] student vectors.
@@ -245,6 +291,7 @@ def align_cosine(h_s: Tensor, h_t: Tensor) -> Tensor:
     return (1.0 - cos).mean()
 
 
+@_float32
 def align_relation(h_s: Tensor, h_t: Tensor, tau: float = 0.1) -> Tensor:
     """Relation (similarity-structure) alignment (spec: L_align variant ``relation``).
 
@@ -256,6 +303,9 @@ def align_relation(h_s: Tensor, h_t: Tensor, tau: float = 0.1) -> Tensor:
     with the diagonal masked: entry (i, i) is excluded from each row's softmax (the row is a
     distribution over the other N-1 samples), not set to zero. The diagonal is removed from
     the similarity matrices before ``log_softmax``.
+
+    Runs in float32 outside autocast (:mod:`harness.precision`): log-sum-exp of similarities
+    over the batch, then a KL.
 
     Args:
         h_s: [N, d] student vectors (unit-norm expected, not normalised here).
@@ -280,6 +330,7 @@ def align_relation(h_s: Tensor, h_t: Tensor, tau: float = 0.1) -> Tensor:
 # --------------------------------------------------------------------------- soft targets
 
 
+@_float32
 def soft_target_kl(z_t: Tensor, z_s: Tensor, T: float = 1.0) -> Tensor:
     """Knowledge-distillation soft-target loss (spec: L_task and the ``kd`` baseline).
 
@@ -290,6 +341,9 @@ def soft_target_kl(z_t: Tensor, z_s: Tensor, T: float = 1.0) -> Tensor:
     The T^2 factor keeps the gradient scale roughly independent of T. For the spec's
     ``concat`` target pass the concatenated teacher logits; for ``per_task`` call it once per
     teacher with the student's slice S_k.
+
+    Runs in float32 outside autocast (:mod:`harness.precision`): log-sum-exp over the classes,
+    then a KL.
 
     Args:
         z_t: [N, n] teacher logits (the target).
@@ -309,9 +363,30 @@ def soft_target_kl(z_t: Tensor, z_s: Tensor, T: float = 1.0) -> Tensor:
     return (T * T) * _kl_rows(log_p_t, log_p_s).mean()
 
 
+@_float32
+def cross_entropy(z: Tensor, y: Tensor) -> Tensor:
+    """Cross-entropy with hard labels (the ``scratch`` row, CKA's ``task_hard``)::
+
+        L = mean_i -log softmax(z_i)[y_i] = mean_i ( logsumexp_c z_i,c - z_i,y_i ).
+
+    ``F.cross_entropy``; this wrapper only fixes its precision instead of leaving it to
+    autocast's per-device op lists. Runs in float32 outside autocast (:mod:`harness.precision`):
+    log-sum-exp over the classes.
+
+    Args:
+        z: [N, n] logits.
+        y: [N] integer labels in [0, n).
+
+    Returns:
+        Scalar loss.
+    """
+    return F.cross_entropy(z, y)
+
+
 # --------------------------------------------------------------------------- CFL
 
 
+@_float32
 def mmd2(
     x: Tensor,
     y: Tensor,
@@ -330,6 +405,10 @@ def mmd2(
     computed as |a|^2 + |b|^2 - 2 a.b and clamped at 0, which removes negative round-off.
     Note: in float32 that round-off is ~1e-7, comparable to 2 sigma^2 = 2e-6 for sigma = 0.001,
     so that kernel's near-zero distances are only resolved in float64.
+
+    Runs in float32 outside autocast (:mod:`harness.precision`): under bf16 the a.b of the
+    squared distances keeps ~3 digits, which the 1/(2 sigma^2) of the small bandwidths (up to
+    5e5) turns into a gradient of random direction.
 
     Args:
         x: [N, c] samples of the first distribution (e.g. student features H_s).

@@ -20,6 +20,9 @@ temperature of p_k = softmax(z_k / T_pl) is ``routing: {score: ..., T_pl: ...}``
 ``conf_threshold`` keeps, for L_intra and L_inter only, the samples whose claiming teacher's
 max_c p_k*(c) >= the threshold; L_align and L_task use every sample. With w_task = 0 (the
 ``-task`` ablation) the head is trained by cross-entropy on y^ instead, logged as ``task_hard``.
+
+Precision (harness.precision): the projectors g run under the trial's autocast; every loss term
+runs in float32 outside it (harness.losses).
 """
 
 from __future__ import annotations
@@ -96,7 +99,7 @@ class CKA(Method):
                     for z, o, n in zip(zt, self.split.offsets, self.split.sizes)
                 )
         if self.active("task_hard"):
-            out["task_hard"] = F.cross_entropy(z_s, y)
+            out["task_hard"] = losses.cross_entropy(z_s, y)
         need_space = any(self.active(t) for t in ("intra", "inter", "align"))
         if not need_space:
             return out

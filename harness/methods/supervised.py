@@ -8,9 +8,9 @@ marks it as a method that saw labels.
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor
 
+from harness import losses
 from harness.methods.base import Batch, Method
 
 
@@ -23,4 +23,4 @@ class SupervisedCE(Method):
 
     def loss_terms(self, batch: Batch) -> dict[str, Tensor]:
         assert batch.y is not None, "the training loop passes labels to methods with uses_labels"
-        return {"ce": F.cross_entropy(self.student(batch.x), batch.y)}
+        return {"ce": losses.cross_entropy(self.student(batch.x), batch.y)}
