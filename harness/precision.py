@@ -19,7 +19,7 @@ a small difference of large numbers or is scaled up afterwards:
 Policy: **these run in float32, outside autocast**, whatever the trial's precision; everything
 else (feature extractors, heads, projection MLPs) may run in bf16. A function that must run in
 float32 is wrapped by :func:`float32` (or its body runs inside :func:`float32_region`); its tensor
-arguments are cast to float32 on entry. On the CPU, and with ``amp: false``, this changes
+arguments are cast to at least float32 on entry (float64 stays float64). On the CPU, and with ``amp: false``, this changes
 nothing: the trial already runs in float32.
 """
 
@@ -48,9 +48,12 @@ def float32_region() -> Iterator[None]:
 
 
 def to_float32(obj: Any) -> Any:
-    """Floating tensors (also inside lists, tuples and dicts) as float32; everything else as is."""
+    """Floating tensors narrower than float32 (bf16, fp16), also inside lists, tuples and dicts,
+    as float32; float32 and float64 tensors and everything else as they are."""
     if isinstance(obj, torch.Tensor):
-        return obj.float() if obj.is_floating_point() and obj.dtype != torch.float32 else obj
+        return obj.float() if obj.dtype in (torch.bfloat16, torch.float16) else obj
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a NamedTuple
+        return type(obj)(*(to_float32(o) for o in obj))
     if isinstance(obj, (list, tuple)):
         return type(obj)(to_float32(o) for o in obj)
     if isinstance(obj, dict):
