@@ -24,15 +24,13 @@ used as they are, so on the CPU, with ``amp: false`` and in the float64 tests no
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from harness import precision
+from harness.precision import float32
 
 __all__ = [
     "align_cosine",
@@ -47,23 +45,6 @@ __all__ = [
 
 # --------------------------------------------------------------------------- helpers
 
-_F = TypeVar("_F", bound=Callable[..., Any])
-
-
-def _float32(fn: _F) -> _F:
-    """:func:`harness.precision.float32` (autocast off, bf16/fp16 tensor arguments as float32),
-    except that a call with a float64 tensor argument runs as it is: autocast never lowers
-    float64, and ``precision.to_float32`` would round it down to float32."""
-    in_float32 = precision.float32(fn)
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        tensors = (a for a in (*args, *kwargs.values()) if isinstance(a, Tensor))
-        if any(t.dtype == torch.float64 for t in tensors):
-            return fn(*args, **kwargs)
-        return in_float32(*args, **kwargs)
-
-    return wrapper  # type: ignore[return-value]
 
 
 def _check_positive(name: str, value: float) -> None:
@@ -130,7 +111,7 @@ def _connected_zero(*tensors: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- contrastive
 
 
-@_float32
+@float32
 def supcon(h: Tensor, y: Tensor, tau: float = 0.1) -> Tensor:
     """Supervised-contrastive loss inside one model's common space (spec: L_intra).
 
@@ -186,7 +167,7 @@ def _cross_supcon_one_way(anchor: Tensor, cand: Tensor, same: Tensor, tau: float
     return (-pos_log_prob / n_pos).mean()
 
 
-@_float32
+@float32
 def cross_supcon(
     h_s: Tensor, h_t: Tensor, y: Tensor, tau: float = 0.1, symmetric: bool = False
 ) -> Tensor:
@@ -231,7 +212,7 @@ def cross_supcon(
 # --------------------------------------------------------------------------- alignment
 
 
-@_float32
+@float32
 def align_kl(h_s: Tensor, h_t: Tensor, tau: float = 0.1) -> Tensor:
     """Sample-level alignment by KL over the d coordinates (spec: L_align default).
 
@@ -262,7 +243,7 @@ def align_kl(h_s: Tensor, h_t: Tensor, tau: float = 0.1) -> Tensor:
     return _kl_rows(log_p_t, log_p_s).mean()
 
 
-@_float32
+@float32
 def align_cosine(h_s: Tensor, h_t: Tensor) -> Tensor:
     """Sample-level alignment by cosine distance (spec: L_align variant ``cosine``).
 
@@ -291,7 +272,7 @@ def align_cosine(h_s: Tensor, h_t: Tensor) -> Tensor:
     return (1.0 - cos).mean()
 
 
-@_float32
+@float32
 def align_relation(h_s: Tensor, h_t: Tensor, tau: float = 0.1) -> Tensor:
     """Relation (similarity-structure) alignment (spec: L_align variant ``relation``).
 
@@ -330,7 +311,7 @@ def align_relation(h_s: Tensor, h_t: Tensor, tau: float = 0.1) -> Tensor:
 # --------------------------------------------------------------------------- soft targets
 
 
-@_float32
+@float32
 def soft_target_kl(z_t: Tensor, z_s: Tensor, T: float = 1.0) -> Tensor:
     """Knowledge-distillation soft-target loss (spec: L_task and the ``kd`` baseline).
 
@@ -363,7 +344,7 @@ def soft_target_kl(z_t: Tensor, z_s: Tensor, T: float = 1.0) -> Tensor:
     return (T * T) * _kl_rows(log_p_t, log_p_s).mean()
 
 
-@_float32
+@float32
 def cross_entropy(z: Tensor, y: Tensor) -> Tensor:
     """Cross-entropy with hard labels (the ``scratch`` row, CKA's ``task_hard``)::
 
@@ -386,7 +367,7 @@ def cross_entropy(z: Tensor, y: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- CFL
 
 
-@_float32
+@float32
 def mmd2(
     x: Tensor,
     y: Tensor,

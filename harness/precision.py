@@ -18,9 +18,9 @@ a small difference of large numbers or is scaled up afterwards:
 
 Policy: **these run in float32, outside autocast**, whatever the trial's precision; everything
 else (feature extractors, heads, projection MLPs) may run in bf16. A function that must run in
-float32 is wrapped by :func:`float32` (or its body runs inside :func:`float32_region`); its tensor
-arguments are cast to at least float32 on entry (float64 stays float64). On the CPU, and with ``amp: false``, this changes
-nothing: the trial already runs in float32.
+float32 is wrapped by :func:`float32` (or its body runs inside :func:`float32_region`); its
+tensor arguments are cast to at least float32 on entry (float64 stays float64). On the CPU, and
+with ``amp: false``, this changes nothing: the trial already runs in float32.
 """
 
 from __future__ import annotations
