@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
+import warnings
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +48,8 @@ class FitResult:
     final: dict[str, float] = field(default_factory=dict)
     best_epoch: int = 0
     best_state: dict[str, Tensor] | None = None
+    #: whether training and evaluation ran with every determinism flag really set (:func:`determinism`)
+    deterministic: bool = False
 
 
 EpochCallback = Callable[[int, dict[str, float]], None]
@@ -241,15 +245,80 @@ def _autocast(device: torch.device, cfg: TrainConfig):
 
 
 def _gpu_setup(method: Method, cfg: TrainConfig, device: torch.device) -> None:
-    """channels_last, cudnn autotuning (unless deterministic) and optional torch.compile."""
+    """channels_last, TF32 matmuls and optional torch.compile (cudnn flags: :func:`determinism`)."""
     if cfg.compile:  # compiles the feature extractor in place; the state dict keeps its keys
         method.student.features = torch.compile(method.student.features)  # type: ignore[method-assign]
     if device.type != "cuda":
         return
-    torch.backends.cudnn.benchmark = not cfg.deterministic
     torch.backends.cuda.matmul.allow_tf32 = True
     method.student.to(memory_format=torch.channels_last)
     torch.cuda.reset_peak_memory_stats(device)
+
+
+#: cuBLAS reads this variable when the process creates its first cuBLAS workspace; ``:4096:8``
+#: (or ``:16:8``) makes CUDA matmuls reproducible. It must be in the environment before CUDA
+#: starts: workers get it from the runner (:func:`deterministic_env`), before they import CUDA.
+CUBLAS_WORKSPACE_VAR = "CUBLAS_WORKSPACE_CONFIG"
+CUBLAS_WORKSPACE = ":4096:8"
+_CUBLAS_DETERMINISTIC = (":4096:8", ":16:8")
+
+
+def deterministic_env(deterministic: bool) -> dict[str, str]:
+    """The environment a worker needs before CUDA starts: ``{CUBLAS_WORKSPACE_CONFIG: :4096:8}``
+    for deterministic training (a deterministic value already set here is kept), else nothing."""
+    if not deterministic:
+        return {}
+    have = os.environ.get(CUBLAS_WORKSPACE_VAR, "")
+    return {CUBLAS_WORKSPACE_VAR: have if have in _CUBLAS_DETERMINISTIC else CUBLAS_WORKSPACE}
+
+
+def ensure_cublas_workspace() -> bool:
+    """Set :data:`CUBLAS_WORKSPACE_VAR` here unless it is already deterministic; True when it holds
+    for every cuBLAS call of this process (it was set before CUDA started, or is set now before)."""
+    if os.environ.get(CUBLAS_WORKSPACE_VAR, "") in _CUBLAS_DETERMINISTIC:
+        return True
+    late = torch.cuda.is_initialized()
+    os.environ.update(deterministic_env(True))
+    return not late
+
+
+def determinism_flags() -> dict[str, bool]:
+    """What this process really has set: the flags a deterministic trial needs, read back."""
+    return {"deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+            "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),
+            "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+            "cublas_workspace": os.environ.get(CUBLAS_WORKSPACE_VAR, "") in _CUBLAS_DETERMINISTIC}
+
+
+@contextlib.contextmanager
+def determinism(on: bool, device: str | torch.device) -> Iterator[bool]:
+    """Inside: ``on`` sets ``torch.use_deterministic_algorithms(True)``, cudnn.deterministic and no
+    cudnn autotuning, on every device (no op of the harness raises on the CPU for want of a
+    deterministic kernel), and on CUDA the cuBLAS workspace variable (a warning when CUDA had
+    started before it was set: its matmuls may then not reproduce). ``off`` turns them off and lets
+    cudnn autotune on CUDA. The previous flags come back on exit. Yields whether the code inside
+    runs deterministically, read back from what is really set."""
+    dev = torch.device(device)
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    cublas_in_time = True
+    if on and dev.type == "cuda":
+        cublas_in_time = ensure_cublas_workspace()
+        if not cublas_in_time:
+            warnings.warn(f"{CUBLAS_WORKSPACE_VAR} was set after CUDA started in this process: its matmuls may not "
+                          "reproduce (set it before the first CUDA call, as the runner does for its workers)",
+                          stacklevel=3)
+    torch.use_deterministic_algorithms(on)
+    torch.backends.cudnn.deterministic = on
+    torch.backends.cudnn.benchmark = not on and dev.type == "cuda"
+    try:
+        flags = determinism_flags()
+        cublas = dev.type != "cuda" or (flags["cublas_workspace"] and cublas_in_time)
+        yield (on and flags["deterministic_algorithms"] and flags["cudnn_deterministic"]
+               and not flags["cudnn_benchmark"] and cublas)
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2], saved[3]
 
 
 def fit(
@@ -262,8 +331,31 @@ def fit(
     Without augmentation the frozen teachers' outputs on the training images are computed once
     (or taken from ``cached_outputs``, e.g. the on-disk cache) instead of every batch. A streamed
     (lazy) training part is read through one DataLoader whose workers live for all epochs.
+    ``cfg.deterministic`` holds for the whole call (:func:`determinism`); on CUDA every epoch logs
+    the trial's peak GPU memory so far (``gpu_peak_mb``, see :func:`gpu_memory_metrics`).
     """
-    device = torch.device(device)
+    with determinism(cfg.deterministic, device) as deterministic:
+        res = _fit(method, data, cfg, seed, torch.device(device), on_epoch, cached_outputs)
+    res.deterministic = deterministic
+    return res
+
+
+def gpu_memory_metrics(device: str | torch.device) -> dict[str, float]:
+    """Peak GPU memory of this process since the last reset, in MiB: ``gpu_peak_mb`` = what torch's
+    caching allocator held (``max_memory_reserved``: the memory no other process could use, the
+    figure that decides how many trials fit on one GPU), and ``cuda_max_allocated_mb`` = what
+    tensors used (``max_memory_allocated``, the older metric, kept). Empty off CUDA."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return {}
+    return {"gpu_peak_mb": torch.cuda.max_memory_reserved(dev) / 2**20,
+            "cuda_max_allocated_mb": torch.cuda.max_memory_allocated(dev) / 2**20}
+
+
+def _fit(
+    method: Method, data: SplitData, cfg: TrainConfig, seed: int, device: torch.device,
+    on_epoch: EpochCallback | None, cached_outputs: TeacherOutputs | None,
+) -> FitResult:
     method.to(device)
     _gpu_setup(method, cfg, device)
     res = FitResult()
@@ -300,8 +392,7 @@ def fit(
                 metrics.update({f"val/{k}": v for k, v in val.items()})
                 metrics["epoch_seconds"] = time.perf_counter() - t0
                 metrics["images_per_second"] = len(x) / max(train_s, 1e-9)
-                if device.type == "cuda":
-                    metrics["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+                metrics.update(gpu_memory_metrics(device))
                 score = val.get("union_acc", float(epoch))  # no val part: the last epoch is the best
                 if score > best:
                     best, res.best_epoch, res.best_state = score, epoch, _state(method)

@@ -28,7 +28,8 @@ from harness.models import build_model
 from harness.teachers import TeacherRecord, cached_outputs, get_teachers
 from harness.tracking import TAG, Tracker, version_tags
 from harness.train import (
-    EarlyStop, EpochCallback, NonFiniteLossError, effective_precision, fit, predict_all, teacher_outputs,
+    EVAL_BATCH, EarlyStop, EpochCallback, NonFiniteLossError, determinism, effective_precision, fit,
+    gpu_memory_metrics, predict_all, teacher_outputs,
 )
 
 
@@ -105,6 +106,18 @@ def teacher_tags(records: list[TeacherRecord]) -> dict[str, str]:
 
 
 @torch.no_grad()
+def route_in_chunks(method: Any, logits: list[torch.Tensor], feats: list[torch.Tensor],
+                    chunk: int = EVAL_BATCH) -> torch.Tensor:
+    """The method's pseudo-labels of every row, routed ``chunk`` rows at a time (on the method's
+    device, like a training batch), returned on the CPU: memory bounded by one chunk whatever N.
+    Routing is per image (statistics fitted beforehand), so chunks change no decision."""
+    n = len(logits[0]) if logits else 0
+    out = [method.route([t[i:i + chunk] for t in logits], [f[i:i + chunk] for f in feats])[0].cpu()
+           for i in range(0, n, chunk)]
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+@torch.no_grad()
 def diagnostics(
     method: Any, teachers: TeacherSet, data: SplitData, device: str, train_outputs: Any = None
 ) -> dict[str, float]:
@@ -114,6 +127,13 @@ def diagnostics(
     - ``diag/ensemble_union_acc``: the claiming-teacher ensemble's union accuracy on the test split;
     - ``diag/probe_acc``: logistic regression on the student's features fitted to the training
       pseudo-labels, scored on the test split.
+
+    Memory: images, teacher outputs and student features are computed in chunks of
+    :data:`~harness.train.EVAL_BATCH` images and routing runs chunk by chunk
+    (:func:`route_in_chunks`), so nothing of size [N, C, d] exists; what is kept whole is N rows
+    of outputs: teacher logits and features ([N, n_k + d_k] per teacher) and the student's
+    features. At CIFAR scale (50k x 512 float32) those are 100 MB, and the probe's float64 copy
+    200 MB, on the CPU: fine, so the probe is fitted on all of them in one go.
     """
     from sklearn.linear_model import LogisticRegression
 
@@ -126,7 +146,7 @@ def diagnostics(
             logits, feats = train_outputs
         else:
             logits, feats = teacher_outputs(teachers, on_device(data.parts[part].x, device), device=device)
-        pls[part] = method.route([t.cpu() for t in logits], [f.cpu() for f in feats])[0]
+        pls[part] = route_in_chunks(method, logits, feats)
     out["diag/pseudo_label_acc"] = (pls["train"] == data.parts["train"].y).float().mean().item()
     out["diag/ensemble_union_acc"] = (pls["test"] == data.parts["test"].y).float().mean().item()
     if method.trains:
@@ -171,7 +191,9 @@ def execute_trial(
     The run ends FINISHED, or FAILED/KILLED with ``harness.failure`` on any exception (re-raised;
     ``EarlyStop`` from ``epoch_hook``, called after each epoch is logged, ends it KILLED as pruned).
     Teachers are loaded from the cache (the runner trained them before the trials). ``diagnose``
-    adds the label-free diagnostics (they read the test split)."""
+    adds the label-free diagnostics (they read the test split). ``train.deterministic`` holds for
+    training and diagnostics (:func:`harness.train.determinism`); the run is tagged
+    ``harness.deterministic`` with what was really set, and on CUDA logs ``gpu_peak_mb``."""
     t0 = time.time()
     tracker.set_tags(run_id, {
         f"{TAG}pid": os.getpid(), f"{TAG}host": platform.node(), f"{TAG}device": device,
@@ -184,43 +206,13 @@ def execute_trial(
         if precision != trial.precision:  # the key promised other arithmetic than this device does
             raise PrecisionMismatch(f"the trial key is for {trial.precision}, but on {device} the trial "
                                     f"would train in {precision}; run it on a device of its precision")
-        tracker.set_tags(run_id, {f"{TAG}precision": precision})
-        cls = get_method(trial.method)
-        split_cfg = next((i, s) for i, s in enumerate(study.splits) if s.name == trial.split)
-        data = data or build_split(split_cfg[1], study.dataset, f"splits[{split_cfg[0]}]")
-        records = prepare_teachers(study, data, device=device, seed=trial.seed)
-        tracker.set_tags(run_id, teacher_tags(records))
-        teachers = TeacherSet([r.net for r in records], [r.stats for r in records])
-        torch.manual_seed(trial.seed)
-        np.random.seed(trial.seed)
-        student = build_model(study.student.arch, data.in_shape, data.num_classes, **study.student.options())
-        params = cls.ParamsModel.model_validate(trial.params)
-        method = cls(student, teachers, params, SplitInfo(tuple(data.sizes), tuple(data.offsets)))
-
-        curves = tracker.buffered(run_id)
-
-        def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
-            curves.log(metrics, step=epoch)
-            if epoch_hook is not None:
-                epoch_hook(epoch, metrics)
-
-        # frozen teachers, no augmentation: their outputs come from the per-split disk cache
-        outputs = None if study.train.augment else cached_outputs(records, data, study.cache_dir)
-        try:
-            res = fit(method, data, study.train, trial.seed, device, on_epoch, cached_outputs=outputs)
-        except BaseException:
-            try:
-                curves.flush()  # the epochs so far, also of a trial that fails or is pruned ...
-            except Exception as flush_error:  # ... but the trial's own failure is the reason
-                warnings.warn(f"could not log the last epochs of run {run_id}: {flush_error}", stacklevel=1)
-            raise
-        curves.flush()
-        final = dict(res.final)
-        if diagnose:
-            final.update(diagnostics(method, teachers, data, device, outputs))
+        with determinism(study.train.deterministic, device) as deterministic:  # training and diagnostics
+            tracker.set_tags(run_id, {f"{TAG}precision": precision,
+                                      f"{TAG}deterministic": str(deterministic).lower()})
+            final = _train_and_measure(study, trial, tracker, run_id, data, device, epoch_hook, diagnose)
         final.update(memory_metrics(device))
         final["trial_seconds"] = time.time() - t0
-        tracker.log_metrics(run_id, final, step=study.train.epochs if cls.trains else 0)
+        tracker.log_metrics(run_id, final, step=study.train.epochs if get_method(trial.method).trains else 0)
         tracker.set_tags(run_id, {f"{TAG}end": f"{time.time():.3f}"})
         finish_unique(tracker, run_id, trial.key)
         return final
@@ -237,6 +229,48 @@ def execute_trial(
         raise
 
 
+def _train_and_measure(
+    study: StudyConfig, trial: Trial, tracker: Tracker, run_id: str, data: SplitData | None, device: str,
+    epoch_hook: EpochCallback | None, diagnose: bool,
+) -> dict[str, float]:
+    """The trial's teachers, method and training, its curves logged as they come; returns the
+    final metrics with the diagnostics (not yet logged)."""
+    cls = get_method(trial.method)
+    split_cfg = next((i, s) for i, s in enumerate(study.splits) if s.name == trial.split)
+    data = data or build_split(split_cfg[1], study.dataset, f"splits[{split_cfg[0]}]")
+    records = prepare_teachers(study, data, device=device, seed=trial.seed)
+    tracker.set_tags(run_id, teacher_tags(records))
+    teachers = TeacherSet([r.net for r in records], [r.stats for r in records])
+    torch.manual_seed(trial.seed)
+    np.random.seed(trial.seed)
+    student = build_model(study.student.arch, data.in_shape, data.num_classes, **study.student.options())
+    params = cls.ParamsModel.model_validate(trial.params)
+    method = cls(student, teachers, params, SplitInfo(tuple(data.sizes), tuple(data.offsets)))
+
+    curves = tracker.buffered(run_id)
+
+    def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        curves.log(metrics, step=epoch)
+        if epoch_hook is not None:
+            epoch_hook(epoch, metrics)
+
+    # frozen teachers, no augmentation: their outputs come from the per-split disk cache
+    outputs = None if study.train.augment else cached_outputs(records, data, study.cache_dir)
+    try:
+        res = fit(method, data, study.train, trial.seed, device, on_epoch, cached_outputs=outputs)
+    except BaseException:
+        try:
+            curves.flush()  # the epochs so far, also of a trial that fails or is pruned ...
+        except Exception as flush_error:  # ... but the trial's own failure is the reason
+            warnings.warn(f"could not log the last epochs of run {run_id}: {flush_error}", stacklevel=1)
+        raise
+    curves.flush()
+    final = dict(res.final)
+    if diagnose:
+        final.update(diagnostics(method, teachers, data, device, outputs))
+    return final
+
+
 def run_trial(
     study: StudyConfig, trial: Trial, tracker: Tracker, experiment_id: str, *, data: SplitData | None = None,
     parent_run_id: str | None = None, device: str = "cpu", extra_tags: dict[str, Any] | None = None,
@@ -247,11 +281,12 @@ def run_trial(
 
 
 def memory_metrics(device: str) -> dict[str, float]:
-    """Peak resident memory of this process and, on CUDA, the peak memory torch allocated."""
+    """Peak resident memory of this process and, on CUDA, the trial's peak GPU memory
+    (``gpu_peak_mb``, what the pool's packing check reads, and ``cuda_max_allocated_mb``:
+    :func:`harness.train.gpu_memory_metrics`)."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     out = {"peak_rss_mb": rss / (2**20 if sys.platform == "darwin" else 1024)}  # bytes on macOS, KiB on Linux
-    if device.startswith("cuda"):
-        out["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    out.update(gpu_memory_metrics(device))
     return out
 
 

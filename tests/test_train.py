@@ -248,3 +248,89 @@ def test_teachers_stay_frozen_through_a_trial_with_augmentation():
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before), "a teacher parameter or BN buffer moved"
     assert not any(p.requires_grad for p in teachers.parameters())
+
+
+# --------------------------------------------------------------------------- determinism
+
+
+class FlagSpy(Spy):
+    """Reads back, in every batch, the flags the process really has while the method trains."""
+
+    def loss_terms(self, batch):
+        self.flags = _flags()
+        return super().loss_terms(batch)
+
+
+def _flags() -> tuple[bool, bool, bool]:
+    return (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+            torch.backends.cudnn.benchmark)
+
+
+def test_deterministic_training_sets_the_flags_while_it_trains_and_restores_them_after():
+    assert _flags() == (False, False, False)
+    on, off = _make(FlagSpy), _make(FlagSpy)
+    res_on = fit(on, DATA, TrainConfig(epochs=1, batch_size=256, deterministic=True), seed=0)
+    assert on.flags == (True, True, False)
+    assert _flags() == (False, False, False)  # a trial in this process leaves the process as it found it
+    assert res_on.deterministic is True
+    res_off = fit(off, DATA, TrainConfig(epochs=1, batch_size=256, deterministic=False), seed=0)
+    assert off.flags == (False, False, False) and res_off.deterministic is False  # no cudnn autotuning off CUDA
+    # and deterministic kernels change no number on the CPU: the same losses and accuracies
+    assert res_on.final == res_off.final and res_on.history[0]["loss/total"] == res_off.history[0]["loss/total"]
+
+
+def test_determinism_on_cuda_sets_the_cublas_workspace_before_cuda_starts(monkeypatch: pytest.MonkeyPatch):
+    """The CUDA branch, on a CPU build (torch.cuda.is_initialized() is False here): the cuBLAS
+    variable is set, kept when already deterministic, and a late one (CUDA started) is reported."""
+    import os
+
+    from harness.train import CUBLAS_WORKSPACE_VAR, determinism, deterministic_env
+
+    monkeypatch.setenv(CUBLAS_WORKSPACE_VAR, "")  # recorded, so that the process gets its own value back ...
+    monkeypatch.delenv(CUBLAS_WORKSPACE_VAR)  # ... also after determinism() set it below
+    assert deterministic_env(False) == {} and deterministic_env(True) == {CUBLAS_WORKSPACE_VAR: ":4096:8"}
+    with determinism(False, "cuda") as det:
+        assert det is False and torch.backends.cudnn.benchmark  # autotuning only when not deterministic
+        assert CUBLAS_WORKSPACE_VAR not in os.environ
+    with determinism(True, "cuda") as det:
+        assert det is True and os.environ[CUBLAS_WORKSPACE_VAR] == ":4096:8"
+        assert torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.benchmark
+    assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.benchmark
+    monkeypatch.setenv(CUBLAS_WORKSPACE_VAR, ":16:8")  # the other deterministic setting is kept
+    assert deterministic_env(True) == {CUBLAS_WORKSPACE_VAR: ":16:8"}
+    monkeypatch.setenv(CUBLAS_WORKSPACE_VAR, ":0:0")  # not deterministic: replaced
+    assert deterministic_env(True) == {CUBLAS_WORKSPACE_VAR: ":4096:8"}
+    monkeypatch.delenv(CUBLAS_WORKSPACE_VAR)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)  # CUDA started before the variable
+    with pytest.warns(UserWarning, match="set after CUDA started"):
+        with determinism(True, "cuda") as det:
+            assert det is False and os.environ[CUBLAS_WORKSPACE_VAR] == ":4096:8"
+
+
+# --------------------------------------------------------------------------- diagnostics in chunks
+
+
+def test_diagnostics_route_in_bounded_chunks_with_the_whole_set_decisions():
+    from harness.methods.base import get_method
+    from harness.train import EVAL_BATCH, teacher_outputs
+    from harness.trial import diagnostics
+
+    kd = get_method("kd")
+
+    class Counting(kd):
+        def route(self, logits, feats):
+            self.rows.append(len(logits[0]))
+            return super().route(logits, feats)
+
+    torch.manual_seed(3)
+    m = Counting(build_model("mlp", DATA.in_shape, 10, hidden=16), _teachers(), kd.ParamsModel(),
+                 SplitInfo(tuple(DATA.sizes), tuple(DATA.offsets)))
+    m.rows = []
+    n = len(DATA.parts["train"])
+    assert n > EVAL_BATCH  # so that the training part takes two chunks
+    whole = {p: m.route(*teacher_outputs(m.teachers, DATA.parts[p].x))[0] for p in ("train", "test")}
+    m.rows.clear()
+    out = diagnostics(m, m.teachers, DATA, "cpu")
+    assert max(m.rows) <= EVAL_BATCH and sum(m.rows) == n + len(DATA.parts["test"])
+    assert out["diag/pseudo_label_acc"] == (whole["train"] == DATA.parts["train"].y).float().mean().item()
+    assert out["diag/ensemble_union_acc"] == (whole["test"] == DATA.parts["test"].y).float().mean().item()
