@@ -2,8 +2,10 @@
 
 Order of a study invocation:
 
-1. validate (study file, methods, parameters, model options, class ranges, data roots, devices)
-   before anything is created, so bad input leaves no experiment, cache entry or run behind;
+1. validate (study file, methods, parameters, model options, class ranges, data roots, devices,
+   and on GPUs that ``trials_per_device`` trials fit in memory when a finished run of the study
+   logged its peak ``gpu_peak_mb``) before anything is created, so bad input leaves no
+   experiment, cache entry or run behind;
 2. resume: a trial whose key already has a FINISHED run is skipped; every other trial is redone
    (its last run FAILED or KILLED); RUNNING runs of those keys (left by a killed study) are
    marked KILLED;
@@ -13,7 +15,10 @@ Order of a study invocation:
 4. the trials on the pool: the parent opens each trial's run (RUNNING) and a worker executes it;
    a trial that raises, hits a NaN/inf loss or runs out of memory ends FAILED with the reason,
    and so does one whose worker dies (unless it had ended the run FINISHED: then the trial is
-   done); failed trials are retried up to ``max_retries`` times;
+   done); failed trials are retried up to ``max_retries`` times; a finished trial's
+   ``gpu_peak_mb`` that shows ``trials_per_device`` trials do not fit on its GPU lowers the
+   number run there at once (said in the progress); workers of a ``train.deterministic`` study
+   get ``CUBLAS_WORKSPACE_CONFIG`` before they start CUDA;
 5. a summary, exit code 0 if every trial finished, 1 otherwise; the report when all finished.
 """
 
@@ -38,10 +43,12 @@ from harness.grid import Trial, build_splits, expand
 from harness.methods.base import get_method
 from harness.progress import Progress, make_progress
 from harness.scheduler import (
-    LocalPool, RayPool, Slot, TrialJob, WorkerContext, build_slots, run_trial_job, warm_trial_worker,
+    LocalPool, PackingGuard, RayPool, Slot, TrialJob, WorkerContext, build_slots, check_packing, gpu_total_mb,
+    run_trial_job, warm_trial_worker,
 )
 from harness.teachers import cache_files, cached_outputs
 from harness.tracking import TAG, TRIAL_KEYS_ARTIFACT, Tracker, git_tags, version_tags
+from harness.train import deterministic_env, ensure_cublas_workspace
 from harness.trial import open_trial_run, prepare_teachers, teacher_seeds_of
 
 Pool = Union[LocalPool, RayPool]
@@ -52,6 +59,39 @@ def finished_keys(tracker: Tracker, experiment_id: str | None) -> set[str]:
         return set()
     runs = tracker.find(experiment_id, {f"{TAG}kind": "trial"}, ("FINISHED",))
     return {r.data.tags.get(f"{TAG}trial_key", "") for r in runs}
+
+
+def known_peak(tracker: Tracker, experiment_id: str | None, keys: set[str]) -> tuple[float, str] | None:
+    """The largest ``gpu_peak_mb`` of the FINISHED runs of these trial keys in the store, and which
+    run it is (None when no such run logged one: e.g. a study that never ran on a GPU)."""
+    if experiment_id is None:
+        return None
+    best: tuple[float, str] | None = None
+    for r in tracker.find(experiment_id, {f"{TAG}kind": "trial"}, ("FINISHED",)):
+        peak = r.data.metrics.get("gpu_peak_mb")
+        if r.data.tags.get(f"{TAG}trial_key") in keys and peak is not None and (best is None or peak > best[0]):
+            best = (peak, r.info.run_name or r.info.run_id)
+    return best
+
+
+def check_packing_before(study: StudyConfig, tracker: Tracker, experiment_id: str | None, keys: set[str],
+                         totals_mb: dict[str, float]) -> None:
+    """HarnessError (one line naming ``trials_per_device``, with the numbers) when a finished run
+    of the study in the store says that ``trials_per_device`` trials do not fit on a GPU of the
+    pool (``totals_mb``: GPU -> total memory in MiB, :func:`harness.scheduler.gpu_total_mb`)."""
+    known = known_peak(tracker, experiment_id, keys) if totals_mb and study.trials_per_device > 1 else None
+    if known is None:
+        return
+    peak, run = known
+    bad = check_packing(study.trials_per_device, peak, totals_mb, f"gpu_peak_mb of the finished run {run}")
+    if bad:
+        raise HarnessError(bad[0].refusal())
+
+
+def _deterministic_anywhere(study: StudyConfig) -> bool:
+    """Whether the student's or any teacher's recipe asks for deterministic training."""
+    teachers = list(study.teachers) + [t for s in study.splits for t in (s.teachers or [])]
+    return study.train.deterministic or any(t.deterministic for t in teachers)
 
 
 def _alive(pid: int) -> bool:
@@ -163,6 +203,8 @@ class Session:
     keys: list[str] = field(default_factory=list)
     provenance: dict[str, str] = field(default_factory=git_tags)
     started: float = field(default_factory=time.time)
+    #: the run-time packing check of a local pool on GPUs (None: nothing to check)
+    packing: PackingGuard | None = None
 
 
 def run_study(
@@ -178,22 +220,31 @@ def run_study(
     done = finished_keys(tracker, exp_id)
     if dry_run:
         plan = "Ray places the trials" if backend == "ray" else make_pool(study, backend, workers, address).describe()
+        if backend != "ray":
+            check_packing_before(study, tracker, exp_id, {t.key for t in trials},
+                                 gpu_total_mb(build_slots(study.devices, study.trials_per_device)))
         print_table(trials, done, plan)
         return 0
     assert exp_id is not None
     todo = [t for t in trials if t.key not in done]
     pool = make_pool(study, backend, workers, address)
-    if backend == "ray" and address and urlparse(tracker.uri).scheme in ("", "file", "sqlite"):
-        print(f"warning: workers on other machines cannot write to {tracker.uri}; give --tracking-uri "
-              "http://<mlflow server> (see docs/cluster.md)", file=sys.stderr)
     try:
+        gpus = isinstance(pool, LocalPool) and any(sl.parent_device.startswith("cuda") for sl in pool.slots)
+        if gpus and _deterministic_anywhere(study):  # before this process starts CUDA (teachers, memory sizes)
+            ensure_cublas_workspace()
+        totals = gpu_total_mb(pool.slots) if isinstance(pool, LocalPool) else {}
+        check_packing_before(study, tracker, exp_id, {t.key for t in trials}, totals)
+        if backend == "ray" and address and urlparse(tracker.uri).scheme in ("", "file", "sqlite"):
+            print(f"warning: workers on other machines cannot write to {tracker.uri}; give --tracking-uri "
+                  "http://<mlflow server> (see docs/cluster.md)", file=sys.stderr)
         pool.warm()
         check_not_running(tracker, exp_id, study.name)
         stale = mark_stale(tracker, exp_id, {t.key for t in todo})
         print(f"study {study.name}: {len(trials)} trials, {len(trials) - len(todo)} already finished"
               f"{f', {stale} stale runs marked KILLED' if stale else ''}; tracking at {tracker.uri}")
         print(f"pool: {pool.describe()}")
-        session = Session(study, tracker, exp_id, pool, keys=[t.key for t in trials])
+        session = Session(study, tracker, exp_id, pool, keys=[t.key for t in trials],
+                          packing=PackingGuard(study.trials_per_device, totals) if totals else None)
         with _sigterm_as_interrupt():
             failed = execute(session, todo, splits, backend, live)
     finally:
@@ -221,10 +272,11 @@ def execute(session: Session, todo: list[Trial], splits: dict, backend: str, liv
         s.tracker.log_text(s.parent, dump_study(s.study), "study.yaml")
         s.tracker.log_text(s.parent, json.dumps(s.keys, indent=0), TRIAL_KEYS_ARTIFACT)
         files = teacher_stage(s, todo, splits)
+        env = deterministic_env(s.study.train.deterministic)  # in the worker before it starts CUDA
         if isinstance(s.pool, RayPool):  # nodes without this file system get the teachers with the jobs
-            s.context = WorkerContext.capture(teacher_files(files))
+            s.context = WorkerContext.capture(teacher_files(files), env=env)
         else:  # a standby worker opens the store and loads the data while the slot's trial runs
-            s.context = WorkerContext.capture(warm=((warm_trial_worker, (s.tracker.uri, s.study)),))
+            s.context = WorkerContext.capture(warm=((warm_trial_worker, (s.tracker.uri, s.study)),), env=env)
         with make_progress(len(todo), s.pool.limit, live) as progress:
             return run_trials(s, todo, progress)
     except BaseException as e:
@@ -275,6 +327,7 @@ def run_trials(s: Session, todo: list[Trial], progress: Progress) -> list[tuple[
                 if result is not None:  # also a worker that ended its run FINISHED and died before replying
                     cls = get_method(trial.method)
                     progress.finished(trial.run_name, result, ranked=cls.trains and not cls.uses_labels)
+                    learn_packing(s, out.slot, result, progress)
                     continue
                 reason = settle_failure(s.tracker, out.key, out.error, out.kind)
                 retry = attempt < s.study.max_retries
@@ -291,6 +344,17 @@ def run_trials(s: Session, todo: list[Trial], progress: Progress) -> list[tuple[
                                                            f"{TAG}end": f"{time.time():.3f}"})
         raise
     return failed
+
+
+def learn_packing(s: Session, slot: Slot | None, result: dict[str, float], progress: Progress) -> None:
+    """A finished trial's ``gpu_peak_mb``: when ``trials_per_device`` such trials do not fit on
+    its GPU, the pool runs fewer at a time there from now on, and the progress says so."""
+    if s.packing is None or slot is None or not isinstance(s.pool, LocalPool):
+        return
+    p = s.packing.observe(slot.parent_device, result.get("gpu_peak_mb"))
+    if p is not None:
+        s.pool.cap(p.device, p.fit)
+        progress.emit(p.reduction())
 
 
 def submit(s: Session, trial: Trial, attempt: int) -> tuple[str, Slot | None]:

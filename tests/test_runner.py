@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 import tests.plugins_for_tests  # noqa: F401  (registers the test methods here; workers use HARNESS_PLUGINS)
 from harness.cli import main
-from harness.methods.base import Batch, register
+from harness.methods.base import Batch, Params, register
 from harness.runner import run_study
 from harness.tracking import TAG
 from tests.plugins_for_tests import _KD
@@ -64,6 +64,32 @@ class BadTermName(_KD):
         return {"bad#term": super().loss_terms(batch)["kd"]}
 
 
+class ProbeParams(Params):
+    out: str
+
+
+@register("test_det_probe")
+class DeterminismProbe(_KD):
+    """KD that writes, from inside its training loop, the determinism flags and the cuBLAS
+    variable its process really has (to ``out``, once)."""
+
+    ParamsModel = ProbeParams
+    description = "test: records the determinism flags seen while training"
+
+    def loss_terms(self, batch: Batch) -> dict[str, Any]:
+        path = Path(self.params.out)
+        if not path.exists():
+            import json
+
+            import torch
+
+            path.write_text(json.dumps({
+                "algorithms": torch.are_deterministic_algorithms_enabled(),
+                "cudnn_deterministic": torch.backends.cudnn.deterministic,
+                "cublas": os.environ.get("CUBLAS_WORKSPACE_CONFIG"), "pid": os.getpid()}))
+        return super().loss_terms(batch)
+
+
 @pytest.fixture(scope="module")
 def env() -> Iterator[dict[str, Any]]:
     """A working directory with one sqlite store and one teacher cache for the whole module (not
@@ -73,6 +99,7 @@ def env() -> Iterator[dict[str, Any]]:
         mp.chdir(where)
         mp.setenv("HARNESS_PLUGINS", "tests.plugins_for_tests")
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        mp.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
         yield {"dir": where, "uri": f"sqlite:///{where}/mlflow.db"}
 
 
@@ -511,3 +538,65 @@ def test_resume_redoes_exactly_the_trials_whose_last_run_failed_or_was_killed(
     assert kept <= {v[0].info.run_id for v in by_key.values()}  # the FINISHED ones were skipped
     old = {failed.info.run_id: "FAILED", killed.info.run_id: "KILLED"}
     assert {r.info.run_id: r.info.status for r in after if r.info.run_id in old} == old
+
+
+# --------------------------------------------------------------------------- determinism and GPU memory
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_deterministic_studies_set_every_flag_inside_the_worker_and_tag_it(
+        env: dict[str, Any], monkeypatch: pytest.MonkeyPatch, deterministic: bool) -> None:
+    import json
+
+    import torch
+
+    monkeypatch.setenv("HARNESS_PLUGINS", PLUGINS)
+    name = f"det-{str(deterministic).lower()}"
+    probe = env["dir"] / f"{name}.json"
+    path = write_study(env, name, {"test_det_probe": {"out": str(probe)}}, [0],
+                       train={"epochs": 1, "batch_size": 128, "deterministic": deterministic})
+    assert run_study(path, env["uri"], workers=1, report=False, live=False) == 0
+    (run,) = trial_runs(env["uri"], name)
+    seen = json.loads(probe.read_text())
+    assert seen["pid"] == int(run.data.tags[f"{TAG}pid"]) != os.getpid()  # read in the worker, while it trained
+    assert (seen["algorithms"], seen["cudnn_deterministic"]) == (deterministic, deterministic)
+    assert seen["cublas"] == (":4096:8" if deterministic else None)  # in the worker's environment from its start
+    assert run.data.tags[f"{TAG}deterministic"] == str(deterministic).lower()
+    # the runner itself is left alone on the CPU: nothing set in this process
+    assert not torch.are_deterministic_algorithms_enabled() and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+
+
+def test_a_known_gpu_peak_that_does_not_fit_trials_per_device_stops_the_study_before_it_starts(
+        env: dict[str, Any]) -> None:
+    """The peak of a finished run of the study's own trial keys in the store; the GPU's total
+    memory is given (as :func:`harness.scheduler.gpu_total_mb` reads it on a GPU machine)."""
+    from harness.config import load_study
+    from harness.errors import HarnessError
+    from harness.grid import expand
+    from harness.runner import check_packing_before
+    from harness.tracking import Tracker
+
+    study = load_study(write_study(env, "packed", {"kd": {}}, [0, 1], trials_per_device=3))
+    trials = expand(study)
+    keys = {t.key for t in trials}
+    tracker = Tracker(env["uri"])
+    exp = tracker.experiment("packed")
+    assert exp is not None
+    totals = {"cuda:0": 16384.0}
+    check_packing_before(study, tracker, exp, keys, totals)  # no run yet: nothing known, the pool learns it
+    other = tracker.start(exp, "other/kd/seed0", {f"{TAG}kind": "trial", f"{TAG}trial_key": "another-key"}, {})
+    tracker.log_metrics(other, {"gpu_peak_mb": 9000.0})
+    tracker.finish(other)
+    check_packing_before(study, tracker, exp, keys, totals)  # a run of another configuration does not count
+    for seed, peak in ((0, 6000.0), (1, 4000.0)):
+        rid = tracker.start(exp, trials[seed].run_name,
+                            {f"{TAG}kind": "trial", f"{TAG}trial_key": trials[seed].key}, {})
+        tracker.log_metrics(rid, {"gpu_peak_mb": peak})
+        tracker.finish(rid)
+    with pytest.raises(HarnessError) as err:
+        check_packing_before(study, tracker, exp, keys, totals)
+    assert str(err.value) == (
+        "trials_per_device: 3 trials x (6000 MB peak + 512 MB CUDA context) = 19536 MB > 16384 MB on cuda:0 "
+        f"(peak: gpu_peak_mb of the finished run {trials[0].run_name}); at most 2 fit: set trials_per_device: 2")
+    check_packing_before(study, tracker, exp, keys, {"cuda:0": 24576.0})  # 3 x 6512 MB fit on a larger GPU
+    check_packing_before(study, tracker, exp, keys, {})  # no GPU in the pool: nothing to check

@@ -226,3 +226,94 @@ def test_workers_must_be_positive() -> None:
         make_pool(study, "local", 0, None)
     with pytest.raises(HarnessError, match="--address is for --backend ray"):
         make_pool(study, "local", None, "auto")
+
+
+# --------------------------------------------------------------------------- packing trials on a GPU
+
+
+def report_env(names: tuple[str, ...], slot: Slot) -> dict[str, str | None]:
+    """A pool target: these variables as the worker has them."""
+    return {n: os.environ.get(n) for n in names}
+
+
+def test_context_env_reaches_the_worker_before_its_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    pool = LocalPool(build_slots("cpu", cores=1), standby=False)
+    try:
+        pool.submit("a", report_env, ("CUBLAS_WORKSPACE_CONFIG",),
+                    WorkerContext.capture(env={"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}))
+        first = _wait_one(pool)
+        pool.submit("b", report_env, ("CUBLAS_WORKSPACE_CONFIG",), WorkerContext.capture())
+        second = _wait_one(pool)
+    finally:
+        pool.close()
+    assert first.ok and first.result == {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+    assert second.ok and second.result == {"CUBLAS_WORKSPACE_CONFIG": None}
+
+
+def test_trials_that_fit_count_the_cuda_context_of_every_worker() -> None:
+    from harness.scheduler import CUDA_CONTEXT_MB, Packing, check_packing, trials_that_fit
+
+    assert CUDA_CONTEXT_MB == 512
+    assert trials_that_fit(7680, 16384) == 2  # 16384 / 8192
+    assert trials_that_fit(7681, 16384) == 1
+    assert trials_that_fit(20000, 16384) == 0
+    p = Packing("cuda:0", 3, 6000, 16384, "gpu_peak_mb of the finished run 2x5/kd/seed0")
+    assert (p.fit, p.ok) == (2, False)
+    assert p.refusal() == ("trials_per_device: 3 trials x (6000 MB peak + 512 MB CUDA context) = 19536 MB > "
+                           "16384 MB on cuda:0 (peak: gpu_peak_mb of the finished run 2x5/kd/seed0); at most 2 fit: "
+                           "set trials_per_device: 2")
+    assert Packing("cuda:0", 2, 6000, 16384, "x").ok  # 2 x 6512 = 13024 MB
+    assert Packing("cuda:0", 1, 20000, 16384, "x").ok  # one trial alone is never refused for packing
+    totals = {"cuda:1": 16384.0, "cuda:0": 81920.0}  # a small and a large GPU
+    assert [c.device for c in check_packing(3, 6000, totals, "x")] == ["cuda:1"]
+    assert check_packing(3, None, totals, "x") == [] and check_packing(1, 60000, totals, "x") == []
+
+
+def test_packing_guard_lowers_concurrency_when_a_finished_trial_shows_it_does_not_fit() -> None:
+    from harness.scheduler import PackingGuard
+
+    guard = PackingGuard(4, {"cuda:0": 24576.0, "cuda:1": 81920.0})
+    assert guard.observe("cuda:0", 4000) is None  # 4 x 4512 = 18048 MB fit
+    assert guard.observe("cpu", 99999) is None and guard.observe("cuda:0", None) is None
+    p = guard.observe("cuda:0", 7000)  # a larger trial: 4 x 7512 MB do not fit, 3 do
+    assert p is not None and (p.device, p.trials, p.fit) == ("cuda:0", 4, 3)
+    assert p.reduction() == ("trials_per_device: 4 trials x (7000 MB peak + 512 MB CUDA context) = 30048 MB > "
+                             "24576 MB on cuda:0 (peak: the largest of the trials finished there, gpu_peak_mb); "
+                             "running at most 3 at a time on cuda:0 from now on")
+    assert guard.observe("cuda:0", 5000) is None and guard.caps == {"cuda:0": 3}  # never back up
+    q = guard.observe("cuda:0", 9000)  # 3 x 9512 = 28536 > 24576: down to 2
+    assert q is not None and (q.trials, q.fit) == (3, 2)
+    first = guard.observe("cuda:1", 30000)  # the first trial finished on the other GPU: 2 fit there
+    assert first is not None and first.fit == 2 and "the first trial that finished there" in first.source
+    assert guard.caps == {"cuda:0": 2, "cuda:1": 2}
+
+
+def test_a_peak_learned_during_the_run_caps_the_jobs_on_that_gpu() -> None:
+    """Three slots packed on one GPU; a finished trial's peak says two fit: from then on the pool
+    runs at most two jobs there at once (no GPU needed: the jobs only sleep) and says so."""
+    import io
+
+    from harness.progress import Progress
+    from harness.runner import Session, learn_packing
+    from harness.scheduler import PackingGuard
+
+    slots = [Slot(f"cuda:0#{i}", "cuda:0", "0", 1, "cuda:0") for i in range(3)]
+    pool = LocalPool(slots, standby=False)
+    session = Session(None, None, "", pool, provenance={}, packing=PackingGuard(3, {"cuda:0": 16384.0}))  # type: ignore[arg-type]
+    out = io.StringIO()
+    learn_packing(session, slots[1], {"gpu_peak_mb": 6000.0}, Progress(6, 3, out))
+    assert "trials_per_device: 3 trials x (6000 MB peak + 512 MB CUDA context) = 19536 MB > 16384 MB on cuda:0" \
+           in out.getvalue() and "running at most 2 at a time on cuda:0 from now on" in out.getvalue()
+    try:
+        res = _drain(pool, [(f"j{i}", plug.nap, 0.5) for i in range(4)])
+    finally:
+        pool.close()
+    spans = sorted((o.result["start"], o.result["end"]) for o in res.values())
+    assert all(o.ok for o in res.values())
+    events = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
+    running = peak = 0
+    for _, step in events:
+        running += step
+        peak = max(peak, running)
+    assert peak == 2

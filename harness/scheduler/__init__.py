@@ -17,16 +17,22 @@ Two pools share one small interface (``limit``, ``has_room``, ``submit``, ``wait
 - :class:`RayPool`: the same jobs as Ray tasks with ``num_gpus`` per trial (fractional for
   packing), so Ray places them on a cluster.
 
+Packing is checked on numbers (:mod:`._packing`): ``trials_per_device`` trials of a known peak
+``gpu_peak_mb`` must fit in the GPU's memory (the runner refuses to start otherwise), and a peak
+learned from a finished trial lowers the pool's concurrency on that GPU (:meth:`LocalPool.cap`).
+
 The pools run any picklable ``target(payload, slot)``; the runner passes :func:`run_trial_job`.
 The scheduler never imports a method.
 """
 
 from harness.scheduler._local import PRELOAD, LocalPool
+from harness.scheduler._packing import CUDA_CONTEXT_MB, Packing, PackingGuard, check_packing, trials_that_fit
 from harness.scheduler._ray import RayPool
-from harness.scheduler._slots import Slot, build_slots, cpu_cores, describe_slots, visible_gpus
+from harness.scheduler._slots import Slot, build_slots, cpu_cores, describe_slots, gpu_total_mb, visible_gpus
 from harness.scheduler._worker import Outcome, TrialJob, WorkerContext, enter_worker, run_trial_job, warm_trial_worker
 
 __all__ = [
-    "PRELOAD", "LocalPool", "Outcome", "RayPool", "Slot", "TrialJob", "WorkerContext", "build_slots", "cpu_cores",
-    "describe_slots", "enter_worker", "run_trial_job", "visible_gpus", "warm_trial_worker",
+    "CUDA_CONTEXT_MB", "PRELOAD", "LocalPool", "Outcome", "Packing", "PackingGuard", "RayPool", "Slot", "TrialJob",
+    "WorkerContext", "build_slots", "check_packing", "cpu_cores", "describe_slots", "enter_worker", "gpu_total_mb",
+    "run_trial_job", "trials_that_fit", "visible_gpus", "warm_trial_worker",
 ]

@@ -115,6 +115,7 @@ class LocalPool:
         self.limit = min(len(slots), workers or len(slots))
         self.standby = standby
         self._free = list(slots)
+        self._caps: dict[str, int] = {}  # device -> at most this many of its slots at once (packing)
         self._running: dict[str, _Running] = {}
         self._standby: dict[str, _Running] = {}  # slot name -> a set-up worker waiting for a job
         if "forkserver" in mp.get_all_start_methods():
@@ -138,7 +139,23 @@ class LocalPool:
             forkserver.ensure_running()
 
     def has_room(self) -> bool:
-        return len(self._running) < self.limit and bool(self._free)
+        return len(self._running) < self.limit and self._pick() is not None
+
+    def cap(self, device: str, n: int) -> None:
+        """From now on run at most ``n`` (>= 1) jobs at a time on the slots of ``device`` (their
+        ``parent_device``, e.g. ``cuda:0``); jobs running there now go on."""
+        self._caps[device] = max(1, n)
+
+    def _pick(self) -> Slot | None:
+        """The first free slot whose device is below its cap."""
+        busy: dict[str, int] = {}
+        for r in self._running.values():
+            busy[r.slot.parent_device] = busy.get(r.slot.parent_device, 0) + 1
+        for slot in self._free:
+            dev = slot.parent_device
+            if busy.get(dev, 0) < self._caps.get(dev, len(self.slots)):
+                return slot
+        return None
 
     def _start(self, slot: Slot, ctx: WorkerContext) -> _Running:
         """A new worker for ``slot``, setting itself up and then waiting for a job."""
@@ -161,7 +178,10 @@ class LocalPool:
     def submit(self, key: str, target: Target, payload: Any, ctx: WorkerContext) -> Slot:
         """Start ``target(payload, slot)`` on a free slot (in its standby worker when that one
         was set up with the same context, else in a new worker); returns the slot."""
-        slot = self._free.pop(0)
+        slot = self._pick()
+        if slot is None:
+            raise HarnessError("the device pool has no free slot (submit only when has_room())")
+        self._free.remove(slot)
         try:
             r = self._standby.pop(slot.name, None)
             if r is not None and not (r.ctx is ctx and r.proc.is_alive() and _send(r.conn, (target, payload))):
@@ -173,7 +193,8 @@ class LocalPool:
                     _discard(r)
                     raise HarnessError(f"could not start a worker on {slot.name}")
         except BaseException:
-            self._free.insert(0, slot)
+            self._free.append(slot)
+            self._free.sort(key=self.slots.index)
             raise
         self._running[key] = r
         if self.standby:

@@ -107,6 +107,17 @@ def _check_devices(devices: list[str], gpus: list[str]) -> list[str]:
     return out
 
 
+def gpu_total_mb(slots: list[Slot]) -> dict[str, float]:
+    """Total memory in MiB of each GPU the slots use (their ``parent_device``, as this process
+    sees it); {} without GPU slots. Starts CUDA in this process (the runner's teacher stage would)."""
+    devices = sorted({s.parent_device for s in slots if s.parent_device.startswith("cuda")})
+    if not devices:
+        return {}
+    import torch
+
+    return {d: torch.cuda.get_device_properties(torch.device(d)).total_memory / 2**20 for d in devices}
+
+
 def describe_slots(slots: list[Slot], limit: int) -> str:
     """One line, e.g. ``4 slots on cuda:0, cuda:1 (2 per device, 4 threads each), 4 at a time``."""
     devs = list(dict.fromkeys(s.parent_device for s in slots))

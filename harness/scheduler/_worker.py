@@ -34,9 +34,12 @@ class WorkerContext:
 
     @classmethod
     def capture(cls, files: dict[str, bytes] | None = None,
-                warm: tuple[tuple[Callable[[Any], Any], Any], ...] = ()) -> "WorkerContext":
-        env = {k: v for k, v in os.environ.items() if k.startswith(("HARNESS_", "MLFLOW_")) or k == "PYTHONPATH"}
-        return cls(os.getcwd(), env, tuple(p for p in sys.path if p), dict(files or {}), warm)
+                warm: tuple[tuple[Callable[[Any], Any], Any], ...] = (),
+                env: dict[str, str] | None = None) -> "WorkerContext":
+        """This process's context; ``env`` adds variables the worker must have before it starts
+        CUDA (e.g. :func:`harness.train.deterministic_env`: the cuBLAS workspace setting)."""
+        own = {k: v for k, v in os.environ.items() if k.startswith(("HARNESS_", "MLFLOW_")) or k == "PYTHONPATH"}
+        return cls(os.getcwd(), {**own, **(env or {})}, tuple(p for p in sys.path if p), dict(files or {}), warm)
 
 
 @dataclass
@@ -53,7 +56,11 @@ class Outcome:
 
 def enter_worker(ctx: WorkerContext, slot: Slot) -> None:
     """Set up this worker process for its slot: the runner's directory, environment and import
-    path, only the slot's GPU, and the slot's number of threads (torch, OpenMP and BLAS)."""
+    path, only the slot's GPU, and the slot's number of threads (torch, OpenMP and BLAS).
+
+    Runs before anything in the worker starts CUDA (the forkserver imported torch but never
+    initialised CUDA), so variables CUDA reads once per process, ``CUDA_VISIBLE_DEVICES`` and
+    ``CUBLAS_WORKSPACE_CONFIG`` (deterministic studies), take effect."""
     if os.path.isdir(ctx.cwd):
         os.chdir(ctx.cwd)
     os.environ.update(ctx.env)
