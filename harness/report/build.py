@@ -202,7 +202,8 @@ def _comparison_section(data: StudyData, comp: pd.DataFrame, figs: dict[str, Pat
         if diag is not None:
             md += ["Diagnostics (labels read only to measure): accuracy of the pseudo-labels on the training "
                    "images, the claiming ensemble on the test split, a linear probe on the student's features "
-                   "fitted to pseudo-labels; best epoch and wall time per trial.\n", markdown(diag)]
+                   "fitted to pseudo-labels; best epoch and wall time per trial, and its peak GPU memory "
+                   "(`gpu_peak_mb`) when it ran on a GPU.\n", markdown(diag)]
     md += _fig(figs, "accuracy", "Union accuracy per method")
     if "curves" in figs:
         md += ["### Learning curves\n"] + _fig(figs, "curves", "Validation union accuracy per epoch")
@@ -336,6 +337,9 @@ def _software_section(data: StudyData, fallback: pd.DataFrame | None = None) -> 
     if commits:
         logged.append("git commit " + " / ".join(f"{c[:12]}{' (uncommitted changes)' if d == 'true' else ''}"
                                                    for c, d in commits))
-    return ["## Software\n",
-            f"Report built with Python {platform.python_version()} ({platform.system()}); {', '.join(versions)}.\n",
-            f"Trials run with {', '.join(logged) or 'unrecorded versions'} ({whose}).\n"]
+    md = ["## Software\n",
+          f"Report built with Python {platform.python_version()} ({platform.system()}); {', '.join(versions)}.\n",
+          f"Trials run with {', '.join(logged) or 'unrecorded versions'} ({whose}).\n"]
+    if not used.empty and "deterministic" in used:
+        md.append(disclosure.determinism_sentence(used))
+    return md

@@ -1,6 +1,6 @@
 """What the numbers of a report rest on, said in report.md: which runs count (the trial-key
 scope and the runs it leaves out), which labels each column used, what the seed std contains,
-and where routing caps the label-free methods.
+where routing caps the label-free methods, and which trials ran deterministically.
 
 Each function returns Markdown (a line, a paragraph or a section) from a :class:`StudyData` and
 the comparison frame; nothing here reads the store.
@@ -135,3 +135,30 @@ def routing_sentence(comp: pd.DataFrame, split: str) -> list[str]:
             f"when more than {100 * ROUTING_GAP:.0f} points below). Every label-free method learns from the teacher "
             "that claims each image, so routing bounds them here: compare claim rules with the `routing:` axis of "
             "the study file.\n"]
+
+
+def determinism_sentence(used: pd.DataFrame) -> str:
+    """Which of these trial runs (the ones in the tables) ran deterministically, from their
+    ``harness.deterministic`` tag: what the trial's own process read back from the flags it had
+    really set (``train.deterministic``), not what the study file asked for."""
+    flags = used["deterministic"].fillna("").astype(str)
+    n, yes, known = len(used), int((flags == "true").sum()), int(flags.isin(["true", "false"]).sum())
+    what = ("deterministic algorithms, cuDNN deterministic without autotuning and, on a GPU, the cuBLAS workspace "
+            "setting, as read back inside each trial's process (tag `harness.deterministic`)")
+    if known == 0:
+        return "Determinism: not recorded (the trials ran with a harness that did not tag it).\n"
+    unknown = f"; {n - known} not recorded (an older harness)" if known < n else ""
+    which = " that recorded it" if unknown else ""
+    if yes == known:
+        who = f"all {known} trials{which}" if known > 1 else f"the one trial{which}"
+        return f"Determinism: {who} ran deterministically ({what}){unknown}.\n"
+    if yes == 0:
+        who = f"none of the {known} trials{which} ran" if known > 1 else f"the one trial{which} did not run"
+        return (f"Determinism: {who} deterministically (`train.deterministic` off, or its flags not all set): "
+                f"reruns on a GPU may differ slightly{unknown}.\n")
+    labels = [row_label(m, v) for m, v in zip(used["method"], used["variant"])]
+    frame = pd.DataFrame({"label": labels, "flag": flags.to_numpy()})
+    parts = [f"`{label}` {int((g['flag'] == 'true').sum())} of {int(g['flag'].isin(['true', 'false']).sum())}"
+             for label, g in frame.groupby("label", sort=True) if g["flag"].isin(["true", "false"]).any()]
+    return (f"Determinism: {yes} of {known} trials ran deterministically ({what}); per method: "
+            f"{', '.join(parts)}{unknown}.\n")

@@ -22,7 +22,7 @@ PREFERRED = (REFERENCE_METHOD, "scratch", "kd", "cfl", "cka")
 PREFERRED_COMPONENTS = ("intra", "inter", "align", "task")  # ablation order when the study file is unknown
 ABLATION_METRICS = ("test/union_acc", "test/union_acc_best")
 _METRIC_GROUPS = ("test/union_acc", "test/union_acc_best", "test/task_acc/", "test/task_acc_best/",
-                  "val/union_acc_best", "diag/", "best_epoch", "trial_seconds", "peak_rss_mb")
+                  "val/union_acc_best", "diag/", "best_epoch", "trial_seconds", "peak_rss_mb", "gpu_peak_mb")
 PRIMARY, SECONDARY = "test/union_acc", "test/union_acc_best"
 #: the primary metric is the last-epoch union accuracy (no label of any kind chose the model); the
 #: best-validation one is secondary: its epoch was selected with validation labels
@@ -322,7 +322,8 @@ def diagnostics_display(comp: pd.DataFrame, split: str) -> pd.DataFrame | None:
     out: dict[str, list[str]] = {"Method": [f.text(r) for r in sub["row"]]}
     for m in have:
         out[cols[m]] = [f.pct(r[f"{m}.mean"], r[f"{m}.std"], r[f"{m}.n"], r["n"]) for _, r in sub.iterrows()]
-    for m, head in (("best_epoch", "Best epoch"), ("trial_seconds", "Trial time (s)")):
+    heads = (("best_epoch", "Best epoch"), ("trial_seconds", "Trial time (s)"), ("gpu_peak_mb", "GPU peak (MB)"))
+    for m, head in heads:
         if f"{m}.mean" in sub:
             out[head] = [_plain(r[f"{m}.mean"], r[f"{m}.std"], f.dash) for _, r in sub.iterrows()]
     return pd.DataFrame(out)
