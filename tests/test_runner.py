@@ -204,7 +204,9 @@ def test_two_workers_overlap_and_match_one_worker(env: dict[str, Any], sequentia
         assert {f"{TAG}git_commit", f"{TAG}torch_version", f"{TAG}mlflow_version", f"{TAG}version"} <= set(tags)
         assert float(tags[f"{TAG}start"]) < float(tags[f"{TAG}end"])
         assert [m.step for m in client.get_metric_history(r.info.run_id, "loss/total")] == [1, 2, 3]
-        assert r.data.metrics["peak_rss_mb"] > 10 and "cuda_max_allocated_mb" not in r.data.metrics
+        assert r.data.metrics["peak_rss_mb"] > 10
+        assert "cuda_max_allocated_mb" not in r.data.metrics and "gpu_peak_mb" not in r.data.metrics
+        assert tags[f"{TAG}deterministic"] == "false"  # the study file's default
         assert r.data.params["seed"] == tags[f"{TAG}seed"]
         assert "trial.yaml" in [a.path for a in client.list_artifacts(r.info.run_id)]
     # Rerunning skips every finished trial; changing a parameter reruns only the trials it affects.

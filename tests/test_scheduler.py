@@ -300,7 +300,8 @@ def test_a_peak_learned_during_the_run_caps_the_jobs_on_that_gpu() -> None:
 
     slots = [Slot(f"cuda:0#{i}", "cuda:0", "0", 1, "cuda:0") for i in range(3)]
     pool = LocalPool(slots, standby=False)
-    session = Session(None, None, "", pool, provenance={}, packing=PackingGuard(3, {"cuda:0": 16384.0}))  # type: ignore[arg-type]
+    guard = PackingGuard(3, {"cuda:0": 16384.0})
+    session = Session(None, None, "", pool, provenance={}, packing=guard)  # type: ignore[arg-type]
     out = io.StringIO()
     learn_packing(session, slots[1], {"gpu_peak_mb": 6000.0}, Progress(6, 3, out))
     assert "trials_per_device: 3 trials x (6000 MB peak + 512 MB CUDA context) = 19536 MB > 16384 MB on cuda:0" \
