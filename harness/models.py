@@ -101,6 +101,15 @@ class MLP(Net):
         return self.body(x)
 
 
+class GlobalAvgPool(nn.Module):
+    """Mean over the spatial dimensions, [N, C, H, W] -> [N, C, 1, 1]: ``AdaptiveAvgPool2d(1)``
+    without its CUDA backward, which raises under ``torch.use_deterministic_algorithms(True)``
+    (``train.deterministic``). Bitwise the same values and gradients on the CPU."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.mean(dim=(2, 3), keepdim=True)
+
+
 @MODELS.register("cnn")
 class CNN(Net):
     """conv3x3(C,w) BN ReLU, maxpool2, conv3x3(w,2w) BN ReLU, maxpool2, conv3x3(2w,2w) BN ReLU,
@@ -113,7 +122,7 @@ class CNN(Net):
         w = _check_positive("width", width)
         layers: list[nn.Module] = [
             *_conv_bn(in_shape[0], w), nn.MaxPool2d(2), *_conv_bn(w, 2 * w), nn.MaxPool2d(2),
-            *_conv_bn(2 * w, 2 * w), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            *_conv_bn(2 * w, 2 * w), GlobalAvgPool(), nn.Flatten(),
         ]
         if feature_dim is not None:
             feature_dim = _check_positive("feature_dim", feature_dim)
@@ -156,7 +165,7 @@ class _ResNet(Net):
             for j in range(blocks):
                 layers.append(BasicBlock(c_in, c_out, 2 if (i > 0 and j == 0) else 1))
                 c_in = c_out
-        layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+        layers += [GlobalAvgPool(), nn.Flatten()]
         self.body = nn.Sequential(*layers)
         self._finish(widths[-1])
 

@@ -8,7 +8,8 @@ Schema (the reports and the runner rely on it):
   ``harness.teacher_key``, ``harness.teacher_digest`` (sha256 of its weights) and
   ``harness.teacher_seed``; trials add ``harness.teacher_keys`` and ``harness.teacher_digests``
   (comma-joined, in task order: the weights the numbers rest on) and ``harness.precision``
-  (``fp32``/``bf16``, the arithmetic the trial really trained in);
+  (``fp32``/``bf16``, the arithmetic the trial really trained in) and ``harness.deterministic``
+  (whether deterministic algorithms were really on);
 - params: the flattened resolved config (with ``precision`` and ``results_version``, both in the
   trial key);
 - per-epoch metrics (step = epoch): ``loss/<term>``, ``loss/total``, ``val/union_acc``,
@@ -16,7 +17,8 @@ Schema (the reports and the runner rely on it):
   at most every 5 s (and at the end), so short epochs cost no store round trip each;
 - final metrics: ``test/union_acc`` (last epoch), ``test/union_acc_best`` (best validation
   epoch), ``test/task_acc/<k>``, ``test/task_acc_best/<k>``, ``val/union_acc_best``,
-  ``best_epoch``, ``diag/*`` diagnostics, ``peak_rss_mb``, ``cuda_max_allocated_mb`` (CUDA only),
+  ``best_epoch``, ``diag/*`` diagnostics, ``peak_rss_mb``, ``cuda_max_allocated_mb`` and
+  ``gpu_peak_mb`` (CUDA only; the reserved peak that decides packing, also per epoch),
   ``trial_seconds``;
 - execution tags of a trial run: ``harness.attempt`` (0 for the first try), ``harness.slot``,
   ``harness.device``, ``harness.host``, ``harness.pid``, ``harness.start`` and ``harness.end``

@@ -212,3 +212,31 @@ def test_convs_use_kaiming_init() -> None:
         # kaiming normal (fan_out, relu gain): std = sqrt(2 / fan_out);
         # PyTorch's default init would be ~2.5x smaller for these convs.
         assert conv.weight.std().item() == pytest.approx((2.0 / fan_out) ** 0.5, rel=0.1)
+
+
+#: modules whose CUDA kernels raise under torch.use_deterministic_algorithms(True) (torch's list)
+NONDETERMINISTIC = (torch.nn.AdaptiveAvgPool2d, torch.nn.AdaptiveAvgPool3d, torch.nn.AdaptiveMaxPool2d,
+                    torch.nn.AvgPool3d, torch.nn.FractionalMaxPool2d, torch.nn.FractionalMaxPool3d,
+                    torch.nn.MaxUnpool1d, torch.nn.MaxUnpool2d, torch.nn.MaxUnpool3d, torch.nn.ReflectionPad1d,
+                    torch.nn.ReflectionPad2d, torch.nn.ReflectionPad3d)
+
+
+@pytest.mark.parametrize("arch", sorted(SMALL))
+def test_no_model_uses_an_op_that_deterministic_mode_forbids_on_cuda(arch: str) -> None:
+    opts, _ = SMALL[arch]
+    model = build_model(arch, (3, 32, 32), NUM_CLASSES, **opts)
+    bad = [type(m).__name__ for m in model.modules() if isinstance(m, NONDETERMINISTIC)]
+    assert not bad, f"{arch} uses {bad}: its backward raises with train.deterministic on a GPU"
+
+
+def test_global_average_pool_equals_adaptive_pool_bitwise() -> None:
+    from harness.models import GlobalAvgPool
+
+    x = torch.randn(4, 8, 7, 5, requires_grad=True)
+    y = x.detach().clone().requires_grad_(True)
+    a, b = GlobalAvgPool()(x), torch.nn.AdaptiveAvgPool2d(1)(y)
+    assert torch.equal(a, b)
+    g = torch.randn_like(a)
+    a.backward(g)
+    b.backward(g)
+    assert torch.equal(x.grad, y.grad)
