@@ -44,13 +44,20 @@ softmax(z_{k*} / T) placed in slice S_{k*}, zero elsewhere.
 A rule is written ``score/standardize/targets``, e.g. ``max_logit+mahalanobis/z/routed``, or as a
 mapping with the same keys plus ``T_pl`` (``{score: confidence, T_pl: 2}``). ``T_pl`` is left out
 of the rule's serialised form when it is the default 1, so trial keys of existing studies stay.
+
+Placement, precision, memory: the fitted statistics (:class:`TeacherStats`) are buffers of a
+module, so they move with the method that holds them; scores, standardisation and claims run in
+float32 outside autocast (:mod:`harness.precision`), so a batch is routed the same under the
+training loop's bf16 autocast as in the float32 diagnostics; ``mahalanobis`` and ``knn`` are
+computed in row chunks of at most :data:`CHUNK_ELEMENTS` intermediate elements, never as the
+[N, C, d] or [N, M] tensor (at CIFAR scale 45k x 50 x 512 float32 would be 4.6 GB).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
-from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +66,9 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import PydanticCustomError
-from torch import Tensor
+from torch import Tensor, nn
+
+from harness.precision import float32
 
 #: scores that read softmax(z / T_pl)
 TEMPERED = ("confidence", "entropy")
@@ -157,9 +166,23 @@ class RoutingStats(BaseModel):
     score_version: Literal[2] = 2
 
 
-@dataclass
-class TeacherStats:
-    """Statistics of one teacher on its own data (all plain tensors: saved with weights_only)."""
+#: largest intermediate of one row chunk of a feature-space score, in elements ([rows, C, d] for
+#: ``mahalanobis``, [rows, M] for ``knn``): 2^23 float32 = 32 MiB, whatever the number of images
+CHUNK_ELEMENTS = 2**23
+
+#: the tensors of :class:`TeacherStats`, in the order of its constructor (and of ``to_dict``)
+STAT_TENSORS = ("means", "precision", "bank", "z_mean", "z_std", "val_sorted")
+
+
+class TeacherStats(nn.Module):
+    """Statistics of one teacher on its own data.
+
+    The tensors are (non-persistent) buffers, so they move with the module that holds them:
+    :class:`harness.methods.base.TeacherSet` holds one per teacher, and ``method.to(device)``
+    puts them where the trial runs. On disk they are :meth:`to_dict`, plain CPU tensors and an
+    int (loadable with ``torch.load(weights_only=True)``); non-persistent, they are not part of a
+    method's ``state_dict``.
+    """
 
     means: Tensor  # [n_k, d] class means of training features
     precision: Tensor  # [d, d] inverse shared Ledoit-Wolf covariance
@@ -167,14 +190,26 @@ class TeacherStats:
     z_mean: Tensor  # [len(SCORES)] per score, on own training images
     z_std: Tensor  # [len(SCORES)]
     val_sorted: Tensor  # [len(SCORES), M] sorted own validation scores
-    knn_k: int = 5
+
+    def __init__(self, means: Tensor, precision: Tensor, bank: Tensor, z_mean: Tensor, z_std: Tensor,
+                 val_sorted: Tensor, knn_k: int = 5) -> None:
+        super().__init__()
+        for name, t in zip(STAT_TENSORS, (means, precision, bank, z_mean, z_std, val_sorted)):
+            self.register_buffer(name, t, persistent=False)
+        self.knn_k = int(knn_k)
 
     def to_dict(self) -> dict[str, object]:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+        """The cache format: ``{name: CPU tensor, ..., "knn_k": int}``."""
+        out: dict[str, object] = {k: getattr(self, k).detach().cpu() for k in STAT_TENSORS}
+        out["knn_k"] = self.knn_k
+        return out
 
     @classmethod
     def from_dict(cls, d: dict[str, object]) -> "TeacherStats":
         return cls(**d)  # type: ignore[arg-type]
+
+    def extra_repr(self) -> str:
+        return f"classes={len(self.means)}, d={self.means.shape[-1]}, bank={len(self.bank)}, knn_k={self.knn_k}"
 
 
 def _top_gaps(z: Tensor) -> tuple[Tensor, Tensor]:
@@ -212,10 +247,43 @@ def log_entropy_score(logits: Tensor, T_pl: float = 1.0) -> Tensor:
     return math.log(math.log(n)) - log_h
 
 
+def _row_chunks(n: int, per_row: int) -> list[slice]:
+    """Slices of consecutive rows of ``n``, each small enough that its [rows, per_row]
+    intermediate holds at most :data:`CHUNK_ELEMENTS` elements (one row at least)."""
+    rows = max(1, CHUNK_ELEMENTS // max(per_row, 1))
+    return [slice(i, i + rows) for i in range(0, n, rows)]
+
+
+def mahalanobis_score(f: Tensor, means: Tensor, precision: Tensor) -> Tensor:
+    """-min_c sqrt((f - mu_c)^T P (f - mu_c)), [N], computed in row chunks (never [N, C, d]).
+
+    Each chunk is written into the preallocated result: a list of small per-chunk results kept
+    between the large temporaries would fragment the allocator's heap and let the resident
+    memory grow with N."""
+    out = f.new_empty(len(f))
+    for rows in _row_chunks(len(f), means.numel()):
+        diff = f[rows, None, :] - means[None, :, :]  # [rows, C, d]
+        d2 = torch.einsum("ncd,de,nce->nc", diff, precision, diff).clamp_min(0)
+        out[rows] = -d2.min(1).values.sqrt()
+    return out
+
+
+def knn_score(f: Tensor, bank: Tensor, j: int) -> Tensor:
+    """-|f^ - b^_(j)|, the distance of the normalised feature to its j-th nearest bank row, [N],
+    computed in row chunks (never the whole [N, M] distance matrix) into the preallocated result."""
+    fn = F.normalize(f, dim=1)
+    out = f.new_empty(len(f))
+    for rows in _row_chunks(len(f), len(bank)):
+        out[rows] = -torch.cdist(fn[rows], bank).topk(j, dim=1, largest=False).values[:, j - 1]
+    return out
+
+
+@float32
 def raw_score(
     name: str, logits: Tensor, feats: Tensor, stats: TeacherStats | None, exclude_self: bool = False, T_pl: float = 1.0
 ) -> Tensor:
-    """One teacher's claim score (higher = more likely its own image), shape [N]."""
+    """One teacher's claim score (higher = more likely its own image), shape [N]; in float32
+    outside autocast (:mod:`harness.precision`), on the device of its inputs and statistics."""
     z = logits.float()
     if name == "confidence":
         return log_odds_confidence(z, T_pl)
@@ -229,16 +297,13 @@ def raw_score(
         raise ValueError(f"claim score {name!r} needs the teacher's fitted statistics")
     f = feats.float()
     if name == "mahalanobis":
-        diff = f[:, None, :] - stats.means[None, :, :]  # [N, C, d]
-        d2 = torch.einsum("ncd,de,nce->nc", diff, stats.precision, diff).clamp_min(0)
-        return -d2.min(1).values.sqrt()
+        return mahalanobis_score(f, stats.means, stats.precision)
     if name == "knn":
-        dist = torch.cdist(F.normalize(f, dim=1), stats.bank)
-        j = min(stats.knn_k + int(exclude_self), dist.shape[1])
-        return -dist.topk(j, dim=1, largest=False).values[:, j - 1]
+        return knn_score(f, stats.bank, min(stats.knn_k + int(exclude_self), len(stats.bank)))
     raise ValueError(f"unknown claim score {name!r}")
 
 
+@float32
 def standardize(scores: Tensor, name: str, how: str, stats: TeacherStats | None) -> Tensor:
     """Put one teacher's raw scores on a scale comparable across teachers (own data only)."""
     if how == "none":
@@ -252,17 +317,30 @@ def standardize(scores: Tensor, name: str, how: str, stats: TeacherStats | None)
     return torch.searchsorted(ref.contiguous(), scores.contiguous(), right=True).float() / max(len(ref), 1)
 
 
+StatsList = Sequence[TeacherStats]
+
+
+def _raw_scores(
+    logits: list[Tensor], feats: list[Tensor], stats: StatsList | None, rule: RoutingConfig
+) -> list[dict[str, Tensor]]:
+    """Per teacher, the raw score of each of the rule's scores."""
+    return [{s: raw_score(s, z, f, stats[k] if stats else None, T_pl=rule.T_pl) for s in rule.scores}
+            for k, (z, f) in enumerate(zip(logits, feats))]
+
+
+def _combine(raw: list[dict[str, Tensor]], stats: StatsList | None, how: str) -> Tensor:
+    """Sum over scores of the standardised raw scores, [N, K]."""
+    return torch.stack([sum(standardize(r, s, how, stats[k] if stats else None) for s, r in per.items())
+                        for k, per in enumerate(raw)], dim=1)
+
+
+@float32
 def claim_scores(
-    logits: list[Tensor], feats: list[Tensor], stats: list[TeacherStats] | None, rule: RoutingConfig,
+    logits: list[Tensor], feats: list[Tensor], stats: StatsList | None, rule: RoutingConfig,
     how: str | None = None,
 ) -> Tensor:
     """Combined standardised claim scores, [N, K] (standardisation ``how``, default the rule's)."""
-    how = rule.standardize if how is None else how
-    cols = []
-    for k, (z, f) in enumerate(zip(logits, feats)):
-        st = stats[k] if stats else None
-        cols.append(sum(standardize(raw_score(s, z, f, st, T_pl=rule.T_pl), s, how, st) for s in rule.scores))
-    return torch.stack(cols, dim=1)
+    return _combine(_raw_scores(logits, feats, stats, rule), stats, rule.standardize if how is None else how)
 
 
 def lex_argmax(keys: list[Tensor]) -> Tensor:
@@ -275,36 +353,39 @@ def lex_argmax(keys: list[Tensor]) -> Tensor:
     return cand.float().argmax(1)
 
 
+@float32
 def claiming_teacher(
-    logits: list[Tensor], feats: list[Tensor], stats: list[TeacherStats] | None, rule: RoutingConfig
+    logits: list[Tensor], feats: list[Tensor], stats: StatsList | None, rule: RoutingConfig
 ) -> Tensor:
     """k* [N]: argmax of the rule's score; exact ties by the z-standardised score (``percentile``
     rules), then by the energy logsumexp z_k; never by teacher order while these differ."""
-    keys = [claim_scores(logits, feats, stats, rule)]
+    raw = _raw_scores(logits, feats, stats, rule)  # computed once, standardised once or twice
+    keys = [_combine(raw, stats, rule.standardize)]
     if rule.standardize == "percentile":
-        keys.append(claim_scores(logits, feats, stats, rule, how="z"))
+        keys.append(_combine(raw, stats, "z"))
     keys.append(torch.stack([torch.logsumexp(z.float(), 1) for z in logits], 1))
     return lex_argmax(keys)
 
 
 @torch.no_grad()
+@float32
 def route(
-    logits: list[Tensor], feats: list[Tensor], stats: list[TeacherStats] | None, rule: RoutingConfig,
+    logits: list[Tensor], feats: list[Tensor], stats: StatsList | None, rule: RoutingConfig,
     offsets: tuple[int, ...] | list[int],
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(union pseudo-labels o_{k*} + argmax z_{k*}, claiming teacher k*, its max softmax(z / T_pl)),
-    each [N]: the one implementation of the spec's pseudo-labels (no gradient)."""
+    each [N]: the one implementation of the spec's pseudo-labels (no gradient). In float32
+    outside autocast (:mod:`harness.precision`), so a batch routes the same under the training
+    loop's autocast as in the float32 diagnostics; no host synchronisation, no tensor created
+    off the inputs' device."""
     if len(offsets) != len(logits) or not logits:
         raise ValueError(f"got {len(offsets)} offsets for {len(logits)} teachers")
     k_star = claiming_teacher(logits, feats, stats, rule)
-    labels = torch.empty_like(k_star)
-    conf = torch.empty(len(k_star), device=k_star.device)
-    for k, t in enumerate(logits):
+    labels, conf = torch.zeros_like(k_star), torch.zeros_like(k_star, dtype=torch.float32)
+    for k, t in enumerate(logits):  # every row's own max softmax, kept where teacher k claims
+        c, idx = F.softmax(t.float() / rule.T_pl, 1).max(1)
         m = k_star == k
-        if m.any():
-            p = F.softmax(t[m].float() / rule.T_pl, 1)
-            c, idx = p.max(1)
-            labels[m], conf[m] = idx + offsets[k], c
+        labels, conf = torch.where(m, idx + offsets[k], labels), torch.where(m, c, conf)
     return labels, k_star, conf
 
 
@@ -330,19 +411,25 @@ def fit_stats(
 ) -> TeacherStats:
     """Fit teacher k's routing statistics on its own training and validation images only.
 
-    ``x_train``/``x_val`` may be tensors or lazy (streamed) collections."""
+    ``x_train``/``x_val`` may be tensors or lazy (streamed) collections; the net runs on them in
+    chunks on its own device, the statistics are fitted on the CPU and returned there (the
+    module that holds them moves them). Every score is computed in row chunks
+    (:data:`CHUNK_ELEMENTS`), so memory beyond the features themselves stays bounded."""
     from sklearn.covariance import LedoitWolf
 
     net.eval()
     z_tr, f_tr = _outputs(net, x_train)
     z_va, f_va = _outputs(net, x_val if len(x_val) else x_train)
+    dev, y_train = f_tr.device, y_train.to(f_tr.device)
     n_k = int(z_tr.shape[1])
     means = torch.stack([f_tr[y_train == c].mean(0) if (y_train == c).any() else f_tr.mean(0) for c in range(n_k)])
     centred = (f_tr - means[y_train]).double().numpy()
-    precision = torch.from_numpy(LedoitWolf().fit(centred).precision_).float()
+    precision = torch.from_numpy(LedoitWolf().fit(centred).precision_).float().to(dev)
+    del centred
     bank = F.normalize(f_va, dim=1)
-    partial = TeacherStats(means, precision, bank, torch.zeros(len(SCORES)), torch.ones(len(SCORES)),
-                           torch.zeros(len(SCORES), 0), settings.knn_k)
+    n = len(SCORES)
+    partial = TeacherStats(means, precision, bank, torch.zeros(n, device=dev), torch.ones(n, device=dev),
+                           torch.zeros(n, 0, device=dev), settings.knn_k)
     tr = torch.stack([raw_score(s, z_tr, f_tr, partial) for s in SCORES])
     va = torch.stack([raw_score(s, z_va, f_va, partial, exclude_self=True) for s in SCORES])
     partial.z_mean = tr.mean(1)
@@ -352,10 +439,16 @@ def fit_stats(
 
 
 def _outputs(net: torch.nn.Module, x: Tensor, bs: int = 1024) -> tuple[Tensor, Tensor]:
-    """(logits, features) of ``net`` on ``x`` in chunks of ``bs``; a lazy (streamed) ``x`` is
-    decoded chunk by chunk, in order, through a DataLoader onto the net's device."""
+    """(logits, features) of ``net`` on ``x`` in chunks of ``bs``, as float32 on the CPU: each
+    chunk of a tensor ``x`` is moved to the net's device, a lazy (streamed) ``x`` is decoded chunk
+    by chunk, in order, through a DataLoader onto that device."""
     from harness.data.stream import in_chunks
 
-    p = next(net.parameters(), None)
-    outs = [net.forward_both(xb) for xb in in_chunks(x, bs, p.device if p is not None else None)]  # type: ignore[operator]
-    return torch.cat([o[0] for o in outs]).float().cpu(), torch.cat([o[1] for o in outs]).float().cpu()
+    p = next(itertools.chain(net.parameters(), net.buffers()), None)
+    dev = p.device if p is not None else torch.device("cpu")
+    logits, feats = [], []
+    for xb in in_chunks(x, bs, dev):
+        z, f = net.forward_both(xb.to(dev))  # type: ignore[operator]
+        logits.append(z.float().cpu())
+        feats.append(f.float().cpu())
+    return torch.cat(logits), torch.cat(feats)

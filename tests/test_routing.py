@@ -1,5 +1,6 @@
 """Routing: claim scores against direct computations, standardisation on own data, ties, targets,
-pseudo-labels (the one implementation of the spec's "Pseudo-labels") and their temperature T_pl."""
+pseudo-labels (the one implementation of the spec's "Pseudo-labels") and their temperature T_pl;
+scores in bounded row chunks, and in float32 whatever autocast says (``harness.precision``)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,12 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 from sklearn.covariance import LedoitWolf
 
+import harness.routing as routing
+from harness.methods.base import SplitInfo, TeacherSet, get_method
+from harness.models import build_model
 from harness.routing import (
-    SCORES, RoutingConfig, TeacherStats, claim_scores, fit_stats, raw_score, route, standardize, target_logits,
+    SCORES, STANDARDIZE, TARGETS, RoutingConfig, TeacherStats, claim_scores, fit_stats, raw_score, route, standardize,
+    target_logits,
 )
 
 
@@ -353,3 +358,97 @@ def test_rule_parsing_and_errors():
     for bad in ("maxlogit", "max_logit/zz", "max_logit/z/both", "a/b/c/d", "knn+knn"):
         with pytest.raises(ValidationError):
             RoutingConfig.parse(bad)
+
+
+# --------------------------------------------------------------------------- chunks and precision
+
+#: every score x standardisation x targets, sums of scores, a tempered rule
+ALL_RULES = [f"{sc}/{h}/{t}" for sc in SCORES for h in STANDARDIZE for t in TARGETS] + [
+    "max_logit+mahalanobis/z/routed", "energy+knn/percentile/concat", "confidence+mahalanobis/percentile/routed",
+    "entropy/none/routed@T_pl=2",
+]
+SIZES3, OFFSETS3 = (3, 2, 4), (0, 3, 5)
+
+
+@pytest.fixture(scope="module")
+def close_calls():
+    """Three teachers whose own data (32-d features = the inputs, logits = W f) overlap, fitted
+    statistics, and a batch of 512 images between them: many claims are close calls."""
+    g = torch.Generator().manual_seed(7)
+    nets, stats = [], []
+    for n in SIZES3:
+        centres = torch.randn(n, 32, generator=g)
+        y = torch.arange(300) % n
+        net = Linear2(centres.tolist())
+        nets.append(net)
+        stats.append(fit_stats(net, centres[y] + 1.5 * torch.randn(300, 32, generator=g), y,
+                               centres[torch.arange(60) % n] + 1.5 * torch.randn(60, 32, generator=g)))
+    x = 2.0 * torch.randn(512, 32, generator=g)
+    outs = [net.forward_both(x) for net in nets]
+    return nets, stats, [o[0] for o in outs], [o[1] for o in outs]
+
+
+@pytest.mark.parametrize("name", ["mahalanobis", "knn"])
+@pytest.mark.parametrize("chunk", [1, 700, 5000])
+def test_feature_scores_in_row_chunks_equal_the_whole_computation(close_calls, monkeypatch, name, chunk):
+    """Chunks of ``CHUNK_ELEMENTS`` elements at most (one row at least) give the values of the
+    whole [N, C, d] / [N, M] computation, up to the float32 rounding of reordered matrix products."""
+    _, stats, logits, feats = close_calls
+    st, f = stats[2], feats[2]
+    if name == "mahalanobis":  # the formula on all rows at once: [N, C, d]
+        diff = f[:, None, :] - st.means[None]
+        whole = -torch.einsum("ncd,de,nce->nc", diff, st.precision, diff).clamp_min(0).min(1).values.sqrt()
+    else:  # [N, M] distances to the normalised bank
+        whole = -torch.cdist(F.normalize(f, dim=1), st.bank).topk(st.knn_k, dim=1, largest=False).values[:, -1]
+    largest = []
+
+    class Sizes(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor):
+                largest.append(out.numel())
+            return out
+
+    monkeypatch.setattr(routing, "CHUNK_ELEMENTS", chunk)
+    with Sizes():
+        got = raw_score(name, logits[2], f, st)
+    assert torch.allclose(got, whole, rtol=1e-6, atol=1e-6)
+    per_row = st.means.numel() if name == "mahalanobis" else len(st.bank)
+    biggest_input = max(f.numel(), st.precision.numel(), st.bank.numel())
+    assert max(largest) <= max(chunk, per_row, biggest_input)  # never [N, C, d] or [N, M]
+    assert torch.equal(raw_score(name, logits[2][:0], f[:0], st), torch.zeros(0))
+
+
+@pytest.mark.parametrize("rule", ALL_RULES)
+def test_routing_under_bf16_autocast_equals_float32(close_calls, rule):
+    """Claim scores run in float32 outside autocast: the same decisions, labels, confidences
+    and targets under CPU bf16 autocast as without it. (Before, Mahalanobis under autocast
+    changed 5-16 of these 512 claims.)"""
+    _, stats, logits, feats = close_calls
+    r = RoutingConfig.parse(rule)
+    ref = route(logits, feats, stats, r, OFFSETS3)
+    ref_scores = claim_scores(logits, feats, stats, r)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = route(logits, feats, stats, r, OFFSETS3)
+        got_scores = claim_scores(logits, feats, stats, r)
+        got_target = target_logits(logits, got[1], r, 2.0)
+    assert torch.equal(got_scores, ref_scores) and got_scores.dtype == torch.float32
+    assert all(torch.equal(a, b) for a, b in zip(got, ref))
+    assert torch.equal(got_target, target_logits(logits, ref[1], r, 2.0))
+    assert len(set(ref[1].tolist())) > 1  # the rule routes to more than one teacher here
+
+
+@pytest.mark.parametrize("rule", ALL_RULES)
+def test_training_batches_under_autocast_route_as_the_float32_diagnostics(close_calls, rule):
+    """``Method.route`` during training (batches of 64, under the loop's autocast) and in the
+    diagnostics (all 512 images, float32) make the same claims with the same pseudo-labels and
+    confidences."""
+    nets, stats, logits, feats = close_calls
+    cls = get_method("kd")
+    method = cls(build_model("mlp", (1, 4, 8), sum(SIZES3), hidden=8), TeacherSet(nets, stats),
+                 cls.parse_params({"routing": rule}, "methods.kd"), SplitInfo(SIZES3, OFFSETS3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        batches = [method.route([z[i : i + 64] for z in logits], [f[i : i + 64] for f in feats]) for i in range(0, 512, 64)]
+    trained = [torch.cat(parts) for parts in zip(*batches)]
+    diagnosed = method.route(logits, feats)
+    assert all(torch.equal(a, b) for a, b in zip(trained, diagnosed))

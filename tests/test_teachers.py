@@ -94,6 +94,27 @@ def test_routing_stats_fitted_on_own_data_and_cached(tmp_path):
     assert torch.equal(again[0].stats.precision, st.precision)
 
 
+def test_cached_routing_stats_move_with_the_teachers_and_stay_out_of_state_dicts(tmp_path):
+    from harness.methods.base import TeacherSet
+    from harness.routing import TeacherStats
+
+    STAT_TENSORS = ("means", "precision", "bank", "z_mean", "z_std", "val_sorted")
+    fitted = get_teachers(SPLIT, DS, CFGS, str(tmp_path))
+    path = sorted((tmp_path / "teachers").glob("*-routing-*.pt"))[0]
+    blob = torch.load(path, weights_only=True)  # the cache format: plain CPU tensors and knn_k
+    assert set(blob) == {*STAT_TENSORS, "knn_k"} and all(blob[k].device.type == "cpu" for k in STAT_TENSORS)
+    loaded = get_teachers(SPLIT, DS, CFGS, str(tmp_path))
+    assert all(isinstance(r.stats, TeacherStats) for r in loaded)
+    assert all(torch.equal(getattr(a.stats, k), getattr(b.stats, k)) for a, b in zip(fitted, loaded) for k in STAT_TENSORS)
+    teachers = TeacherSet([r.net for r in loaded], [r.stats for r in loaded])
+    before = set(TeacherSet([r.net for r in loaded]).state_dict())
+    assert set(teachers.state_dict()) == before  # checkpoints of methods keep their keys
+    teachers.to(torch.float64)  # whatever .to does to the teachers, it does to their statistics
+    assert all(getattr(r.stats, k).dtype == torch.float64 for r in loaded for k in ("means", "precision", "bank"))
+    with pytest.raises(ValueError, match="1 of 2 teachers"):
+        TeacherSet([r.net for r in loaded], [loaded[0].stats, None])
+
+
 def test_teacher_outputs_cached_once_per_split(tmp_path):
     from harness.methods.base import TeacherSet
     from harness.teachers import cached_outputs

@@ -13,10 +13,11 @@ entry-point line in ``pyproject.toml`` (group ``harness.methods``) if it lives o
 from __future__ import annotations
 
 import importlib
+import itertools
 import os
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -64,13 +65,20 @@ class Batch:
 
 
 class TeacherSet(nn.Module):
-    """The frozen teachers of one split (eval mode, no gradient)."""
+    """The frozen teachers of one split (eval mode, no gradient), with their routing statistics.
 
-    def __init__(self, teachers: list[Net], stats: list[TeacherStats] | None = None) -> None:
+    The statistics are submodules (buffers), so ``method.to(device)`` moves them with the nets:
+    everything a trial routes with lives where the trial runs."""
+
+    stats: nn.ModuleList | None
+
+    def __init__(self, teachers: list[Net], stats: Sequence[TeacherStats] | None = None) -> None:
         super().__init__()
         self.nets = nn.ModuleList(teachers)
+        if stats is not None and (len(stats) != len(teachers) or any(s is None for s in stats)):
+            raise ValueError(f"routing statistics for {sum(s is not None for s in stats)} of {len(teachers)} teachers")
         #: routing statistics fitted on each teacher's own data (None until a rule needs them)
-        self.stats = stats
+        self.stats = nn.ModuleList(stats) if stats is not None else None
         for p in self.nets.parameters():
             p.requires_grad_(False)
         self.eval()
@@ -134,9 +142,24 @@ class Method(nn.Module):
         rule = getattr(self.params, "routing", None)
         return rule if isinstance(rule, RoutingConfig) else RoutingConfig()
 
+    @property
+    def device(self) -> torch.device:
+        """Where the method lives: the device of its first parameter or buffer (CPU if none)."""
+        t = next(itertools.chain(self.parameters(), self.buffers()), None)
+        return t.device if t is not None else torch.device("cpu")
+
     def route(self, logits: list[Tensor], feats: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-        """(pseudo-labels, claiming teacher, confidence) under the method's routing rule."""
-        return route(logits, feats, self.teachers.stats, self.routing_rule(), self.split.offsets)
+        """(pseudo-labels, claiming teacher, confidence) under the method's routing rule, each [N].
+
+        Routed where the method and its statistics live, in float32 outside autocast
+        (:func:`harness.routing.route`): inputs elsewhere (the diagnostics' CPU copies) are moved
+        there, and the results are returned on the inputs' device. So a batch routes the same
+        during training (under the loop's autocast) as in the diagnostics."""
+        dev = self.device
+        home = logits[0].device if logits else dev
+        labels, k_star, conf = route([z.to(dev) for z in logits], [f.to(dev) for f in feats], self.teachers.stats,
+                                     self.routing_rule(), self.split.offsets)
+        return labels.to(home), k_star.to(home), conf.to(home)
 
     @classmethod
     def parse_params(cls, params: dict[str, Any], field: str) -> Params:
