@@ -9,7 +9,7 @@
 #      lacks (MLflow, pydantic, mlxtend, optuna, ...), for its Python 3.12 on x86-64:
 #        scripts/gpu_check.sh --fetch-wheels
 #   2. On the GPU machine (device tool): run(command="bash scripts/gpu_check.sh", carry=[".whl"],
-#      timeout_s=600): about 4 minutes of tests and 2 of bench (each step has its own timeout,
+#      timeout_s=600): an estimated 4 minutes of tests and 2 of bench (each step has its own timeout,
 #      360 s and 180 s). Steps can be run alone: `bash scripts/gpu_check.sh tests` (the suite),
 #      `bash scripts/gpu_check.sh tests -k pool` (pytest arguments after `tests`: tests/gpu with
 #      them), `bash scripts/gpu_check.sh bench`.
