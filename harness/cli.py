@@ -153,7 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="overhead, cache and makespan ratios measured in one run")
     b.add_argument("--json", action="store_true", help="print one JSON object")
-    b.add_argument("--device", type=_device, default=None, help="cpu or cuda (default: cuda if available)")
+    b.add_argument("--device", type=_device, default=None,
+                   help="cpu, cuda or cuda:N (default: cpu; cuda adds the GPU figures)")
     b.add_argument("--workers", type=_positive_int, default=2, help="slots for the makespan study")
     b.add_argument("--quick", action="store_true", help="one repetition each (a smoke test, not a measurement)")
     b.set_defaults(func=_cmd_bench)
