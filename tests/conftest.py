@@ -52,3 +52,15 @@ def write_study(path: Path, **overrides: object) -> Path:
     data = {**TINY, **overrides}
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One intra-op torch thread for a module of tiny tensors (faster than two threads fighting
+    over a busy CPU); restored afterwards. Use with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -20,6 +20,7 @@ from harness.routing import (
     SCORES, STANDARDIZE, TARGETS, RoutingConfig, TeacherStats, claim_scores, fit_stats, raw_score, route, standardize,
     target_logits,
 )
+from tests.reference import ref_pseudo_labels
 
 
 class Linear2(torch.nn.Module):
@@ -170,21 +171,6 @@ def test_sum_of_scores_is_sum_of_standardised_scores():
     assert torch.allclose(ml, torch.tensor([[(3.0 - 1) / 2, (2.0 - 1) / 2]]))
 
 
-def _ref_pseudo_labels(logits, offsets, rule="confidence", T_pl=1.0):
-    """The spec's "Pseudo-labels" in float64 with plain softmax: k* = argmax_k max_c p_k(c)
-    (or argmin_k H(p_k) / log n_k), y = o_k* + argmax_c p_k*(c), confidence max_c p_k*(c)."""
-    ps = [torch.softmax(z.double() / T_pl, 1) for z in logits]
-    if rule == "confidence":
-        score = torch.stack([p.max(1).values for p in ps], 1)
-    else:
-        score = torch.stack([(p * p.log()).sum(1) / math.log(p.shape[1]) for p in ps], 1)
-    k = score.argmax(1)
-    rows = torch.arange(len(k))
-    y = torch.stack([p.argmax(1) + o for p, o in zip(ps, offsets)], 1)[rows, k]
-    conf = torch.stack([p.max(1).values for p in ps], 1)[rows, k]
-    return y, k, conf
-
-
 @pytest.mark.parametrize("rule", ["confidence", "entropy"])
 @pytest.mark.parametrize("T_pl", [1.0, 0.5, 3.0])
 def test_route_agrees_with_reference_pseudo_labels_on_random_logits(rule, T_pl):
@@ -193,7 +179,7 @@ def test_route_agrees_with_reference_pseudo_labels_on_random_logits(rule, T_pl):
     z = [torch.randn(300, 3, generator=g) * 2, torch.randn(300, 4, generator=g) * 3, torch.randn(300, 2, generator=g)]
     f = [torch.zeros(300, 1)] * 3
     y, k, conf = route(z, f, None, RoutingConfig(score=rule, T_pl=T_pl), (0, 3, 7))
-    ry, rk, rconf = _ref_pseudo_labels(z, (0, 3, 7), rule, T_pl)
+    ry, rk, rconf = ref_pseudo_labels(z, (0, 3, 7), rule, T_pl)
     assert torch.equal(k, rk) and torch.equal(y, ry)
     assert torch.allclose(conf.double(), rconf, rtol=1e-5)
     assert len(set(k.tolist())) == 3 and y.dtype == torch.int64 and k.dtype == torch.int64

@@ -12,7 +12,6 @@ softmax, soft targets as explicit KL sums, per-sample alignment as per-sample lo
 from __future__ import annotations
 
 import functools
-import math
 
 import pytest
 import torch
@@ -24,6 +23,7 @@ from harness.errors import HarnessError
 from harness.methods.base import Batch, SplitInfo, TeacherSet, discover, get_method
 from harness.models import build_model
 from harness.routing import RoutingConfig, fit_stats, route
+from tests.reference import ref_pseudo_labels
 
 SHAPE = (1, 8, 8)
 SIZES, OFFSETS = (3, 2), (0, 3)
@@ -78,16 +78,8 @@ def _ref_pseudo(b: Batch, rule: RoutingConfig = RoutingConfig()) -> tuple[Tensor
     no standardisation (routing.route, tested in test_routing, for the other rules)."""
     if rule.score not in ("confidence", "entropy") or rule.standardize != "none":
         return route(b.teacher_logits, b.teacher_feats, _teachers().stats, rule, OFFSETS)
-    ps = [torch.softmax(z.double() / rule.T_pl, 1) for z in b.teacher_logits]
-    if rule.score == "confidence":
-        score = torch.stack([p.max(1).values for p in ps], 1)
-    else:
-        score = torch.stack([(p * p.log()).sum(1) / math.log(p.shape[1]) for p in ps], 1)
-    k = score.argmax(1)
-    rows = torch.arange(len(k))
-    y = torch.stack([p.argmax(1) + o for p, o in zip(ps, OFFSETS)], 1)[rows, k]
-    conf = torch.stack([p.max(1).values for p in ps], 1)[rows, k].float()
-    return y, k, conf
+    y, k, conf = ref_pseudo_labels(b.teacher_logits, OFFSETS, rule.score, rule.T_pl)
+    return y, k, conf.float()
 
 
 def _kl_by_hand(q: Tensor, z_s: Tensor, T: float) -> Tensor:
