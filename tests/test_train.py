@@ -334,3 +334,28 @@ def test_diagnostics_route_in_bounded_chunks_with_the_whole_set_decisions():
     assert max(m.rows) <= EVAL_BATCH and sum(m.rows) == n + len(DATA.parts["test"])
     assert out["diag/pseudo_label_acc"] == (whole["train"] == DATA.parts["train"].y).float().mean().item()
     assert out["diag/ensemble_union_acc"] == (whole["test"] == DATA.parts["test"].y).float().mean().item()
+
+
+def test_each_epoch_draws_a_new_batch_order():
+    m = _make(Spy)
+    fit(m, DATA, TrainConfig(epochs=2, batch_size=256), seed=0)
+    per_epoch = len(m.seen) // 2
+    first = torch.cat([b.index for b in m.seen[:per_epoch]])
+    second = torch.cat([b.index for b in m.seen[per_epoch:]])
+    assert not torch.equal(first, second)
+
+
+def test_augmentation_draws_new_crops_every_batch_from_the_trial_generator():
+    """Crop-only augmentation: which images of a batch were left unshifted is a fresh draw per
+    batch (a generator re-created per batch would repeat the same pattern) and repeats with the seed."""
+    position = torch.argsort(opaque_ids(len(DATA.parts["train"])))
+
+    def patterns(seed: int) -> list[torch.Tensor]:
+        m = _make(Spy)
+        fit(m, DATA, TrainConfig(epochs=1, batch_size=64, augment=["crop"]), seed=seed)
+        x = DATA.parts["train"].x
+        return [torch.tensor([torch.equal(b.x[j], x[position[i]]) for j, i in enumerate(b.index)]) for b in m.seen]
+
+    a, b = patterns(0), patterns(0)
+    assert all(torch.equal(p, q) for p, q in zip(a, b))  # the same seed: the same crops
+    assert any(p.any() for p in a) and not all(torch.equal(a[0], p) for p in a[1:])
