@@ -237,6 +237,20 @@ def test_cka_variant_terms_equal_the_loss_functions_by_hand(variant):
         assert same != (t in changed), (t, got[t], base[t])
 
 
+@pytest.mark.parametrize("params", [{}, {"intra_models": "all"}, {"symmetric": True}])
+def test_cka_terms_equal_the_loss_functions_when_pseudo_labels_vary_within_a_teacher(params):
+    """On the shared batch each teacher's claimed images carry one class, so a term that contrasts
+    by claiming teacher instead of by pseudo-label would pass there; not on these logits."""
+    b0 = _batch()
+    g = torch.Generator().manual_seed(11)
+    tl = [torch.randn(len(b0.x), n, generator=g) * 5 for n in SIZES]
+    b = Batch(x=b0.x, index=b0.index, teacher_logits=tl, teacher_feats=b0.teacher_feats)
+    y, k, _ = route(tl, b.teacher_feats, _teachers().stats, RoutingConfig(), OFFSETS)
+    assert all(len(set(y[k == t].tolist())) > 1 for t in (0, 1))
+    m = _method("cka", **params)
+    _assert_terms_equal(m.loss_terms(b), _cka_expected(m, b))
+
+
 @pytest.mark.parametrize("method", ["cka", "kd", "teachers"])
 def test_T_pl_is_a_routing_parameter_with_a_one_line_error(method):
     cls = get_method(method)
