@@ -18,6 +18,7 @@ from harness.errors import HarnessError
 from harness.methods.base import get_method
 from harness.models import model_options
 from harness.teachers import stable_hash
+from harness.tracking import row_label
 
 #: Version of everything that moves a result but is not in the study file: the losses, the models,
 #: data handling (loading, splitting, normalisation, augmentation), the training loop, routing and
@@ -45,7 +46,7 @@ class Trial:
 
     @property
     def run_name(self) -> str:
-        return f"{self.split}/{row_name(self.method, self.variant)}/seed{self.seed}"
+        return f"{self.split}/{row_label(self.method, self.variant)}/seed{self.seed}"
 
 
 def _check_model(spec: Any, field: str) -> None:
@@ -160,7 +161,7 @@ def _check_distinct(variants: list[tuple[str, str, dict[str, Any]]]) -> None:
     for method, variant, params in variants:
         sig = (method, stable_hash(params, 32))
         if sig in seen:
-            a, b = row_name(method, seen[sig]), row_name(method, variant)
+            a, b = row_label(method, seen[sig]), row_label(method, variant)
             raise HarnessError(
                 f"methods.{method}: variants '{a}' and '{b}' resolve to the same parameters (the same "
                 "trials); remove one, or make them differ"
@@ -181,15 +182,8 @@ def _check_reference_bank(study: StudyConfig, variants: list[tuple[str, str, dic
         if "knn" in rule.scores or rule.standardize == "percentile":
             raise HarnessError(
                 f"dataset.val_fraction: 0 leaves no validation images, but routing rule '{rule.name}' "
-                f"({row_name(method, variant)}) needs them as its reference bank; set val_fraction > 0"
+                f"({row_label(method, variant)}) needs them as its reference bank; set val_fraction > 0"
             )
-
-
-def row_name(method: str, variant: str) -> str:
-    """``cka``, ``cka-intra`` (ablation) or ``cka:wide`` (named variant), as in run names."""
-    if variant == "full":
-        return method
-    return f"{method}{variant}" if variant.startswith("-") else f"{method}:{variant}"
 
 
 def expand(study: StudyConfig, precision: str | None = None) -> list[Trial]:

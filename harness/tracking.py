@@ -62,6 +62,14 @@ MAX_PARAM = 6000
 RETRIES = 14
 
 
+def row_label(method: str, variant: str) -> str:
+    """``cka``, ``cka-intra`` (ablation) or ``cka:wide`` (named variant), as in run names and
+    report rows."""
+    if variant in ("", "full"):
+        return method
+    return f"{method}{variant}" if variant.startswith("-") else f"{method}:{variant}"
+
+
 def resolve_uri(cli_uri: str | None = None) -> str:
     """``--tracking-uri``, else ``$MLFLOW_TRACKING_URI``, else MLflow's own default."""
     if cli_uri:

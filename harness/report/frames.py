@@ -42,7 +42,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from harness.errors import HarnessError
-from harness.tracking import TAG, TRIAL_KEYS_ARTIFACT, flatten, resolve_uri
+from harness.tracking import TAG, TRIAL_KEYS_ARTIFACT, flatten, resolve_uri, row_label  # noqa: F401
 
 KEYS = ["split", "method", "variant", "seed"]
 FINAL_PREFIXES = ("test/", "diag/")
@@ -69,13 +69,6 @@ def is_final(key: str) -> bool:
 def natural_key(s: str) -> tuple:
     """``task_acc/10`` sorts after ``task_acc/2``."""
     return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in re.split(r"(\d+)", s))
-
-
-def row_label(method: str, variant: str) -> str:
-    """``cka``, ``cka-intra`` (ablation) or ``cka:wide`` (named variant), as in run names."""
-    if variant in ("", "full"):
-        return method
-    return f"{method}{variant}" if variant.startswith("-") else f"{method}:{variant}"
 
 
 @dataclass
