@@ -4,6 +4,9 @@
 ``Net.head`` is one ``nn.Linear(feature_dim, num_classes)``, so teachers of different
 architectures and feature widths can be combined by amalgamation methods.
 
+Models: ``mlp``, ``cnn``, ``resnet8``, ``resnet20``, ``resnet18``, ``wrn`` (WRN-depth-width),
+``resnet8x4``, ``resnet32x4`` (the CIFAR distillation architectures of RepDistiller/CRD).
+
     model = build_model("resnet20", (3, 32, 32), 10, width_mult=2)
     logits, feats = model.forward_both(x)      # feats: [N, 128]
 """
@@ -27,6 +30,13 @@ def _check_positive(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise HarnessError(f"model option {name!r} must be a positive integer, got {value!r}")
     return value
+
+
+def _check_dropout(value: object) -> float:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not 0.0 <= value < 1.0:  # type: ignore[operator]
+        raise HarnessError(f"model option 'dropout' must be in [0, 1), got {value!r}")
+    return float(value)  # type: ignore[arg-type]
 
 
 class Net(nn.Module):
@@ -84,9 +94,7 @@ class MLP(Net):
                  hidden: int = 256, depth: int = 2, dropout: float = 0.0) -> None:
         super().__init__(in_shape, num_classes)
         hidden, depth = _check_positive("hidden", hidden), _check_positive("depth", depth)
-        number = isinstance(dropout, (int, float)) and not isinstance(dropout, bool)
-        if not number or not 0.0 <= dropout < 1.0:
-            raise HarnessError(f"model option 'dropout' must be in [0, 1), got {dropout!r}")
+        dropout = _check_dropout(dropout)
         layers: list[nn.Module] = [nn.Flatten()]
         width = in_shape[0] * in_shape[1] * in_shape[2]
         for _ in range(depth):
@@ -155,12 +163,13 @@ class BasicBlock(nn.Module):
 
 
 class _ResNet(Net):
-    """Stem conv3x3(C, widths[0]) BN ReLU (no max-pool), stages of BasicBlocks (first stage
-    stride 1, later stride 2), global avg pool, flatten; feature_dim = widths[-1]."""
+    """Stem conv3x3(C, stem) BN ReLU (no max-pool; stem = widths[0] unless given), stages of
+    BasicBlocks (first stage stride 1, later stride 2), global avg pool, flatten;
+    feature_dim = widths[-1]."""
 
-    def _build(self, widths: list[int], blocks: int) -> None:
-        layers: list[nn.Module] = _conv_bn(self.in_shape[0], widths[0])
-        c_in = widths[0]
+    def _build(self, widths: list[int], blocks: int, stem: int | None = None) -> None:
+        c_in = widths[0] if stem is None else stem
+        layers: list[nn.Module] = _conv_bn(self.in_shape[0], c_in)
         for i, c_out in enumerate(widths):
             for j in range(blocks):
                 layers.append(BasicBlock(c_in, c_out, 2 if (i > 0 and j == 0) else 1))
@@ -214,6 +223,91 @@ class ResNet18(_ResNet):
         super().__init__(in_shape, num_classes)
         w = _check_positive("width", width)
         self._build([w, 2 * w, 4 * w, 8 * w], 2)
+
+
+class _KDResNet(_ResNet):
+    """CIFAR ResNet of the distillation literature (RepDistiller/CRD ``models/resnet.py``,
+    ``resnet8x4``/``resnet32x4``): stem conv3x3(C, 32) BN ReLU, 3 stages of n = (depth-2)/6
+    BasicBlocks with widths (64, 128, 256) and strides (1, 2, 2), 1x1 projection shortcuts where
+    the shape changes (so also stage 1's first block, 32 -> 64), global avg pool;
+    feature_dim = 256. No options. Any input size (stride-2 convs keep >= 1x1)."""
+
+    depth: int = 8
+
+    def __init__(self, in_shape: tuple[int, int, int], num_classes: int) -> None:
+        super().__init__(in_shape, num_classes)
+        self._build([64, 128, 256], (self.depth - 2) // 6, stem=32)
+
+
+@MODELS.register("resnet8x4")
+class ResNet8x4(_KDResNet):
+    """resnet8x4: the layout above with depth 8 (1 block per stage); 1,233,540 parameters for
+    100 classes (RepDistiller's CIFAR-100 student)."""
+
+    depth = 8
+
+
+@MODELS.register("resnet32x4")
+class ResNet32x4(_KDResNet):
+    """resnet32x4: the layout above with depth 32 (5 blocks per stage); 7,433,860 parameters
+    for 100 classes (RepDistiller's CIFAR-100 teacher)."""
+
+    depth = 32
+
+
+class WideBasicBlock(nn.Module):
+    """Pre-activation wide block (Zagoruyko & Komodakis 2016): a = ReLU(BN(x));
+    out = conv3x3(ReLU(BN(conv3x3_stride(a))) [-> dropout]); returns out + x when the shape is
+    kept, else out + conv1x1_stride(a) (the projection sees the activated input, as in the
+    reference WRN code)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, dropout: float) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.drop: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.shortcut: nn.Module | None = None
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Conv2d(c_in, c_out, 1, stride, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a = torch.relu(self.bn1(x))
+        out = self.conv2(self.drop(torch.relu(self.bn2(self.conv1(a)))))
+        return out + (x if self.shortcut is None else self.shortcut(a))
+
+
+@MODELS.register("wrn")
+class WideResNet(Net):
+    """WRN-depth-width (Zagoruyko & Komodakis 2016; the RepDistiller/CRD ``models/wrn.py``
+    layout): stem conv3x3(C, 16), 3 groups of n = (depth-4)/6 pre-activation WideBasicBlocks
+    with widths (16, 32, 64)*width and strides (1, 2, 2), final BN ReLU, global avg pool;
+    feature_dim = 64*width. depth = 6n+4 (10, 16, 22, 28, 40, ...); dropout between a block's
+    convs. WRN-40-2: 2,255,156 and WRN-16-2: 703,284 parameters for 100 classes. Any input
+    size (stride-2 convs keep >= 1x1)."""
+
+    def __init__(self, in_shape: tuple[int, int, int], num_classes: int, *,
+                 depth: int = 16, width: int = 2, dropout: float = 0.0) -> None:
+        super().__init__(in_shape, num_classes)
+        depth, k = _check_positive("depth", depth), _check_positive("width", width)
+        if depth < 10 or (depth - 4) % 6:
+            raise HarnessError(f"model option 'depth' of wrn must be 6n+4 with n >= 1 "
+                               f"(10, 16, 22, 28, 40, ...), got {depth}")
+        dropout = _check_dropout(dropout)
+        n = (depth - 4) // 6
+        layers: list[nn.Module] = [nn.Conv2d(in_shape[0], 16, 3, 1, 1, bias=False)]
+        c_in = 16
+        for i, c_out in enumerate([16 * k, 32 * k, 64 * k]):
+            for j in range(n):
+                layers.append(WideBasicBlock(c_in, c_out, 2 if (i > 0 and j == 0) else 1, dropout))
+                c_in = c_out
+        layers += [nn.BatchNorm2d(c_in), nn.ReLU(inplace=True), GlobalAvgPool(), nn.Flatten()]
+        self.body = nn.Sequential(*layers)
+        self._finish(c_in)
+
+    def features(self, x: Tensor) -> Tensor:
+        return self.body(x)
 
 
 def _option_params(arch: str) -> dict[str, inspect.Parameter]:
