@@ -1,4 +1,4 @@
-"""Command line: ``harness run-study | tune | report | bench | methods``.
+"""Command line: ``harness run-study | tune | report | bench | methods | data download``.
 
 Every user error (bad study file, unknown method, missing data root, ...) is printed as one line
 ``harness: error: ...`` with exit code 2 and no traceback.
@@ -89,6 +89,18 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_download(args: argparse.Namespace) -> int:
+    """Fetch, verify and extract a CIFAR archive into ``--root`` (nothing to do if present)."""
+    from harness.data.download import download_dataset
+
+    result = download_dataset(args.dataset, args.root, url=args.url)
+    if result.already_present:
+        print(f"{args.dataset}: already present in {result.folder}; nothing downloaded")
+    else:
+        print(f"{args.dataset}: ready in {result.folder}")
+    return 0
+
+
 def _positive_int(text: str) -> int:
     """argparse type: an integer >= 1 (checked before anything is created)."""
     try:
@@ -161,6 +173,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("methods", help="list registered methods, their loss terms and parameters")
     m.set_defaults(func=_cmd_methods)
+
+    d = sub.add_parser("data", help="data set utilities")
+    dsub = d.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
+    dl = dsub.add_parser("download", help="fetch, verify (MD5) and extract CIFAR-10/100 into --root; "
+                                          "an interrupted download resumes")
+    dl.add_argument("dataset", choices=("cifar10", "cifar100"))
+    dl.add_argument("--root", required=True, help="existing folder to download into; afterwards "
+                                                  "dataset: {name: DATASET, root: ROOT} reads it")
+    dl.add_argument("--url", default=None,
+                    help="mirror: the archive's URL, or a base URL the archive's file name is appended to "
+                         "(default: $HARNESS_CIFAR_URL, else https://www.cs.toronto.edu/~kriz/)")
+    dl.set_defaults(func=_cmd_data_download)
     return p
 
 

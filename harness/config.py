@@ -31,6 +31,25 @@ class DatasetConfig(_Strict):
     #: ``image_folder`` only: keep the images on disk and decode them batch by batch through a
     #: DataLoader (workers, pinned memory) instead of loading the whole set into memory
     stream: bool = False
+    #: ``cifar10``/``cifar100`` only: fetch, verify and extract the official archive into ``root``
+    #: (an existing folder) before the data is loaded, unless already there
+    #: (:func:`harness.data.download.ensure_downloaded`); not in the trial key
+    download: bool = False
+
+    @field_validator("download")
+    @classmethod
+    def _downloadable(cls, v: bool, info: Any) -> bool:  # info: pydantic.ValidationInfo
+        from harness.data.download import ARCHIVES
+
+        name = info.data.get("name")
+        if v and name is not None and name not in ARCHIVES:
+            raise ValueError(
+                f"only {' and '.join(ARCHIVES.names())} can be downloaded, not '{name}'; "
+                "remove download: true"
+            )
+        if v and not info.data.get("root"):
+            raise ValueError("needs dataset.root, the existing folder to download into")
+        return v
 
 
 class TaskSource(_Strict):

@@ -128,7 +128,8 @@ def trial_key(
     autocast changes numbers) and :data:`RESULTS_VERSION` (code changes that move numbers).
 
     Deliberately left out, because they do not change a number: ``dataset.stream`` (how images
-    are read: same batches, bitwise the same results); the study ``name`` (runs live in the
+    are read: same batches, bitwise the same results); ``dataset.download`` (whether the files
+    are fetched before they are read); the study ``name`` (runs live in the
     study's experiment anyway); the variant's name (two names for one configuration are one
     trial, and a study-file error); ``devices``, ``trials_per_device``, ``--workers`` and the
     backend (where and beside what a trial runs: CPU slots are single-threaded, and GPU packing
@@ -142,8 +143,8 @@ def trial_key(
         {
             "results_version": RESULTS_VERSION,
             "precision": precision,
-            # ``stream`` only says how images are read (same batches, same results): not in the key
-            "dataset": study.dataset.model_dump(mode="json", exclude={"stream"}),
+            # ``stream``/``download`` only say how images are read or fetched: not in the key
+            "dataset": study.dataset.model_dump(mode="json", exclude={"stream", "download"}),
             "split": split.model_dump(mode="json"),
             "teachers": [t.model_dump(mode="json") for t in study.teachers_for(split, seed)],
             "student": study.student.model_dump(mode="json"),
@@ -216,7 +217,11 @@ def expand(study: StudyConfig, precision: str | None = None) -> list[Trial]:
 
 
 def build_splits(study: StudyConfig) -> dict[str, SplitData]:
-    """Load and check every split's data (class ranges, shapes) before anything is created."""
+    """Load and check every split's data (class ranges, shapes) before anything is created;
+    ``dataset.download: true`` fetches the data set first (here, in the main process, once)."""
+    from harness.data.download import ensure_downloaded
+
+    ensure_downloaded(study.dataset)
     return {s.name: build_split(s, study.dataset, f"splits[{i}]") for i, s in enumerate(study.splits)}
 
 

@@ -151,6 +151,7 @@ def test_seed_precision_and_results_version_change_the_key(monkeypatch: pytest.M
 
 @pytest.mark.parametrize("field,value", [
     ("dataset", {**BASE["dataset"], "stream": True}),  # only how images are read
+    ("dataset", {**BASE["dataset"], "download": True}),  # only whether the files are fetched first
     ("name", "another-name"),
     ("devices", "auto"),  # same precision on a machine without a GPU
     ("trials_per_device", 3),
@@ -166,7 +167,8 @@ def test_fields_left_out_of_the_key_do_not_change_it(field: str, value: Any) -> 
             pytest.skip("auto means CUDA here")
     if field == "dataset":  # stream is checked against the loader, not the key: compare keys only
         study = parse_study(BASE)
-        moved = study.model_copy(update={"dataset": study.dataset.model_copy(update={"stream": True})})
+        flags = {k: v for k, v in value.items() if k in ("stream", "download")}
+        moved = study.model_copy(update={"dataset": study.dataset.model_copy(update=flags)})
         assert trial_key(moved, 0, "kd", {}, 0) == trial_key(study, 0, "kd", {}, 0)
         return
     assert _keys({**BASE, field: value}) == _keys(BASE)
