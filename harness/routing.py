@@ -19,8 +19,16 @@ T_pl the rule's pseudo-label temperature) and L = logsumexp_{c != c*} d_c = log(
                   inverse of one shared Ledoit-Wolf covariance, both on its own training features
 - ``knn``         -|f^ - b^_(j)|, distance of the L2-normalised feature to its j-th nearest
                   neighbour (j = ``knn_k``, 5) among teacher k's own normalised validation features
+- ``rmd``         relative Mahalanobis (Ren et al. 2021, "A simple fix to Mahalanobis distance for
+                  improving near-OOD detection"): D_0(f) - min_c D_c(f), with the *squared* distances
+                  D_c(f) = (f - mu_c)^T P (f - mu_c) of ``mahalanobis`` and D_0(f) = (f - mu_0)^T P_0
+                  (f - mu_0) to one background Gaussian (mu_0, P_0 the mean and inverse Ledoit-Wolf
+                  covariance) fitted, with no label, on the *unlabelled pool* (the images the student
+                  learns from) in teacher k's feature space (:func:`fit_background`). Subtracting D_0
+                  removes the directions in which every pool image is far from the teacher's classes;
+                  what is left says whether the image is closer to k's classes than to the pool at large.
 
-Standardisation, fitted on each teacher's own data only: ``none``; ``z`` = (s - mean) / std over
+Standardisation, fitted on each teacher's own data only (``rmd``: with the pool's background): ``none``; ``z`` = (s - mean) / std over
 its own training images, applied to the scores above (so ``confidence/z`` standardises the
 log-odds, which spreads like a logit margin, not the saturating probability; a score equal to
 its mean, e.g. a one-class teacher's constant +inf, gives 0); ``percentile`` = fraction of its
@@ -72,7 +80,9 @@ from harness.precision import float32
 
 #: scores that read softmax(z / T_pl)
 TEMPERED = ("confidence", "entropy")
-SCORES = ("confidence", "max_logit", "energy", "entropy", "mahalanobis", "knn")
+SCORES = ("confidence", "max_logit", "energy", "entropy", "mahalanobis", "knn", "rmd")
+#: scores read from the teacher's features with fitted statistics
+FEATURE_SCORES = ("mahalanobis", "knn", "rmd")
 STANDARDIZE = ("none", "z", "percentile")
 TARGETS = ("concat", "routed")
 #: Shift that removes a slice from a softmax (exp underflows to exactly 0 in float32).
@@ -147,7 +157,7 @@ class RoutingConfig(BaseModel):
     @property
     def needs_stats(self) -> bool:
         """Whether the rule needs statistics fitted on the teachers' own data."""
-        return self.standardize != "none" or any(s in ("mahalanobis", "knn") for s in self.scores)
+        return self.standardize != "none" or any(s in FEATURE_SCORES for s in self.scores)
 
     @classmethod
     def parse(cls, text: str) -> "RoutingConfig":
@@ -162,20 +172,22 @@ class RoutingStats(BaseModel):
     knn_k: int = Field(5, ge=1)
     shrinkage: Literal["ledoit_wolf"] = "ledoit_wolf"
     #: version of the claim-score formulas the statistics are fitted on (2: log-odds confidence,
-    #: log-space entropy); part of the cache key, so statistics of older formulas are refitted
-    score_version: Literal[2] = 2
+    #: log-space entropy; 3: ``rmd`` and its pool background); part of the cache key, so
+    #: statistics of older formulas are refitted
+    score_version: Literal[3] = 3
 
 
 #: largest intermediate of one row chunk of a feature-space score, in elements ([rows, C, d] for
 #: ``mahalanobis``, [rows, M] for ``knn``): 2^23 float32 = 32 MiB, whatever the number of images
 CHUNK_ELEMENTS = 2**23
 
-#: the tensors of :class:`TeacherStats`, in the order of its constructor (and of ``to_dict``)
-STAT_TENSORS = ("means", "precision", "bank", "z_mean", "z_std", "val_sorted")
+#: the tensors of :class:`TeacherStats` (the order of ``to_dict``; the constructor takes ``knn_k``
+#: after ``val_sorted``, the optional background last)
+STAT_TENSORS = ("means", "precision", "bank", "z_mean", "z_std", "val_sorted", "bg_mean", "bg_precision")
 
 
 class TeacherStats(nn.Module):
-    """Statistics of one teacher on its own data.
+    """Statistics of one teacher on its own data, and the background Gaussian of the pool.
 
     The tensors are (non-persistent) buffers, so they move with the module that holds them:
     :class:`harness.methods.base.TeacherSet` holds one per teacher, and ``method.to(device)``
@@ -190,13 +202,23 @@ class TeacherStats(nn.Module):
     z_mean: Tensor  # [len(SCORES)] per score, on own training images
     z_std: Tensor  # [len(SCORES)]
     val_sorted: Tensor  # [len(SCORES), M] sorted own validation scores
+    bg_mean: Tensor  # [d] mean of the pool's features ([0] when no pool was given)
+    bg_precision: Tensor  # [d, d] inverse Ledoit-Wolf covariance of the pool's features ([0, 0])
 
     def __init__(self, means: Tensor, precision: Tensor, bank: Tensor, z_mean: Tensor, z_std: Tensor,
-                 val_sorted: Tensor, knn_k: int = 5) -> None:
+                 val_sorted: Tensor, knn_k: int = 5, bg_mean: Tensor | None = None,
+                 bg_precision: Tensor | None = None) -> None:
         super().__init__()
-        for name, t in zip(STAT_TENSORS, (means, precision, bank, z_mean, z_std, val_sorted)):
+        bg_mean = means.new_zeros(0) if bg_mean is None else bg_mean
+        bg_precision = means.new_zeros(0, 0) if bg_precision is None else bg_precision
+        for name, t in zip(STAT_TENSORS, (means, precision, bank, z_mean, z_std, val_sorted, bg_mean, bg_precision)):
             self.register_buffer(name, t, persistent=False)
         self.knn_k = int(knn_k)
+
+    @property
+    def has_background(self) -> bool:
+        """Whether a pool background was fitted (``rmd`` needs it)."""
+        return self.bg_mean.numel() > 0
 
     def to_dict(self) -> dict[str, object]:
         """The cache format: ``{name: CPU tensor, ..., "knn_k": int}``."""
@@ -209,7 +231,8 @@ class TeacherStats(nn.Module):
         return cls(**d)  # type: ignore[arg-type]
 
     def extra_repr(self) -> str:
-        return f"classes={len(self.means)}, d={self.means.shape[-1]}, bank={len(self.bank)}, knn_k={self.knn_k}"
+        return (f"classes={len(self.means)}, d={self.means.shape[-1]}, bank={len(self.bank)}, knn_k={self.knn_k}, "
+                f"background={self.has_background}")
 
 
 def _top_gaps(z: Tensor) -> tuple[Tensor, Tensor]:
@@ -254,8 +277,8 @@ def _row_chunks(n: int, per_row: int) -> list[slice]:
     return [slice(i, i + rows) for i in range(0, n, rows)]
 
 
-def mahalanobis_score(f: Tensor, means: Tensor, precision: Tensor) -> Tensor:
-    """-min_c sqrt((f - mu_c)^T P (f - mu_c)), [N], computed in row chunks (never [N, C, d]).
+def min_sq_mahalanobis(f: Tensor, means: Tensor, precision: Tensor) -> Tensor:
+    """min_c (f - mu_c)^T P (f - mu_c), [N], computed in row chunks (never [N, C, d]).
 
     Each chunk is written into the preallocated result: a list of small per-chunk results kept
     between the large temporaries would fragment the allocator's heap and let the resident
@@ -263,9 +286,20 @@ def mahalanobis_score(f: Tensor, means: Tensor, precision: Tensor) -> Tensor:
     out = f.new_empty(len(f))
     for rows in _row_chunks(len(f), means.numel()):
         diff = f[rows, None, :] - means[None, :, :]  # [rows, C, d]
-        d2 = torch.einsum("ncd,de,nce->nc", diff, precision, diff).clamp_min(0)
-        out[rows] = -d2.min(1).values.sqrt()
+        out[rows] = torch.einsum("ncd,de,nce->nc", diff, precision, diff).clamp_min(0).min(1).values
     return out
+
+
+def mahalanobis_score(f: Tensor, means: Tensor, precision: Tensor) -> Tensor:
+    """-min_c sqrt((f - mu_c)^T P (f - mu_c)), [N], in row chunks (:func:`min_sq_mahalanobis`)."""
+    return -min_sq_mahalanobis(f, means, precision).sqrt()
+
+
+def rmd_score(f: Tensor, means: Tensor, precision: Tensor, bg_mean: Tensor, bg_precision: Tensor) -> Tensor:
+    """D_0(f) - min_c D_c(f), [N]: squared Mahalanobis distance to the pool's background Gaussian
+    minus the smallest squared class-conditional one (relative Mahalanobis, Ren et al. 2021, as a
+    claim score: higher = closer to the teacher's classes than to the pool at large)."""
+    return min_sq_mahalanobis(f, bg_mean[None, :], bg_precision) - min_sq_mahalanobis(f, means, precision)
 
 
 def knn_score(f: Tensor, bank: Tensor, j: int) -> Tensor:
@@ -300,6 +334,11 @@ def raw_score(
         return mahalanobis_score(f, stats.means, stats.precision)
     if name == "knn":
         return knn_score(f, stats.bank, min(stats.knn_k + int(exclude_self), len(stats.bank)))
+    if name == "rmd":
+        if not stats.has_background:
+            raise ValueError("claim score 'rmd' needs a background fitted on the unlabelled pool "
+                             "(fit_stats(..., background=fit_background(pool features)))")
+        return rmd_score(f, stats.means, stats.precision, stats.bg_mean, stats.bg_precision)
     raise ValueError(f"unknown claim score {name!r}")
 
 
@@ -389,6 +428,17 @@ def route(
     return labels, k_star, conf
 
 
+def oracle_labels(logits: list[Tensor], task: Tensor, offsets: tuple[int, ...] | list[int]) -> Tensor:
+    """o_{t(x)} + argmax z_{t(x)}(x), [N]: each image sent to the teacher of the task it belongs to
+    (``task`` [N], its true task id). A diagnostic only, since it reads the task of each image, a
+    label: the teachers' ceiling under perfect routing (routing loss = its accuracy minus that
+    of the claiming teacher's labels)."""
+    labels = torch.zeros(len(task), dtype=torch.long, device=task.device)
+    for k, z in enumerate(logits):
+        labels = torch.where(task == k, z.argmax(1).to(task.device) + offsets[k], labels)
+    return labels
+
+
 def target_logits(logits: list[Tensor], k_star: Tensor, rule: RoutingConfig, T: float = 1.0) -> Tensor:
     """Logits whose softmax at temperature T is the rule's target over the union classes.
 
@@ -405,11 +455,29 @@ def target_logits(logits: list[Tensor], k_star: Tensor, rule: RoutingConfig, T: 
     return cat + shift
 
 
+def fit_background(pool_feats: Tensor) -> tuple[Tensor, Tensor]:
+    """(mu_0 [d], P_0 [d, d]): mean and inverse Ledoit-Wolf covariance of one teacher's features on
+    the unlabelled pool, the background Gaussian of ``rmd``. Takes features only: no label can
+    reach it. Fitted on the CPU in float64, returned as float32 on the features' device."""
+    from sklearn.covariance import LedoitWolf
+
+    f = pool_feats.detach().float()
+    lw = LedoitWolf().fit(f.cpu().double().numpy())
+    return (torch.from_numpy(lw.location_).float().to(f.device),
+            torch.from_numpy(lw.precision_).float().to(f.device))
+
+
 @torch.no_grad()
 def fit_stats(
-    net: torch.nn.Module, x_train: Tensor, y_train: Tensor, x_val: Tensor, settings: RoutingStats = RoutingStats()
+    net: torch.nn.Module, x_train: Tensor, y_train: Tensor, x_val: Tensor, settings: RoutingStats = RoutingStats(),
+    background: tuple[Tensor, Tensor] | None = None,
 ) -> TeacherStats:
     """Fit teacher k's routing statistics on its own training and validation images only.
+
+    ``background`` is the pool's background Gaussian in this teacher's feature space
+    (:func:`fit_background`); without it, ``rmd`` is unavailable (its standardisation
+    statistics are NaN and scoring it raises). With it, ``rmd`` is standardised like every score,
+    on the teacher's own training (``z``) and validation (``percentile``) images.
 
     ``x_train``/``x_val`` may be tensors or lazy (streamed) collections; the net runs on them in
     chunks on its own device, the statistics are fitted on the CPU and returned there (the
@@ -428,12 +496,21 @@ def fit_stats(
     del centred
     bank = F.normalize(f_va, dim=1)
     n = len(SCORES)
+    bg_mean, bg_precision = (None, None) if background is None else (background[0].float().to(dev),
+                                                                     background[1].float().to(dev))
     partial = TeacherStats(means, precision, bank, torch.zeros(n, device=dev), torch.ones(n, device=dev),
-                           torch.zeros(n, 0, device=dev), settings.knn_k)
-    tr = torch.stack([raw_score(s, z_tr, f_tr, partial) for s in SCORES])
-    va = torch.stack([raw_score(s, z_va, f_va, partial, exclude_self=True) for s in SCORES])
+                           torch.zeros(n, 0, device=dev), settings.knn_k, bg_mean, bg_precision)
+
+    def all_scores(z: Tensor, f: Tensor, exclude_self: bool = False) -> Tensor:
+        return torch.stack([raw_score(s, z, f, partial, exclude_self=exclude_self)
+                            if s != "rmd" or partial.has_background else torch.full((len(z),), math.nan)
+                            for s in SCORES])
+
+    tr, va = all_scores(z_tr, f_tr), all_scores(z_va, f_va, exclude_self=True)
     partial.z_mean = tr.mean(1)
     partial.z_std = tr.std(1).nan_to_num(1.0).clamp_min(1e-6)  # nan: a one-class teacher's +inf scores
+    if not partial.has_background:
+        partial.z_std[SCORES.index("rmd")] = math.nan
     partial.val_sorted = va.sort(1).values
     return partial
 

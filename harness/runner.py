@@ -289,15 +289,13 @@ def execute(session: Session, todo: list[Trial], splits: dict, backend: str, liv
 
 def teacher_stage(s: Session, todo: list[Trial], splits: dict) -> list[Path]:
     """Train (or load) the teachers of every split with trials to run, once per teacher seed those
-    trials use (``teacher_seeds``), with their routing statistics and, without augmentation, their
-    outputs on the training images, so workers only load them. Returns their cache files."""
+    trials use (``teacher_seeds``), with their outputs on the pool (the training images) and their
+    routing statistics, so workers only load them. Returns their cache files."""
     files: list[Path] = []
     for name in dict.fromkeys(t.split for t in todo):  # only splits with trials to run
         for seed in teacher_seeds_of(s.study, [t.seed for t in todo if t.split == name]):
             recs = prepare_teachers(s.study, splits[name], s.tracker, s.experiment_id,
                                     device=s.pool.teacher_device, seed=seed)
-            if not s.study.train.augment:
-                cached_outputs(recs, splits[name], s.study.cache_dir)
             files += cache_files(recs, splits[name], s.study.cache_dir)
             accs = ", ".join(f"{r.metrics.get('test/union_acc_best', float('nan')):.3f}" for r in recs)
             which = f" (teacher seed {seed})" if seed is not None else ""

@@ -11,6 +11,12 @@ What is derived from a teacher (its routing statistics, the teachers' outputs on
 training images) is keyed by the digest of the weights it was computed from, not by the config:
 a retrained teacher whose weights differ (a corrupt entry retrained on a non-deterministic GPU,
 an entry replaced by another) never meets the statistics or outputs of the old weights.
+
+The *pool* is what the student learns from without labels: the split's training images (the
+union of the tasks' training parts). The routing statistics include a background Gaussian fitted
+on the pool in each teacher's feature space (claim score ``rmd``), so they are keyed by the
+teacher's weights *and* the pool: by the digest of the teacher's features on the pool
+(:func:`pool_digest`), a content hash, so any change of the pool's images refits them.
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from harness.data.splits import PartData, SplitData
 from harness.methods.base import SplitInfo, TeacherSet
 from harness.methods.supervised import SupervisedCE
 from harness.models import Net, build_model
-from harness.routing import RoutingStats, TeacherStats, fit_stats
+from harness.routing import RoutingStats, TeacherStats, fit_background, fit_stats
 from harness.train import fit
 
 CACHE_VERSION = 1
@@ -98,6 +104,8 @@ class TeacherRecord:
     stats: TeacherStats | None = None
     digest: str = ""
     seed: int = 0
+    #: digest of the teacher's features on the pool its statistics' background was fitted on
+    pool: str = ""
 
 
 def checkpoint_path(key: str, cache_dir: str | None = None) -> Path:
@@ -142,18 +150,29 @@ def train_teacher(data: SplitData, cfg: TeacherConfig, device: str = "cpu") -> t
     return net.cpu().eval(), metrics, res.history
 
 
+def pool_digest(pool_feats: Tensor) -> str:
+    """sha256 (hex) of one teacher's features on the pool: identifies the pool as this teacher
+    sees it (its images, their order, the weights), whatever produced it."""
+    return state_digest({"pool": pool_feats})
+
+
 def stats_path(rec: TeacherRecord, cache_dir: str | None = None, settings: RoutingStats = RoutingStats()) -> Path:
-    """``<key>-routing-<digest>-<settings>.pt``: the teacher key (its own data), the digest of the
-    weights the statistics were fitted with, and the settings."""
-    name = f"{rec.key}-routing-{rec.digest[:16]}-{stable_hash(settings.model_dump())}.pt"
+    """``<key>-routing-<digest>-<pool>-<settings>.pt``: the teacher key (its own data), the digest
+    of the weights the statistics were fitted with, the pool's (:func:`pool_digest`, kept in
+    ``rec.pool``) and the settings."""
+    name = f"{rec.key}-routing-{rec.digest[:16]}-{rec.pool[:16]}-{stable_hash(settings.model_dump())}.pt"
     return cache_root(cache_dir) / "teachers" / name
 
 
 def routing_stats(
-    rec: TeacherRecord, split: SplitData, cache_dir: str | None = None, settings: RoutingStats = RoutingStats()
+    rec: TeacherRecord, split: SplitData, pool_feats: Tensor, cache_dir: str | None = None,
+    settings: RoutingStats = RoutingStats(),
 ) -> TeacherStats:
-    """Teacher k's routing statistics, fitted on its own training/validation images only and
-    cached next to its checkpoint, keyed by the digest of its weights (:func:`stats_path`)."""
+    """Teacher k's routing statistics: fitted on its own training/validation images, with the
+    background of ``rmd`` fitted on ``pool_feats`` (its features on the pool, no label), cached
+    next to its checkpoint keyed by its weights and the pool (:func:`stats_path`). Sets
+    ``rec.pool``."""
+    rec.pool = pool_digest(pool_feats)
     path = stats_path(rec, cache_dir, settings)
     if path.exists():
         try:
@@ -162,7 +181,7 @@ def routing_stats(
             warnings.warn(f"routing statistics {path} are unreadable ({type(e).__name__}); refitting", stacklevel=2)
     x_tr, y_tr = split.task_part(rec.index, "train")
     x_va, _ = split.task_part(rec.index, "val")
-    stats = fit_stats(rec.net, x_tr, y_tr, x_va, settings)
+    stats = fit_stats(rec.net, x_tr, y_tr, x_va, settings, background=fit_background(pool_feats))
     _save_atomic(path, stats.to_dict())
     return stats
 
@@ -171,8 +190,8 @@ def get_teachers(
     split: SplitData, dataset: DatasetConfig, cfgs: list[TeacherConfig], cache_dir: str | None = None,
     device: str = "cpu", on_ready: Callable[[TeacherRecord], None] | None = None,
 ) -> list[TeacherRecord]:
-    """Train or load every teacher of a split, with its routing statistics. ``on_ready`` is
-    called for each (e.g. to log it)."""
+    """Train or load every teacher of a split (``on_ready`` is called for each, e.g. to log it),
+    then their outputs on the pool (:func:`cached_outputs`) and their routing statistics."""
     records = []
     for k, cfg in enumerate(cfgs):
         spec = teacher_spec(split, k, dataset, cfg)
@@ -189,10 +208,12 @@ def get_teachers(
             _save_atomic(path, {"state_dict": net.state_dict(),
                                 "meta": {"key": key, "digest": digest, "metrics": metrics, "history": history}})
             rec = TeacherRecord(k, key, spec, net, False, metrics, history, digest=digest, seed=cfg.seed)
-        rec.stats = routing_stats(rec, split, cache_dir)
         if on_ready is not None:
             on_ready(rec)
         records.append(rec)
+    _, pool_feats = cached_outputs(records, split, cache_dir)
+    for rec, feats in zip(records, pool_feats):
+        rec.stats = routing_stats(rec, split, feats, cache_dir)
     return records
 
 

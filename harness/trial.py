@@ -125,6 +125,9 @@ def diagnostics(
 
     - ``diag/pseudo_label_acc``: accuracy of the pseudo-labels on the training images;
     - ``diag/ensemble_union_acc``: the claiming-teacher ensemble's union accuracy on the test split;
+    - ``diag/oracle_pseudo_label_acc``, ``diag/oracle_ensemble_acc``: the same with oracle routing,
+      each image sent to the teacher of its own task (:func:`harness.routing.oracle_labels`): the
+      teachers' ceiling, so that oracle - claiming is what routing costs;
     - ``diag/probe_acc``: logistic regression on the student's features fitted to the training
       pseudo-labels, scored on the test split.
 
@@ -140,6 +143,8 @@ def diagnostics(
 
     from harness.data.stream import on_device  # streamed parts are read in order in batches
 
+    from harness.routing import oracle_labels
+
     out = {}
     pls = {}
     for part in ("train", "test"):
@@ -148,6 +153,9 @@ def diagnostics(
         else:
             logits, feats = teacher_outputs(teachers, on_device(data.parts[part].x, device), device=device)
         pls[part] = route_in_chunks(method, logits, feats)
+        oracle = oracle_labels([z.cpu() for z in logits], data.parts[part].t, data.offsets)
+        name = "oracle_pseudo_label_acc" if part == "train" else "oracle_ensemble_acc"
+        out[f"diag/{name}"] = (oracle == data.parts[part].y).float().mean().item()
     out["diag/pseudo_label_acc"] = (pls["train"] == data.parts["train"].y).float().mean().item()
     out["diag/ensemble_union_acc"] = (pls["test"] == data.parts["test"].y).float().mean().item()
     if method.trains:

@@ -69,7 +69,8 @@ def test_per_epoch_and_final_metrics(ran):
     # each accuracy is a count over the part it claims to measure (450 test, 1212 train images)
     for key, n in (("test/union_acc", n_test), ("test/union_acc_best", n_test), ("test/task_acc/0", n_task[0]),
                    ("test/task_acc/1", n_task[1]), ("diag/pseudo_label_acc", n_train),
-                   ("diag/ensemble_union_acc", n_test)):
+                   ("diag/ensemble_union_acc", n_test), ("diag/oracle_pseudo_label_acc", n_train),
+                   ("diag/oracle_ensemble_acc", n_test)):
         assert m[key] * n == pytest.approx(round(m[key] * n), abs=1e-3), key
     # the best epoch is the first epoch of the highest validation accuracy, and its value is logged
     val = [h.value for h in sorted(client.get_metric_history(cka.info.run_id, "val/union_acc"), key=lambda h: h.step)]

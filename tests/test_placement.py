@@ -33,7 +33,7 @@ from harness.config import TrainConfig
 from harness.data.splits import PartData, SplitData, TaskInfo
 from harness.methods.base import SplitInfo, TeacherSet, get_method
 from harness.models import build_model
-from harness.routing import SCORES, STANDARDIZE, TARGETS, RoutingConfig, TeacherStats, fit_stats
+from harness.routing import SCORES, STANDARDIZE, TARGETS, RoutingConfig, TeacherStats, fit_background, fit_stats
 from harness.train import fit
 from harness.trial import diagnostics
 
@@ -197,7 +197,9 @@ def _stats_files() -> list[bytes]:
         x, y = data.task_part(k, "train")
         xv, _ = data.task_part(k, "val")
         buf = io.BytesIO()
-        torch.save(fit_stats(net, x, y, xv).to_dict(), buf)
+        with torch.no_grad():  # the background of ``rmd`` on the pool, the split's training images
+            background = fit_background(net.features(data.parts["train"].x))
+        torch.save(fit_stats(net, x, y, xv, background=background).to_dict(), buf)
         files.append(buf.getvalue())
     return files
 

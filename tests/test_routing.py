@@ -4,6 +4,7 @@ scores in bounded row chunks, and in float32 whatever autocast says (``harness.p
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import numpy as np
@@ -17,8 +18,8 @@ import harness.routing as routing
 from harness.methods.base import SplitInfo, TeacherSet, get_method
 from harness.models import build_model
 from harness.routing import (
-    SCORES, STANDARDIZE, TARGETS, RoutingConfig, TeacherStats, claim_scores, fit_stats, raw_score, route, standardize,
-    target_logits,
+    SCORES, STANDARDIZE, TARGETS, RoutingConfig, TeacherStats, claim_scores, fit_background, fit_stats, raw_score, route,
+    standardize, target_logits,
 )
 from tests.reference import ref_pseudo_labels
 
@@ -141,6 +142,51 @@ def test_fit_stats_uses_ledoit_wolf_and_own_data_only():
     vs = raw_score("max_logit", fv @ net.w.T, fv, st)
     pct = standardize(vs, "max_logit", "percentile", st)
     assert pct.max().item() == 1.0 and sorted(pct.tolist())[0] == pytest.approx(1 / 20)
+
+
+def test_rmd_by_hand_in_one_dimension():
+    """1-d features: Ledoit-Wolf shrinks a 1x1 covariance towards itself, so P = 1 / biased variance.
+    Own data (one class) {0, 2}: mu = 1, P = 1; pool {-2, 0, 2}: mu_0 = 0, P_0 = 3/8.
+    rmd(x) = 3/8 x^2 - (x - 1)^2: 3/8 at x = 1, -5/8 at x = 3, -1 at x = 0."""
+    net = Linear2([[1.0]])
+    st = fit_stats(net, torch.tensor([[0.0], [2.0]]), torch.zeros(2, dtype=torch.long), torch.tensor([[1.0]]),
+                   background=fit_background(torch.tensor([[-2.0], [0.0], [2.0]])))
+    assert st.bg_mean.tolist() == [0.0] and st.bg_precision.item() == pytest.approx(3 / 8)
+    f = torch.tensor([[1.0], [3.0], [0.0]])
+    assert torch.allclose(raw_score("rmd", f, f, st), torch.tensor([3 / 8, -5 / 8, -1.0]), atol=1e-6)
+    # standardised on the teacher's own training images {0, 2}: rmd = -1 and 3/8 * 4 - 1 = 1/2
+    i = SCORES.index("rmd")
+    assert st.z_mean[i].item() == pytest.approx(-0.25) and st.z_std[i].item() == pytest.approx(1.5 / math.sqrt(2))
+    assert st.val_sorted[i].tolist() == [pytest.approx(3 / 8)]  # the one validation image, x = 1
+
+
+def test_rmd_matches_a_direct_computation_and_its_background_is_the_pool():
+    """rmd = D_0 - min_c D_c with D_0 the squared Mahalanobis distance under Ledoit-Wolf fitted on
+    the pool's features (sklearn, float64, directly) and D_c the class-conditional one."""
+    g = torch.Generator().manual_seed(4)
+    centres = 3 * torch.randn(3, 6, generator=g)
+    y = torch.arange(90) % 3
+    x = centres[y] + torch.randn(90, 6, generator=g)
+    pool = torch.cat([x, 4 + 2 * torch.randn(200, 6, generator=g)])  # own images and others'
+    net = Linear2(centres.tolist())
+    st = fit_stats(net, x, y, x[:30], background=fit_background(pool))
+    bg = LedoitWolf().fit(pool.double().numpy())
+    assert np.allclose(st.bg_mean.numpy(), bg.location_, atol=1e-5)
+    assert np.allclose(st.bg_precision.numpy(), bg.precision_, atol=1e-4)
+    means = np.stack([x[y == c].double().numpy().mean(0) for c in range(3)])
+    prec = LedoitWolf().fit(x.double().numpy() - means[y.numpy()]).precision_
+    q = torch.randn(50, 6, generator=g).double().numpy() * 3
+    d0 = np.einsum("nd,de,ne->n", q - bg.location_, bg.precision_, q - bg.location_)
+    dc = np.stack([np.einsum("nd,de,ne->n", q - m, prec, q - m) for m in means], 1)
+    got = raw_score("rmd", torch.zeros(50, 3), torch.from_numpy(q).float(), st).double().numpy()
+    assert np.allclose(got, d0 - dc.min(1), rtol=1e-4, atol=1e-3)
+    # the background is fitted on features alone: no label can reach it
+    assert list(inspect.signature(fit_background).parameters) == ["pool_feats"]
+    # without a background rmd cannot be scored (not silently replaced by something else)
+    plain = fit_stats(net, x, y, x[:30])
+    assert not plain.has_background and math.isnan(plain.z_mean[SCORES.index("rmd")].item())
+    with pytest.raises(ValueError, match="rmd.*background fitted on the unlabelled pool"):
+        raw_score("rmd", torch.zeros(2, 3), torch.zeros(2, 6), plain)
 
 
 def test_standardisation_makes_differently_scaled_teachers_comparable():
@@ -359,22 +405,24 @@ SIZES3, OFFSETS3 = (3, 2, 4), (0, 3, 5)
 @pytest.fixture(scope="module")
 def close_calls():
     """Three teachers whose own data (32-d features = the inputs, logits = W f) overlap, fitted
-    statistics, and a batch of 512 images between them: many claims are close calls."""
+    statistics (the background of ``rmd`` on the batch, the pool), and a batch of 512 images
+    between them: many claims are close calls."""
     g = torch.Generator().manual_seed(7)
     nets, stats = [], []
+    x = 2.0 * torch.randn(512, 32, generator=g)
     for n in SIZES3:
         centres = torch.randn(n, 32, generator=g)
         y = torch.arange(300) % n
         net = Linear2(centres.tolist())
         nets.append(net)
         stats.append(fit_stats(net, centres[y] + 1.5 * torch.randn(300, 32, generator=g), y,
-                               centres[torch.arange(60) % n] + 1.5 * torch.randn(60, 32, generator=g)))
-    x = 2.0 * torch.randn(512, 32, generator=g)
+                               centres[torch.arange(60) % n] + 1.5 * torch.randn(60, 32, generator=g),
+                               background=fit_background(net.forward_both(x)[1])))
     outs = [net.forward_both(x) for net in nets]
     return nets, stats, [o[0] for o in outs], [o[1] for o in outs]
 
 
-@pytest.mark.parametrize("name", ["mahalanobis", "knn"])
+@pytest.mark.parametrize("name", ["mahalanobis", "knn", "rmd"])
 @pytest.mark.parametrize("chunk", [1, 700, 5000])
 def test_feature_scores_in_row_chunks_equal_the_whole_computation(close_calls, monkeypatch, name, chunk):
     """Chunks of ``CHUNK_ELEMENTS`` elements at most (one row at least) give the values of the
@@ -384,6 +432,10 @@ def test_feature_scores_in_row_chunks_equal_the_whole_computation(close_calls, m
     if name == "mahalanobis":  # the formula on all rows at once: [N, C, d]
         diff = f[:, None, :] - st.means[None]
         whole = -torch.einsum("ncd,de,nce->nc", diff, st.precision, diff).clamp_min(0).min(1).values.sqrt()
+    elif name == "rmd":  # [N, C, d] and the background's [N, d]
+        diff, bg = f[:, None, :] - st.means[None], f - st.bg_mean
+        whole = (torch.einsum("nd,de,ne->n", bg, st.bg_precision, bg)
+                 - torch.einsum("ncd,de,nce->nc", diff, st.precision, diff).min(1).values)
     else:  # [N, M] distances to the normalised bank
         whole = -torch.cdist(F.normalize(f, dim=1), st.bank).topk(st.knn_k, dim=1, largest=False).values[:, -1]
     largest = []
@@ -398,8 +450,8 @@ def test_feature_scores_in_row_chunks_equal_the_whole_computation(close_calls, m
     monkeypatch.setattr(routing, "CHUNK_ELEMENTS", chunk)
     with Sizes():
         got = raw_score(name, logits[2], f, st)
-    assert torch.allclose(got, whole, rtol=1e-6, atol=1e-6)
-    per_row = st.means.numel() if name == "mahalanobis" else len(st.bank)
+    assert torch.allclose(got, whole, rtol=1e-5, atol=1e-4)
+    per_row = len(st.bank) if name == "knn" else st.means.numel()
     biggest_input = max(f.numel(), st.precision.numel(), st.bank.numel())
     assert max(largest) <= max(chunk, per_row, biggest_input)  # never [N, C, d] or [N, M]
     assert torch.equal(raw_score(name, logits[2][:0], f[:0], st), torch.zeros(0))

@@ -15,7 +15,8 @@ CFGS = [TeacherConfig(arch="cnn", width=4, epochs=2, batch_size=32, lr=0.01), Te
 
 
 def _entries(root):
-    return sorted(p for p in (root / "teachers").glob("*.pt") if "-routing-" not in p.name)
+    """The teacher checkpoints (not their routing statistics or the split's pool outputs)."""
+    return sorted(p for p in (root / "teachers").glob("*.pt") if "-routing-" not in p.name and not p.name.startswith("outputs-"))
 
 
 def _same(a, b):
@@ -98,7 +99,7 @@ def test_cached_routing_stats_move_with_the_teachers_and_stay_out_of_state_dicts
     from harness.methods.base import TeacherSet
     from harness.routing import TeacherStats
 
-    STAT_TENSORS = ("means", "precision", "bank", "z_mean", "z_std", "val_sorted")
+    STAT_TENSORS = ("means", "precision", "bank", "z_mean", "z_std", "val_sorted", "bg_mean", "bg_precision")
     fitted = get_teachers(SPLIT, DS, CFGS, str(tmp_path))
     path = sorted((tmp_path / "teachers").glob("*-routing-*.pt"))[0]
     blob = torch.load(path, weights_only=True)  # the cache format: plain CPU tensors and knn_k
@@ -110,7 +111,7 @@ def test_cached_routing_stats_move_with_the_teachers_and_stay_out_of_state_dicts
     before = set(TeacherSet([r.net for r in loaded]).state_dict())
     assert set(teachers.state_dict()) == before  # checkpoints of methods keep their keys
     teachers.to(torch.float64)  # whatever .to does to the teachers, it does to their statistics
-    assert all(getattr(r.stats, k).dtype == torch.float64 for r in loaded for k in ("means", "precision", "bank"))
+    assert all(getattr(r.stats, k).dtype == torch.float64 for r in loaded for k in ("means", "precision", "bank", "bg_precision"))
     with pytest.raises(ValueError, match="1 of 2 teachers"):
         TeacherSet([r.net for r in loaded], [loaded[0].stats, None])
 
@@ -181,7 +182,7 @@ def test_derived_caches_follow_the_weights_not_the_config(tmp_path):
     again = get_teachers(SPLIT, DS, [MLP, MLP], str(root))
     assert again[0].cached and _same(again[0].net, clean[0].net)
     assert again[0].digest == clean[0].digest != first[0].digest and again[1].digest == first[1].digest
-    for name in ("means", "precision", "bank", "z_mean", "z_std", "val_sorted"):
+    for name in ("means", "precision", "bank", "z_mean", "z_std", "val_sorted", "bg_mean", "bg_precision"):
         assert torch.equal(getattr(again[0].stats, name), getattr(clean[0].stats, name)), name
         assert torch.equal(getattr(again[1].stats, name), getattr(first[1].stats, name)), name
     assert not torch.equal(again[0].stats.means, first[0].stats.means)
@@ -216,14 +217,72 @@ def test_cache_files_are_those_of_the_current_weights(tmp_path):
     weights they hold (not those of older weights of the same key), the split's outputs."""
     import shutil
 
-    from harness.teachers import cache_files, cached_outputs, checkpoint_path, outputs_path, stats_path
+    from harness.teachers import cache_files, checkpoint_path, outputs_path, stats_path
 
     recs = get_teachers(SPLIT, DS, [MLP, MLP], str(tmp_path))
     stale = stats_path(recs[0], str(tmp_path)).with_name(f"{recs[0].key}-routing-{'0' * 16}-x.pt")
     shutil.copy(stats_path(recs[0], str(tmp_path)), stale)
-    assert cache_files(recs, SPLIT, str(tmp_path)) == [checkpoint_path(r.key, str(tmp_path)) for r in recs] + [
-        stats_path(r, str(tmp_path)) for r in recs]  # outputs not computed yet
-    cached_outputs(recs, SPLIT, str(tmp_path))
-    files = cache_files(recs, SPLIT, str(tmp_path))
-    assert files[-1] == outputs_path(recs, SPLIT, str(tmp_path)) and len(files) == 5 and stale not in files
+    files = cache_files(recs, SPLIT, str(tmp_path))  # the pool's outputs come with the teachers
+    assert files == [checkpoint_path(r.key, str(tmp_path)) for r in recs] + [
+        stats_path(r, str(tmp_path)) for r in recs] + [outputs_path(recs, SPLIT, str(tmp_path))]
+    assert stale not in files
     assert all(r.digest[:16] in stats_path(r, str(tmp_path)).name for r in recs)
+    assert all(len(r.pool) == 64 and r.pool[:16] in stats_path(r, str(tmp_path)).name for r in recs)
+
+
+# --------------------------------------------------------------------------- the pool's background (rmd)
+
+
+def test_rmd_background_is_fitted_on_the_pool_without_labels(tmp_path):
+    """The background of ``rmd`` is the Gaussian of each teacher's features on the pool (the split's
+    training images, every task's): refitting it by hand from those features gives the same
+    statistics, and the pool's labels cannot move it (other tasks' labels scrambled: the same)."""
+    import dataclasses
+
+    from harness.routing import fit_background
+    from harness.teachers import cached_outputs, pool_digest
+
+    recs = get_teachers(SPLIT, DS, [MLP, MLP], str(tmp_path))
+    _, feats = cached_outputs(recs, SPLIT, str(tmp_path))
+    with torch.no_grad():
+        pool = recs[0].net.features(SPLIT.parts["train"].x)
+    assert torch.allclose(feats[0], pool, atol=1e-6) and recs[0].pool == pool_digest(feats[0])
+    mu, prec = fit_background(feats[0])
+    assert torch.equal(recs[0].stats.bg_mean, mu) and torch.equal(recs[0].stats.bg_precision, prec)
+    assert torch.allclose(mu, pool.mean(0), atol=1e-5)  # the whole pool, not teacher 0's own images
+    assert not torch.allclose(mu, pool[SPLIT.parts["train"].t == 0].mean(0), atol=1e-2)
+    # scramble the union labels of task 1's pool images (teacher 0's own data stays as it is)
+    train = SPLIT.parts["train"]
+    other = (train.t == 1).nonzero()[:, 0]
+    y = train.y.clone()
+    y[other] = y[other][torch.randperm(len(other), generator=torch.Generator().manual_seed(0))]
+    assert not torch.equal(y, train.y)
+    scrambled = dataclasses.replace(SPLIT, parts={**SPLIT.parts, "train": dataclasses.replace(train, y=y)})
+    again = get_teachers(scrambled, DS, [MLP, MLP], str(tmp_path / "fresh"))  # refitted from scratch
+    assert _same(again[0].net, recs[0].net) and torch.equal(again[0].stats.bg_precision, recs[0].stats.bg_precision)
+    assert torch.equal(again[0].stats.bg_mean, recs[0].stats.bg_mean)
+
+
+def test_a_change_of_pool_refits_the_background(tmp_path):
+    """Teacher 0 (classes 0-2) in a split with a third task: the same checkpoint (its key is its own
+    data), but a larger pool, so new routing statistics: a background fitted on the new pool, the
+    own-data statistics unchanged, each pool's statistics cached under their own name."""
+    from harness.routing import fit_background
+    from harness.teachers import cached_outputs, stats_path
+
+    two = get_teachers(SPLIT, DS, [MLP, MLP], str(tmp_path))
+    bigger = build_split(SplitConfig(name="s3", tasks=[[0, 1, 2], [3, 4], [5, 6]]), DS)
+    three = get_teachers(bigger, DS, [MLP, MLP, MLP], str(tmp_path))
+    assert three[0].cached and three[0].digest == two[0].digest and three[0].pool != two[0].pool
+    assert stats_path(three[0], str(tmp_path)) != stats_path(two[0], str(tmp_path))
+    assert stats_path(two[0], str(tmp_path)).exists() and stats_path(three[0], str(tmp_path)).exists()
+    _, feats = cached_outputs(three, bigger, str(tmp_path))
+    assert len(feats[0]) == len(bigger.parts["train"]) > len(SPLIT.parts["train"])
+    mu, prec = fit_background(feats[0])
+    assert torch.equal(three[0].stats.bg_mean, mu) and torch.equal(three[0].stats.bg_precision, prec)
+    assert not torch.allclose(three[0].stats.bg_mean, two[0].stats.bg_mean, atol=1e-3)
+    for name in ("means", "precision", "bank"):  # its own data did not change
+        assert torch.equal(getattr(three[0].stats, name), getattr(two[0].stats, name)), name
+    # back to the first pool: its cached statistics, not those of the last pool
+    back = get_teachers(SPLIT, DS, [MLP, MLP], str(tmp_path))
+    assert torch.equal(back[0].stats.bg_precision, two[0].stats.bg_precision)

@@ -334,6 +334,16 @@ def test_diagnostics_route_in_bounded_chunks_with_the_whole_set_decisions():
     assert max(m.rows) <= EVAL_BATCH and sum(m.rows) == n + len(DATA.parts["test"])
     assert out["diag/pseudo_label_acc"] == (whole["train"] == DATA.parts["train"].y).float().mean().item()
     assert out["diag/ensemble_union_acc"] == (whole["test"] == DATA.parts["test"].y).float().mean().item()
+    # oracle routing, image by image: the teacher of the image's own task, its argmax in its slice
+    for part, key in (("train", "diag/oracle_pseudo_label_acc"), ("test", "diag/oracle_ensemble_acc")):
+        logits, _ = teacher_outputs(m.teachers, DATA.parts[part].x)
+        y, t = DATA.parts[part].y.tolist(), DATA.parts[part].t.tolist()
+        oracle = [DATA.offsets[t[i]] + int(logits[t[i]][i].argmax()) for i in range(len(y))]
+        assert out[key] == pytest.approx(sum(o == c for o, c in zip(oracle, y)) / len(y), abs=1e-7)
+        # a claim can only be right where the image's own teacher is right: claiming <= oracle, per image
+        claim_right = (whole[part] == DATA.parts[part].y).tolist()
+        assert all(o == c for o, c, r in zip(oracle, y, claim_right) if r)
+        assert 0 < sum(claim_right) < sum(o == c for o, c in zip(oracle, y))  # routing costs something here
 
 
 def test_each_epoch_draws_a_new_batch_order():

@@ -32,7 +32,7 @@ SKIP_REASON = "needs a CUDA GPU (torch.cuda.is_available() is False; HARNESS_GPU
 gpu_only = __import__("pytest").mark.skipif(not ON_GPU, reason="means something on a GPU only (not in a rehearsal)")
 
 #: every claim score under every standardisation, both target forms (alternating), a sum of
-#: scores and a pseudo-label temperature: 20 rules
+#: scores and a pseudo-label temperature: 23 rules
 RULES = [f"{s}/{z}/{TARGETS[(i + j) % 2]}" for i, s in enumerate(SCORES) for j, z in enumerate(STANDARDIZE)]
 RULES += ["max_logit+mahalanobis/z/routed", "entropy/none/routed@T_pl=2"]
 #: the default rule, the routing study's best (a feature-space rule) and a bank rule
