@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from harness.errors import HarnessError
 from harness.search import SearchConfig
@@ -87,7 +95,7 @@ def _check_disjoint_sources(split: "SplitConfig", dataset: "DatasetConfig", wher
     tasks are compared by source (data set name and root), a whole-set task overlaps any other
     task of its source."""
     seen: dict[tuple[str, str | None], dict[int, int]] = {}
-    for k, task in enumerate(split.tasks):
+    for k, task in enumerate(split.tasks or []):  # a partition is disjoint by construction
         if isinstance(task, list):
             src, classes = (dataset.name, dataset.root), task
         else:
@@ -156,18 +164,78 @@ class TeacherConfig(ModelSpec, Recipe):
     seed: int = 0
 
 
+class PartitionSpec(_Strict):
+    """A generated split: the study data set's classes (or ``classes``, kept sorted) cut into ``k``
+    near-equal disjoint tasks, sizes differing by at most 1, the larger tasks first.
+
+    ``order: contiguous`` keeps class order (100 classes, k=2: 0-49 / 50-99); ``order: random``
+    first permutes the classes with ``numpy.random.default_rng(seed).permutation`` and sorts each
+    task's classes. ``seed`` only exists for ``random``: a non-zero seed with ``contiguous`` is an
+    error, so one partition has one spec (and one trial key). ``k`` is checked against the class
+    count when the data set is loaded (:func:`harness.data.splits.resolve_partition`)."""
+
+    k: int = Field(ge=2)
+    order: Literal["contiguous", "random"] = "contiguous"
+    seed: int = 0
+    classes: list[int] | None = None
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_needs_random(cls, v: int, info: Any) -> int:  # info: pydantic.ValidationInfo
+        if v != 0 and info.data.get("order") == "contiguous":
+            raise ValueError("only meaningful with order: random (contiguous takes the classes in order); remove it")
+        return v
+
+    @field_validator("classes")
+    @classmethod
+    def _classes_ok(cls, v: list[int] | None) -> list[int] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("empty: list the classes to partition, or remove it for all classes")
+        if len(set(v)) != len(v):
+            raise ValueError("a class is listed twice")
+        _check_class_list(v)
+        return sorted(v)
+
+
 class SplitConfig(_Strict):
-    """A task split: each task is a class list of the study data set or a whole data set."""
+    """A task split: explicit ``tasks`` (each a class list of the study data set or a whole data
+    set), or a ``partition`` generator of the study data set's classes; exactly one of the two.
+
+    Dumps (and so trial keys) carry only the one given: a ``tasks`` split dumps exactly as it did
+    before ``partition`` existed."""
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.+\-]+$")
-    tasks: list[Task] = Field(min_length=2)
+    tasks: list[Task] | None = Field(None, min_length=2)
+    partition: PartitionSpec | None = None
     #: optional per-split teachers (one per task, or one for all); else the study's ``teachers``
     teachers: list[TeacherConfig] | None = Field(None, min_length=1)
 
+    @model_serializer(mode="wrap")
+    def _only_the_given_form(self, handler: Any) -> dict[str, Any]:
+        out = handler(self)
+        for f in ("tasks", "partition"):
+            if getattr(self, f) is None:
+                out.pop(f, None)
+        return out
+
+    @property
+    def n_tasks(self) -> int:
+        """The number of tasks (teachers), known before the data set is loaded."""
+        return self.partition.k if self.partition is not None else len(self.tasks or [])
+
     @model_validator(mode="after")
     def _disjoint(self) -> "SplitConfig":
+        if self.tasks is None and self.partition is None:
+            raise ValueError(
+                "tasks or partition: required (tasks lists each task's classes; partition: {k: N} "
+                "generates N tasks)"
+            )
+        if self.tasks is not None and self.partition is not None:
+            raise ValueError("tasks and partition: give one of them, not both")
         seen: dict[tuple[str, int], int] = {}
-        for k, task in enumerate(self.tasks):
+        for k, task in enumerate(self.tasks or []):
             if isinstance(task, list):
                 _check_class_list(task)
                 src, classes = "", task
@@ -281,11 +349,11 @@ class StudyConfig(_Strict):
         if not cfgs:
             raise HarnessError(f"teachers: required (split '{split.name}' has no teachers of its own)")
         if len(cfgs) == 1:
-            return [cfgs[0]] * len(split.tasks)
-        if len(cfgs) != len(split.tasks):
+            return [cfgs[0]] * split.n_tasks
+        if len(cfgs) != split.n_tasks:
             raise HarnessError(
                 f"{field}: {len(cfgs)} entries but split '{split.name}' has "
-                f"{len(split.tasks)} tasks (give one entry per task, or a single entry for all)"
+                f"{split.n_tasks} tasks (give one entry per task, or a single entry for all)"
             )
         return list(cfgs)
 

@@ -82,6 +82,29 @@ def _err(mutate) -> str:
         (lambda d: d.update(methods={"scratch": {}}, routing=["energy"]), "routing: no method in the study has a routing parameter"),
         (lambda d: d.update(variants={"cka": {"x": {}}}), "variants.cka: method is not in the study's methods"),
         (lambda d: d.update(variants={"kd": {"hot": {"T": 0}}}), "variants.kd.hot.T:"),
+        (lambda d: d["splits"][0].pop("tasks"), "s.yaml: splits[0]: tasks or partition: required"),
+        (lambda d: d["splits"][0].update(partition={"k": 2}), "s.yaml: splits[0]: tasks and partition: give one of them, not both"),
+        (lambda d: d["splits"][0].update(tasks=None, partition={"k": 1}), "s.yaml: splits[0].partition.k: Input should be greater than or equal to 2"),
+        (lambda d: d["splits"][0].update(tasks=None, partition={"k": 11}, teachers=[{"arch": "mlp"}]),
+         "splits[0].partition.k: 11 tasks from the 10 classes of data set 'digits' (k must be at most the number of classes)"),
+        (lambda d: d["splits"][0].update(tasks=None, partition={"k": 3, "classes": [0, 1]}, teachers=[{"arch": "mlp"}]),
+         "splits[0].partition.k: 3 tasks from the 2 classes of partition.classes"),
+        (lambda d: d["splits"][0].update(tasks=None, partition={"k": 2, "classes": [0, 12]}, teachers=[{"arch": "mlp"}]),
+         "splits[0].partition.classes: class 12 is out of range for data set 'digits' (classes 0..9)"),
+        (lambda d: d["splits"][0].update(tasks=None, partition={"k": 2, "seed": 3}),
+         "s.yaml: splits[0].partition.seed: only meaningful with order: random"),
+        (lambda d: d["splits"][0].update(tasks=None, partition={"k": 2, "classes": [1, 1, 2]}),
+         "s.yaml: splits[0].partition.classes: a class is listed twice"),
+        (lambda d: d["splits"][0].update(tasks=None, partition={"k": 2, "classes": []}),
+         "s.yaml: splits[0].partition.classes: empty: list the classes to partition"),
+        (lambda d: d["splits"][0].update(tasks=None, partition={"k": 2, "classes": [-1, 3]}),
+         "s.yaml: splits[0].partition.classes: class ids must be >= 0"),
+        (lambda d: d["splits"][0].update(tasks=None, partition={"k": 2, "order": "shuffled"}),
+         "s.yaml: splits[0].partition.order: Input should be 'contiguous' or 'random'"),
+        (lambda d: d["splits"][0].update(tasks=None, partition={"k": 2, "K": 3}), "s.yaml: splits[0].partition.K: unknown field"),
+        (lambda d: d["splits"][0].update(tasks=None, partition={"k": 3}), "teachers: 2 entries but split '2x5' has 3 tasks"),
+        (lambda d: d["splits"][0].update(tasks=None, partition={"k": 3}, teachers=[{"arch": "mlp"}] * 2),
+         "splits[0].teachers: 2 entries but split '2x5' has 3 tasks"),
     ],
 )
 def test_bad_study_one_line_naming_field(mutate, expected):
@@ -187,3 +210,83 @@ def test_augment_takes_a_list_of_ops_or_a_bool(given, ops):
 def test_augment_rejects_unknown_or_repeated_ops(given, message):
     with pytest.raises(HarnessError, match=message):
         parse_study({**copy.deepcopy(TINY), "train": {"augment": given}})
+
+
+def test_a_tasks_split_dumps_exactly_as_before_partition_existed():
+    """Trial keys hash ``split.model_dump``: no new keys for explicit ``tasks`` splits."""
+    s = parse_study(copy.deepcopy(TINY))
+    before = {"name": "2x5", "tasks": [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]], "teachers": None}
+    assert s.splits[0].model_dump(mode="json") == before
+    assert s.model_dump(mode="json")["splits"] == [before]
+    mixed = {"name": "m", "tasks": [[0], {"dataset": "mnist5k", "classes": [1]}], "teachers": [{"arch": "mlp"}]}
+    dumped = parse_study({**copy.deepcopy(TINY), "splits": [mixed]}).splits[0].model_dump(mode="json")
+    assert list(dumped) == ["name", "tasks", "teachers"] and "partition" not in str(dumped)
+
+
+def test_a_partition_split_dumps_its_spec_and_round_trips():
+    data = {**copy.deepcopy(TINY), "teachers": [{"arch": "mlp", "hidden": 16}],
+            "splits": [{"name": "k5", "partition": {"k": 5, "seed": 7, "order": "random", "classes": [3, 1, 2, 0, 4]}}]}
+    s = parse_study(data)
+    assert s.splits[0].model_dump(mode="json") == {
+        "name": "k5", "partition": {"k": 5, "order": "random", "seed": 7, "classes": [0, 1, 2, 3, 4]}, "teachers": None}
+    assert s.splits[0].tasks is None and s.splits[0].n_tasks == 5
+    assert parse_study(yaml.safe_load(dump_study(s))) == s
+
+
+def test_partition_keys_follow_the_spec_and_tasks_keys_do_not_move():
+    def keys(split: dict) -> dict:
+        data = {**copy.deepcopy(TINY), "teachers": [{"arch": "mlp", "hidden": 16}], "splits": [split]}
+        return {(t.method, t.seed): t.key for t in expand(parse_study(data), "fp32")}
+
+    k2 = keys({"name": "s", "partition": {"k": 2}})
+    assert k2 == keys({"name": "s", "partition": {"k": 2, "order": "contiguous", "seed": 0}})  # defaults spelt out
+    for other in ({"k": 5}, {"k": 2, "order": "random"}, {"k": 2, "classes": list(range(8))}):
+        moved = keys({"name": "s", "partition": other})
+        assert all(moved[t] != k2[t] for t in k2), other
+    r0, r1 = keys({"name": "s", "partition": {"k": 2, "order": "random"}}), keys(
+        {"name": "s", "partition": {"k": 2, "order": "random", "seed": 1}})
+    assert all(r0[t] != r1[t] for t in r0)
+
+
+DIGITS_PARTITIONS = """
+name: digits-k
+dataset: {name: digits, val_fraction: 0.1}
+splits:
+  - {name: k3, partition: {k: 3}}
+  - {name: k5r, partition: {k: 5, seed: 0, order: random}}
+  - name: half-k2
+    partition: {k: 2, classes: [0, 1, 2, 3, 4]}
+    teachers: [{arch: mlp, hidden: 16}, {arch: cnn, width: 8}]
+teachers: [{arch: cnn, width: 8, epochs: 1}]
+student: {arch: cnn, width: 8}
+methods: {kd: {}, teachers: {}}
+"""
+
+
+def test_digits_study_with_partition_splits_parses_and_builds(tmp_path):
+    path = tmp_path / "k.yaml"
+    path.write_text(DIGITS_PARTITIONS)
+    study = load_study(path)
+    assert [s.n_tasks for s in study.splits] == [3, 5, 2]
+    assert [len(study.teachers_for(s)) for s in study.splits] == [3, 5, 2]
+    assert [t.arch for t in study.teachers_for(study.splits[2])] == ["mlp", "cnn"]
+    trials = expand(study)
+    assert len({t.key for t in trials}) == len(trials) == 3 * 2
+    built = build_splits(study)
+    assert [list(t.classes) for t in built["k3"].tasks] == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    k5 = [list(t.classes) for t in built["k5r"].tasks]
+    assert len(k5) == 5 and all(len(t) == 2 for t in k5) and sorted(sum(k5, [])) == list(range(10))
+    assert k5 != [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
+    assert [list(t.classes) for t in built["half-k2"].tasks] == [[0, 1, 2], [3, 4]]
+    assert built["half-k2"].num_classes == 5 and set(built["half-k2"].parts["test"].y.tolist()) == set(range(5))
+
+
+def test_impossible_partition_k_is_one_line(tmp_path):
+    path = tmp_path / "k.yaml"
+    path.write_text(DIGITS_PARTITIONS.replace("{k: 5, seed: 0, order: random}", "{k: 11}"))
+    study = load_study(path)
+    with pytest.raises(HarnessError) as e:
+        build_splits(study)
+    assert str(e.value) == (
+        "splits[1].partition.k: 11 tasks from the 10 classes of data set 'digits' (k must be at most the number of classes)"
+    )

@@ -7,6 +7,10 @@ label o_k + (position of c in task k's class list) and the local label (that pos
 The validation part is held out of each source data set's training part (stratified, fixed
 random state 0), so it is the same for every split, teacher, method and seed. The test part is
 used for final metrics only.
+
+A ``partition: {k, order, seed, classes}`` split is resolved here, where the data set's class
+count is known (:func:`resolve_partition`); the built :class:`SplitData` carries the concrete
+class list of every task, like an explicit ``tasks`` split.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 
-from harness.config import DatasetConfig, SplitConfig, TaskSource
+from harness.config import DatasetConfig, PartitionSpec, SplitConfig, TaskSource
 from harness.data.datasets import ArraySet, load_dataset
 from harness.data.stream import STREAMABLE, LazyImages, LazySet, cat_images, is_lazy, open_lazy
 from harness.errors import HarnessError
@@ -133,7 +137,7 @@ def check_stream(split: SplitConfig, dataset: DatasetConfig, field: str = "split
     that can be streamed; nothing is loaded."""
     if not dataset.stream:
         return
-    for k, task in enumerate(split.tasks):
+    for k, task in enumerate(split.tasks or [None]):  # a partition reads the study's data set
         name = task.dataset if isinstance(task, TaskSource) else dataset.name
         if name not in STREAMABLE:
             where = f" ({field}.tasks[{k}])" if isinstance(task, TaskSource) else ""
@@ -143,28 +147,66 @@ def check_stream(split: SplitConfig, dataset: DatasetConfig, field: str = "split
             )
 
 
-def build_split(split: SplitConfig, dataset: DatasetConfig, field: str = "splits[0]") -> SplitData:
-    """Resolve a split against its data: check classes, remap labels, concatenate tasks.
+def resolve_partition(
+    num_classes: int, spec: PartitionSpec, field: str = "partition", dataset: str = "the data set"
+) -> list[list[int]]:
+    """The class list of each of ``spec.k`` tasks (pure: the same answer for the same arguments).
 
-    Raises HarnessError naming ``field`` when a class is out of range or the tasks' images
-    cannot share one shape.
+    The classes (``spec.classes`` or 0..num_classes-1, ascending) are, for ``order: random``,
+    permuted by ``numpy.random.default_rng(spec.seed).permutation``, then cut into k consecutive
+    chunks as :func:`numpy.array_split` does: the first ``n mod k`` tasks get ``n // k + 1``
+    classes, the others ``n // k`` (10 into 3: [0..3], [4, 5, 6], [7, 8, 9]). Each task's list is
+    sorted. HarnessError naming ``{field}.classes`` / ``{field}.k`` for a class out of range or
+    more tasks than classes."""
+    classes = list(range(num_classes)) if spec.classes is None else list(spec.classes)
+    bad = [c for c in classes if c >= num_classes]
+    if bad:
+        raise HarnessError(
+            f"{field}.classes: class {bad[0]} is out of range for {dataset} (classes 0..{num_classes - 1})"
+        )
+    if spec.k > len(classes):
+        of = dataset if spec.classes is None else "partition.classes"
+        raise HarnessError(
+            f"{field}.k: {spec.k} tasks from the {len(classes)} classes of {of} "
+            "(k must be at most the number of classes)"
+        )
+    order = np.asarray(classes, dtype=np.int64)
+    if spec.order == "random":
+        order = np.random.default_rng(spec.seed).permutation(order)
+    return [sorted(int(c) for c in chunk) for chunk in np.array_split(order, spec.k)]
+
+
+def build_split(split: SplitConfig, dataset: DatasetConfig, field: str = "splits[0]") -> SplitData:
+    """Resolve a split against its data: generate a ``partition``'s tasks, check classes, remap
+    labels, concatenate tasks.
+
+    Raises HarnessError naming ``field`` when a class is out of range, a partition has more
+    tasks than classes (``{field}.partition.k``) or the tasks' images cannot share one shape.
     """
     check_stream(split, dataset, field)
+    # (source name, root, classes or None for all, field naming the task) per task
+    specs: list[tuple[str, str | None, list[int] | None, str]] = []
+    if split.partition is not None:
+        num_classes = _source(dataset.name, dataset.root, dataset.image_size, dataset.val_fraction,
+                              dataset.stream)["meta"][0]
+        lists = resolve_partition(num_classes, split.partition, f"{field}.partition", f"data set '{dataset.name}'")
+        specs = [(dataset.name, dataset.root, c, f"{field}.partition (task {k})") for k, c in enumerate(lists)]
+    for k, task in enumerate(split.tasks or []):
+        if isinstance(task, TaskSource):
+            specs.append((task.dataset, task.root, task.classes, f"{field}.tasks[{k}]"))
+        else:
+            specs.append((dataset.name, dataset.root, task, f"{field}.tasks[{k}]"))
     tasks: list[TaskInfo] = []
     chunks: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {"train": [], "val": [], "test": []}
     offset = 0
-    for k, task in enumerate(split.tasks):
-        if isinstance(task, TaskSource):
-            name, root, classes = task.dataset, task.root, task.classes
-        else:
-            name, root, classes = dataset.name, dataset.root, task
+    for k, (name, root, classes, where) in enumerate(specs):
         src = _source(name, root, dataset.image_size, dataset.val_fraction, dataset.stream)
         num_classes, class_names = src["meta"]
         classes = list(range(num_classes)) if classes is None else list(classes)
         bad = [c for c in classes if c >= num_classes]
         if bad:
             raise HarnessError(
-                f"{field}.tasks[{k}]: class {bad[0]} is out of range for data set '{name}' "
+                f"{where}: class {bad[0]} is out of range for data set '{name}' "
                 f"(classes 0..{num_classes - 1})"
             )
         tasks.append(TaskInfo(name, root, tuple(classes), tuple(class_names[c] for c in classes)))
@@ -187,5 +229,5 @@ def build_split(split: SplitConfig, dataset: DatasetConfig, field: str = "splits
         parts[part] = PartData(cat_images(xs), torch.cat([c[1] for c in cs]), torch.cat([c[2] for c in cs]))
     for k in range(len(tasks)):
         if int((parts["train"].t == k).sum()) == 0:
-            raise HarnessError(f"{field}.tasks[{k}]: no training images for this task")
+            raise HarnessError(f"{specs[k][3]}: no training images for this task")
     return SplitData(split.name, tasks, parts)

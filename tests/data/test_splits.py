@@ -1,13 +1,13 @@
-"""Task splits: offsets, label remapping, held-out validation, the multiple-tasks form."""
+"""Task splits: offsets, label remapping, held-out validation, the multiple-tasks form, partitions."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from harness.config import DatasetConfig, SplitConfig
+from harness.config import DatasetConfig, PartitionSpec, SplitConfig
 from harness.data.datasets import load_dataset
-from harness.data.splits import build_split
+from harness.data.splits import build_split, resolve_partition
 from harness.errors import HarnessError
 
 
@@ -76,3 +76,89 @@ def test_multiple_tasks_need_one_image_size():
 def test_out_of_range_class_names_field():
     with pytest.raises(HarnessError, match=r"splits\[2\]\.tasks\[1\]: class 10 is out of range for data set 'digits'"):
         build_split(SplitConfig(name="s", tasks=[[0], [10]]), DatasetConfig(name="digits"), "splits[2]")
+
+
+@pytest.mark.parametrize("n, spec, expected", [
+    (10, {"k": 3}, [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]),
+    (10, {"k": 2}, [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]),
+    (10, {"k": 10}, [[c] for c in range(10)]),
+    (100, {"k": 2}, [list(range(50)), list(range(50, 100))]),  # the CIFAR-100 2x50 split
+    (100, {"k": 3, "classes": [9, 2, 50, 7, 1]}, [[1, 2], [7, 9], [50]]),  # a subset, ascending
+    (100, {"k": 2, "classes": list(range(50))}, [list(range(25)), list(range(25, 50))]),
+    # numpy default_rng(seed).permutation, pinned: a change here moves results (RESULTS_VERSION)
+    (10, {"k": 2, "order": "random", "seed": 0}, [[2, 3, 4, 6, 7], [0, 1, 5, 8, 9]]),
+    (10, {"k": 2, "order": "random", "seed": 1}, [[0, 1, 4, 7, 8], [2, 3, 5, 6, 9]]),
+    (10, {"k": 3, "order": "random", "classes": [9, 7, 5, 3, 1, 0]}, [[3, 5], [7, 9], [0, 1]]),
+])
+def test_resolve_partition_table(n, spec, expected):
+    assert resolve_partition(n, PartitionSpec(**spec)) == expected
+
+
+@pytest.mark.parametrize("n, k", [(10, 2), (10, 3), (10, 7), (100, 20), (100, 3), (7, 7)])
+@pytest.mark.parametrize("order", ["contiguous", "random"])
+def test_resolve_partition_is_a_near_equal_disjoint_cover(n, k, order):
+    tasks = resolve_partition(n, PartitionSpec(k=k, order=order, seed=3 if order == "random" else 0))
+    flat = [c for t in tasks for c in t]
+    assert len(tasks) == k and sorted(flat) == list(range(n))  # union = all classes, disjoint
+    sizes = [len(t) for t in tasks]
+    assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+    assert all(t == sorted(t) for t in tasks)
+
+
+def test_random_partition_is_reproducible_and_seed_dependent():
+    spec = dict(k=5, order="random")
+    a = resolve_partition(100, PartitionSpec(**spec, seed=0))
+    assert a == resolve_partition(100, PartitionSpec(**spec, seed=0))
+    assert a != resolve_partition(100, PartitionSpec(**spec, seed=1))
+    assert a != resolve_partition(100, PartitionSpec(k=5))
+
+
+@pytest.mark.parametrize("n, spec, message", [
+    (10, {"k": 11}, r"^p\.k: 11 tasks from the 10 classes of data set 'd' \(k must be at most the number of classes\)$"),
+    (10, {"k": 3, "classes": [0, 1]}, r"^p\.k: 3 tasks from the 2 classes of partition\.classes"),
+    (10, {"k": 2, "classes": [0, 10]}, r"^p\.classes: class 10 is out of range for data set 'd' \(classes 0\.\.9\)$"),
+])
+def test_resolve_partition_rejects_impossible_specs(n, spec, message):
+    with pytest.raises(HarnessError, match=message):
+        resolve_partition(n, PartitionSpec(**spec), "p", "data set 'd'")
+
+
+def test_partition_split_builds_concrete_tasks():
+    cfg = SplitConfig.model_validate({"name": "k3", "partition": {"k": 3}})
+    split = build_split(cfg, DatasetConfig(name="digits"))
+    assert [list(t.classes) for t in split.tasks] == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    assert split.describe()["tasks"] == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    assert split.sizes == [4, 3, 3] and split.offsets == [0, 4, 7] and split.num_classes == 10
+    assert [t.names for t in split.tasks][1] == ("4", "5", "6")
+    # the same data as the explicit split with those class lists
+    explicit = build_split(SplitConfig(name="k3", tasks=[[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]), DatasetConfig(name="digits"))
+    for part in ("train", "val", "test"):
+        assert torch.equal(split.parts[part].x, explicit.parts[part].x)
+        assert torch.equal(split.parts[part].y, explicit.parts[part].y)
+        assert torch.equal(split.parts[part].t, explicit.parts[part].t)
+
+
+def test_random_partition_split_remaps_labels_per_task():
+    cfg = SplitConfig.model_validate({"name": "r", "partition": {"k": 2, "order": "random", "seed": 0,
+                                                                 "classes": [1, 3, 5, 7]}})
+    split = build_split(cfg, DatasetConfig(name="digits"))
+    tasks = resolve_partition(10, cfg.partition)  # type: ignore[arg-type]
+    assert [list(t.classes) for t in split.tasks] == tasks and sorted(sum(tasks, [])) == [1, 3, 5, 7]
+    ds = load_dataset("digits")
+    lut = {c: i for i, c in enumerate(sum(tasks, []))}  # union label: position in the task order
+    # images task by task, each task in source order
+    expected = [lut[int(c)] for t in tasks for c in ds.y_test if int(c) in t]
+    assert split.parts["test"].y.tolist() == expected
+    assert split.parts["test"].t.tolist() == [k for k, t in enumerate(tasks) for c in ds.y_test if int(c) in t]
+
+
+def test_partition_with_more_tasks_than_classes_names_k():
+    cfg = SplitConfig.model_validate({"name": "k11", "partition": {"k": 11}})
+    with pytest.raises(HarnessError, match=r"^splits\[1\]\.partition\.k: 11 tasks from the 10 classes of data set 'digits'"):
+        build_split(cfg, DatasetConfig(name="digits"), "splits[1]")
+
+
+def test_partition_of_an_unstreamable_data_set_names_stream():
+    cfg = SplitConfig.model_validate({"name": "k2", "partition": {"k": 2}})
+    with pytest.raises(HarnessError, match=r"^dataset\.stream: only .* can be streamed, not 'digits'; remove stream"):
+        build_split(cfg, DatasetConfig(name="digits", stream=True))
