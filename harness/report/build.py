@@ -3,7 +3,8 @@
 Outputs: ``report.md`` (tables, figures, statistics notes, the hyper-parameter searches of
 ``harness tune`` when there are any, failed/duplicate runs, the study configuration, the
 parameters that vary between runs, software versions, build date), ``comparison.csv``/
-``ablation.csv`` (raw fractions), ``comparison.tex``/``ablation.tex`` (booktabs tabulars),
+``ablation.csv``/``decomposition.csv`` (raw fractions; the error decomposition of
+:mod:`.decomposition` where the trials logged oracle diagnostics), ``comparison.tex``/``ablation.tex`` (booktabs tabulars),
 ``tuning.csv`` and the PNG figures. An experiment that holds only ``harness tune`` searches gets
 a report with the tuning section alone. Every table is sorted and every random draw seeded, so
 two builds from the same store differ only in the one ``Built:`` line of ``report.md``.
@@ -25,7 +26,7 @@ import pandas as pd
 from harness.errors import HarnessError
 from typing import Collection
 
-from harness.report import disclosure, plots, stats
+from harness.report import decomposition, disclosure, plots, stats
 from harness.report.frames import KeyExpander, StudyData, load_study, row_label
 from harness.report.paths import redact_paths, show_uri
 from harness.report.tuning import TuningData, load_tuning, param_importances, tuning_frame, tuning_markdown
@@ -63,7 +64,9 @@ def build_report(study: str, tracking_uri: str | None = None, out_dir: str | Pat
         return out
     comp = comparison_frame(data)
     abl = ablation_frame(data)
+    dec = decomposition.decomposition_frame(comp)
     comp.to_csv(out / "comparison.csv", index=False)
+    decomposition.write_csv(dec, out / "decomposition.csv")
     abl.to_csv(out / "ablation.csv", index=False)
     (out / "comparison.tex").write_text("\n".join(
         latex(comparison_display(comp, s, "tex"), f"comparison, split {s} (union / per-task accuracy, %)")
@@ -72,7 +75,9 @@ def build_report(study: str, tracking_uri: str | None = None, out_dir: str | Pat
         latex(ablation_display(abl, s, m, metric, "tex"), f"ablation, split {s}, {m}, {METRIC_TITLES[metric]}")
         for s, m, metric in _ablation_tables(abl)))
     figures = _figures(data, comp, abl, out)
-    (out / "report.md").write_text(_markdown(data, comp, abl, figures, tuning, tuning_md))
+    if (fig := plots.decomposition_plot(dec, out / "decomposition.png")) is not None:
+        figures["decomposition"] = fig
+    (out / "report.md").write_text(_markdown(data, comp, abl, dec, figures, tuning, tuning_md))
     return out
 
 
@@ -133,7 +138,7 @@ def _loss_blocks(data: StudyData, abl: pd.DataFrame) -> list[tuple[str, str]]:
 
 
 # ----------------------------------------------------------------------------- report.md
-def _markdown(data: StudyData, comp: pd.DataFrame, abl: pd.DataFrame, figs: dict[str, Path],
+def _markdown(data: StudyData, comp: pd.DataFrame, abl: pd.DataFrame, dec: pd.DataFrame, figs: dict[str, Path],
               tuning: TuningData, tuning_md: list[str]) -> str:
     att = data.attempts
     bad = att[att["status"] != "FINISHED"]
@@ -146,6 +151,7 @@ def _markdown(data: StudyData, comp: pd.DataFrame, abl: pd.DataFrame, figs: dict
           + (f"; {_tuning_count(tuning)}" if not tuning.empty else "") + ".\n",
           disclosure.scope_line(data)]
     md += _comparison_section(data, comp, figs)
+    md += _decomposition_section(data, dec, figs)
     md += _ablation_section(data, abl, figs)
     md += tuning_md
     md += _problems_section(data)
@@ -201,12 +207,36 @@ def _comparison_section(data: StudyData, comp: pd.DataFrame, figs: dict[str, Pat
         diag = diagnostics_display(comp, split)
         if diag is not None:
             md += ["Diagnostics (labels read only to measure): accuracy of the pseudo-labels on the training "
-                   "images, the claiming ensemble on the test split, a linear probe on the student's features "
+                   "images, the claiming ensemble on the test split, each also under oracle routing (every image "
+                   "sent to the teacher of its own task), a linear probe on the student's features "
                    "fitted to pseudo-labels; best epoch and wall time per trial, and its peak GPU memory "
                    "(`gpu_peak_mb`) when it ran on a GPU.\n", markdown(diag)]
     md += _fig(figs, "accuracy", "Union accuracy per method")
     if "curves" in figs:
         md += ["### Learning curves\n"] + _fig(figs, "curves", "Validation union accuracy per epoch")
+    return md
+
+
+def _decomposition_section(data: StudyData, dec: pd.DataFrame, figs: dict[str, Path]) -> list[str]:
+    """Where each label-free student loses its points (only when the trials logged the oracle)."""
+    if dec.empty:
+        return []
+    md = ["## Error decomposition: teachers, routing, distillation\n",
+          "Labels read only to measure. Per split and routing rule (means over seeds, union accuracy on the test "
+          "split): the teachers' ceiling C is the oracle ensemble, each image sent to the teacher of its own task; "
+          "the claiming ensemble E sends it to the teacher that claims it under the row's rule; S is the student "
+          "(last epoch). The gap to the supervised scratch student splits exactly: "
+          "Supervised − S = (Supervised − C) + (C − E) − (S − E): the teachers' own errors, the routing loss "
+          "(≥ 0 image by image) and the distillation gain (negative: a loss). *Largest loss* names the largest "
+          "positive term.\n"]
+    for split in data.splits:
+        if not (dec["split"] == split).any():
+            continue
+        md += [f"### Split `{split}`\n"]
+        sentence = decomposition.decomposition_sentence(dec, split)
+        md += [sentence] if sentence else []
+        md += [markdown(decomposition.decomposition_display(dec, split, "md"))]
+    md += _fig(figs, "decomposition", "Gap to the supervised student per term")
     return md
 
 

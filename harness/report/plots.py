@@ -4,6 +4,8 @@
 - :func:`curves_plot`: validation union accuracy per epoch, mean and ± std band over seeds;
 - :func:`loss_plot`: every logged loss term of one method, per epoch, one line per variant;
 - :func:`ablation_plot`: Δ vs the full method with its 95% CI and the per-seed differences;
+- :func:`decomposition_plot`: each label-free student's gap to the supervised one, split into
+  the teachers' ceiling, routing and distillation (:mod:`.decomposition`);
 - :func:`tuning_history_plot`, :func:`tuning_curves_plot`, :func:`tuning_importance_plot`: the
   Optuna searches of ``harness tune`` (objective per trial, running objective, importances), one
   facet per Optuna study, coloured by trial state.
@@ -208,6 +210,46 @@ def ablation_plot(abl: pd.DataFrame, diffs: pd.DataFrame, pal: Palette, path: Pa
             ax.set_ylabel("")
     fig.suptitle("Ablations: mean Δ (diamond), 95% CI (bar, n ≥ 3 only; t-interval below 30 pairs), "
                  "per-seed Δ (dots)")
+    return _save(fig, path)
+
+
+#: colours of the decomposition's terms (teachers, routing, distillation)
+DECOMPOSITION_COLOURS = {"teachers": "#7f7f7f", "routing": "#d62728", "distillation_loss": "#1f77b4"}
+
+
+def decomposition_plot(frame: pd.DataFrame, path: Path) -> Path | None:
+    """Per split, each label-free student's gap to the supervised student split into its three
+    terms (:mod:`harness.report.decomposition`): stacked bars, losses right of 0, gains left of
+    0; the diamond is the total gap, the sum of the bars."""
+    d = frame[(frame["kind"] == "method")].dropna(subset=["student", "supervised"])
+    if d.empty:
+        return None
+    splits = list(dict.fromkeys(d["split"]))
+    rows = max(int((d["split"] == s).sum()) for s in splits)
+    fig, axes = _figure(len(splits), 1, 7.5, 1.2 + (0.36 * rows + 0.9) * len(splits))
+    names = {"teachers": "supervised − teachers' ceiling", "routing": "routing loss (oracle − claiming)",
+             "distillation_loss": "distillation loss (claiming ensemble − student)"}
+    for i, split in enumerate(splits):
+        ax = axes[i][0]
+        sub = d[d["split"] == split].reset_index(drop=True)
+        pos = [0.0] * len(sub)
+        neg = [0.0] * len(sub)
+        for term, colour in DECOMPOSITION_COLOURS.items():
+            vals = [100 * float(v) for v in sub[term]]
+            left = [p if v >= 0 else n + v for v, p, n in zip(vals, pos, neg)]
+            ax.barh(range(len(sub)), [abs(v) for v in vals], left=left, color=colour, height=0.6,
+                    label=names[term] if i == 0 else None, edgecolor="white", linewidth=0.5)
+            pos = [p + max(v, 0) for v, p in zip(vals, pos)]
+            neg = [n + min(v, 0) for v, n in zip(vals, neg)]
+        ax.plot(100 * sub["gap"], range(len(sub)), "D", color="black", markersize=6, zorder=3,
+                label="gap to supervised (sum)" if i == 0 else None)
+        ax.axvline(0, color="black", linewidth=1)
+        ax.set_yticks(range(len(sub)), list(sub["row"]))
+        ax.set_ylim(len(sub) - 0.5, -0.5)
+        ax.set_title(f"Split {split}: where the points go (supervised scratch: {100 * sub['supervised'].iloc[0]:.1f}%)")
+        ax.set_xlabel("percentage points of union accuracy (right of 0: lost; left: gained)")
+    fig.legend(loc="outside lower center", ncols=2, frameon=False)
+    fig.suptitle("Gap to the supervised student = teachers' ceiling + routing loss + distillation loss")
     return _save(fig, path)
 
 

@@ -313,7 +313,9 @@ def diagnostics_display(comp: pd.DataFrame, split: str) -> pd.DataFrame | None:
     """Label-free diagnostics (Markdown only): pseudo-label, ensemble and probe accuracy, time."""
     f = Fmt("md")
     sub = comp[(comp["split"] == split) & (comp["kind"] != "teacher")]
-    cols = {"diag/pseudo_label_acc": "Pseudo-label acc. (%)", "diag/ensemble_union_acc": "Ensemble union acc. (%)",
+    cols = {"diag/pseudo_label_acc": "Pseudo-label acc. (%)",
+            "diag/oracle_pseudo_label_acc": "Oracle pseudo-label acc. (%)",
+            "diag/ensemble_union_acc": "Ensemble union acc. (%)", "diag/oracle_ensemble_acc": "Oracle ensemble acc. (%)",
             "diag/probe_acc": "Linear probe acc. (%)"}
     have = [m for m in cols if f"{m}.mean" in sub and sub[f"{m}.mean"].notna().any()]
     sub = sub[sub[[f"{m}.mean" for m in have]].notna().any(axis=1)] if have else sub.iloc[:0]
