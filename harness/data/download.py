@@ -135,7 +135,7 @@ def download_dataset(
 
     Args:
         name: ``cifar10`` or ``cifar100``.
-        root: an existing, writable folder.
+        root: a writable folder (created, with its parents, when missing).
         url: base or full URL (default ``$HARNESS_CIFAR_URL``, else the official site).
         md5: expected MD5 of the archive (default: the published one).
         out: where progress goes (default stderr); a bar when it is a terminal, else plain lines.
@@ -172,8 +172,11 @@ def _check_root(root: str | os.PathLike | None, field: str) -> Path:
     if root is None or str(root) == "":
         raise HarnessError(f"{field}: required (the folder to download into)")
     path = Path(root).expanduser()
-    if not path.exists():
-        raise HarnessError(f"{field}: {path} does not exist (create the folder first)")
+    if not path.exists():  # created, with its parents (``mkdir -p``): a fresh clone has no data/ yet
+        try:
+            path.mkdir(parents=True)
+        except OSError as e:
+            raise HarnessError(f"{field}: {path} does not exist and cannot be created ({_one_line(e)})") from None
     if not path.is_dir():
         raise HarnessError(f"{field}: {path} is not a folder")
     if not os.access(path, os.W_OK | os.X_OK):

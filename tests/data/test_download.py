@@ -365,13 +365,13 @@ def test_an_extraction_failure_leaves_no_folder_and_no_temp(server, root, tmp_pa
 
 
 @pytest.mark.parametrize("make_root,expected", [
-    (lambda p: p / "absent", "does not exist (create the folder first)"),
+    (lambda p: (p / "f").write_text("x") and p / "f" / "sub", "does not exist and cannot be created ("),
     (lambda p: (p / "f").write_text("x") and p / "f", "is not a folder"),
-], ids=["missing", "a-file"])
+], ids=["uncreatable", "a-file"])
 def test_a_bad_root_is_one_error_line_naming_it(tmp_path, make_root, expected, capsys):
     where = make_root(tmp_path)
     rc, out, errors = _run_cli(["data", "download", "cifar10", "--root", str(where)], capsys)
-    assert rc == 2 and errors == [f"harness: error: --root: {where} {expected}"]
+    assert rc == 2 and len(errors) == 1 and errors[0].startswith(f"harness: error: --root: {where} {expected}")
 
 
 # --------------------------------------------------------------------------- URL and study
@@ -421,5 +421,14 @@ def test_study_download_fetches_before_loading(server, root, cifar10_tgz):
     result = ensure_downloaded(on.dataset, url=server.base, md5=_md5(cifar10_tgz), out=io.StringIO())
     assert result is not None and result.folder == root / C10.folder
     _check_cifar10(load_dataset(on.dataset.name, root=on.dataset.root))
-    with pytest.raises(HarnessError, match=r"^dataset\.root: .* does not exist"):
-        ensure_downloaded(on.dataset.model_copy(update={"root": str(root / "gone")}))
+    (root / "file").write_text("x")  # a root that cannot be created: one line naming the field
+    with pytest.raises(HarnessError, match=r"^dataset\.root: .* does not exist and cannot be created"):
+        ensure_downloaded(on.dataset.model_copy(update={"root": str(root / "file" / "gone")}))
+
+
+def test_a_missing_root_is_created_with_its_parents(server, tmp_path, cifar10_tgz):
+    server.files[C10_PATH] = cifar10_tgz
+    root = tmp_path / "data" / "cifar"
+    result = download_dataset("cifar10", root, url=server.base, md5=_md5(cifar10_tgz), out=io.StringIO())
+    assert root.is_dir() and result.folder == root / C10.folder
+    _check_cifar10(load_dataset("cifar10", root=str(root)))
