@@ -16,7 +16,7 @@ from harness.config import StudyConfig
 from harness.data.splits import SplitData, build_split
 from harness.errors import HarnessError
 from harness.methods.base import get_method
-from harness.models import model_options
+from harness.models import build_model, model_options
 from harness.teachers import stable_hash
 from harness.tracking import row_label
 
@@ -50,11 +50,21 @@ class Trial:
 
 
 def _check_model(spec: Any, field: str) -> None:
+    """Option names, then values: the model is built once on the meta device (no memory, no
+    data needed; a 3x32x32 input stands in for the split's), so a bad value (``wrn`` depth 41)
+    is one line naming the field when the study is loaded, not a failed teacher hours later."""
+    import torch
+
     opts = model_options(spec.arch)
     for k in spec.options():
         if k not in opts:
             accepts = ", ".join(opts) or "none"
             raise HarnessError(f"{field}.{k}: unknown option for model '{spec.arch}' (accepts: {accepts})")
+    try:
+        with torch.device("meta"):
+            build_model(spec.arch, (3, 32, 32), 2, **spec.options())
+    except HarnessError as e:
+        raise HarnessError(f"{field}: {e}") from None
 
 
 def method_variants(study: StudyConfig) -> list[tuple[str, str, dict[str, Any]]]:

@@ -69,6 +69,9 @@ def _err(mutate) -> str:
         (lambda d: d["methods"].update(kd={"T": -2}), "methods.kd.T: Input should be greater than 0"),
         (lambda d: d["student"].update(widht=3), "student.widht: unknown option for model 'cnn'"),
         (lambda d: d["student"].update(arch="vgg"), "unknown model 'vgg'"),
+        # option values too, when the study is loaded (not when a teacher starts hours later)
+        (lambda d: d.update(student={"arch": "wrn", "depth": 41}), "student: model option 'depth' of wrn must be 6n+4"),
+        (lambda d: d["teachers"][0].update(width=0), "teachers[0]: model option 'width' must be a positive integer"),
         (lambda d: d["teachers"].append({"arch": "mlp"}), "teachers: 3 entries but split '2x5' has 2 tasks"),
         (lambda d: d["splits"][0].update(teachers=[{"arch": "mlp"}] * 3), "splits[0].teachers: 3 entries but split"),
         (lambda d: d["splits"][0].update(teachers=[{"arch": "mlp", "hiden": 3}]), "splits[0].teachers[0].hiden: unknown option"),
