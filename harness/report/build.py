@@ -3,8 +3,9 @@
 Outputs: ``report.md`` (tables, figures, statistics notes, the hyper-parameter searches of
 ``harness tune`` when there are any, failed/duplicate runs, the study configuration, the
 parameters that vary between runs, software versions, build date), ``comparison.csv``/
-``ablation.csv``/``decomposition.csv`` (raw fractions; the error decomposition of
-:mod:`.decomposition` where the trials logged oracle diagnostics), ``comparison.tex``/``ablation.tex`` (booktabs tabulars),
+``ablation.csv``/``decomposition.csv``/``scaling.csv`` (raw fractions; the error decomposition
+of :mod:`.decomposition` where the trials logged oracle diagnostics, the scaling view of
+:mod:`.scaling` where splits of one data set differ in their number of tasks K), ``comparison.tex``/``ablation.tex`` (booktabs tabulars),
 ``tuning.csv`` and the PNG figures. An experiment that holds only ``harness tune`` searches gets
 a report with the tuning section alone. Every table is sorted and every random draw seeded, so
 two builds from the same store differ only in the one ``Built:`` line of ``report.md``.
@@ -26,7 +27,7 @@ import pandas as pd
 from harness.errors import HarnessError
 from typing import Collection
 
-from harness.report import decomposition, disclosure, plots, stats
+from harness.report import decomposition, disclosure, plots, scaling, stats
 from harness.report.frames import KeyExpander, StudyData, load_study, row_label
 from harness.report.paths import redact_paths, show_uri
 from harness.report.tuning import TuningData, load_tuning, param_importances, tuning_frame, tuning_markdown
@@ -58,6 +59,7 @@ def build_report(study: str, tracking_uri: str | None = None, out_dir: str | Pat
         raise HarnessError(f"report: experiment '{data.name}' has no finished trial runs in {data.uri}")
     out = Path(out_dir) if out_dir is not None else Path("results") / data.name
     out.mkdir(parents=True, exist_ok=True)
+    _clear_outputs(out)
     tuning_md = _tuning(tuning, out)
     if data.trials.empty:
         (out / "report.md").write_text(_tuning_only_markdown(data, tuning, tuning_md))
@@ -77,8 +79,23 @@ def build_report(study: str, tracking_uri: str | None = None, out_dir: str | Pat
     figures = _figures(data, comp, abl, out)
     if (fig := plots.decomposition_plot(dec, out / "decomposition.png")) is not None:
         figures["decomposition"] = fig
+    if (fig := _scaling_figure(data, comp, abl, out)) is not None:
+        figures["scaling"] = fig
     (out / "report.md").write_text(_markdown(data, comp, abl, dec, figures, tuning, tuning_md))
     return out
+
+
+#: what a build writes (and so removes first: a rebuild never leaves a figure or table of an
+#: earlier build, e.g. a decomposition the store no longer supports, next to the new report)
+GENERATED = ("report.md", "comparison.*", "ablation.*", "decomposition.*", "scaling.*", "tuning.csv",
+             "tuning_*.png", "accuracy.png", "curves.png", "losses_*.png")
+
+
+def _clear_outputs(out: Path) -> None:
+    for pattern in GENERATED:
+        for f in out.glob(pattern):
+            if f.is_file():
+                f.unlink()
 
 
 def _tuning(tuning: TuningData, out: Path) -> list[str]:
@@ -152,6 +169,7 @@ def _markdown(data: StudyData, comp: pd.DataFrame, abl: pd.DataFrame, dec: pd.Da
           disclosure.scope_line(data)]
     md += _comparison_section(data, comp, figs)
     md += _decomposition_section(data, dec, figs)
+    md += _scaling_section(data, comp, figs)
     md += _ablation_section(data, abl, figs)
     md += tuning_md
     md += _problems_section(data)
@@ -237,6 +255,41 @@ def _decomposition_section(data: StudyData, dec: pd.DataFrame, figs: dict[str, P
         md += [sentence] if sentence else []
         md += [markdown(decomposition.decomposition_display(dec, split, "md"))]
     md += _fig(figs, "decomposition", "Gap to the supervised student per term")
+    return md
+
+
+def _scaling_figure(data: StudyData, comp: pd.DataFrame, abl: pd.DataFrame, out: Path) -> Path | None:
+    """``scaling.csv`` and ``scaling.png``: only when splits cut the same classes into different K."""
+    frame = scaling.scaling_frame(comp, data)
+    if scaling.write_csv(frame, out / "scaling.csv") is None:
+        return None
+    labels = list(comp.loc[comp["kind"] != "teacher", "row"]) + list(abl["row"])  # the palette of _figures
+    return plots.scaling_plot(frame, plots.palette(labels), out / "scaling.png")
+
+
+def _scaling_section(data: StudyData, comp: pd.DataFrame, figs: dict[str, Path]) -> list[str]:
+    """Union accuracy against the number of teachers K (only when splits cut the same classes into
+    different K)."""
+    frame = scaling.scaling_frame(comp, data)
+    if frame.empty:
+        return []
+    ns = frame.loc[frame["kind"] == "method", "n"]
+    n = int(ns.mode().iloc[0]) if len(ns) else 0
+    width = (f" With n = {n} seeds the interval is mean ± {scaling.t_half_width(n):.2f} × std."
+             if n >= 2 else "")
+    md = ["## Scaling with the number of teachers K\n",
+          "Union accuracy of the model after the last epoch (the primary metric) against K, the number of tasks "
+          "(one teacher each) that a split cuts the same classes into. Cells: mean ± std over seeds "
+          "[95% t-interval of the mean: mean ± t(0.975, n − 1) · std / √n] (n seeds), in %; n = 1 (the "
+          f"seed-independent claiming ensemble) has no interval.{width} One column per split: splits with "
+          "the same K are different partitions and are not pooled. † uses labels.\n"]
+    for group in dict.fromkeys(frame["group"]):
+        md += [f"### Data set {group}\n", markdown(scaling.scaling_display(frame, group))]
+        md += ["".join(f"- {s}\n" for s in scaling.scaling_sentences(frame, group))]
+    out = scaling.left_out(frame, scaling.split_infos(comp, data))
+    if out:
+        md.append(f"Not in this view: {'; '.join(out)}.\n")
+    md += _fig(figs, "scaling", "Union accuracy vs number of teachers K")
     return md
 
 

@@ -107,3 +107,22 @@ def test_largest_loss() -> None:
     assert dec.largest_loss({"teachers": 0.01, "routing": 0.03, "distillation_loss": -0.02}) == "routing"
     assert dec.largest_loss({"teachers": -0.01, "routing": 0.0, "distillation_loss": -0.02}) == "none"
     assert dec.largest_loss({"teachers": 0.05, "routing": 0.01, "distillation_loss": float("nan")}) == "teachers"
+
+
+def test_a_rebuild_leaves_no_output_of_an_earlier_build(built, store_uri) -> None:
+    """Built into a folder that holds a decomposition (and a stray scaling view) from an earlier
+    build, a report of a store without oracle diagnostics removes them: no stale table or figure
+    next to the new report. Files that are not the report's stay."""
+    import shutil
+
+    from harness.report.build import build_report
+
+    out, _ = built
+    folder = out.parent / "rebuilt"
+    shutil.copytree(out, folder)
+    (folder / "scaling.csv").write_text("stale")
+    (folder / "notes.txt").write_text("mine")
+    build_report(store.STUDY, tracking_uri=store_uri, out_dir=folder)
+    left = {p.name for p in folder.iterdir()}
+    assert not {"decomposition.csv", "decomposition.png", "scaling.csv"} & left
+    assert {"notes.txt", "report.md", "comparison.csv", "accuracy.png"} <= left
