@@ -199,23 +199,73 @@ class PartitionSpec(_Strict):
         return sorted(v)
 
 
+class TransferConfig(_Strict):
+    """A transfer set: the unlabelled images the label-free students of a split learn from, when
+    they are not the union of the teachers' training images (e.g. CIFAR-100 teachers, CIFAR-10
+    images: out-of-distribution transfer).
+
+    The pool is ``fraction`` of the transfer data set's training part (its training images less
+    the fixed validation holdout every source gets, so never a validation or test image): a fixed
+    subset drawn with ``numpy.random.default_rng(0)``, which reads no label. ``classes`` keeps
+    only those classes of the transfer set first (e.g. to keep it disjoint from the teachers'
+    classes); it is the only place the transfer set's labels are read, and the pool keeps none.
+    Images are resized to the split's image size and converted to its channel count when loaded
+    (:func:`harness.data.splits.load_pool`)."""
+
+    dataset: str
+    root: str | None = None
+    fraction: float = Field(1.0, gt=0.0, le=1.0)
+    classes: list[int] | None = None
+
+    @field_validator("dataset")
+    @classmethod
+    def _registered(cls, v: str) -> str:
+        from harness.data.datasets import DATASETS
+
+        if v not in DATASETS:
+            raise ValueError(f"unknown dataset {v!r} (choose from: {', '.join(DATASETS.names())})")
+        return v
+
+    @field_validator("classes")
+    @classmethod
+    def _classes_ok(cls, v: list[int] | None) -> list[int] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("empty: list the transfer set's classes to keep, or remove it for all classes")
+        if any(c < 0 for c in v):
+            raise ValueError("class ids must be >= 0")
+        if len(set(v)) != len(v):
+            raise ValueError("a class is listed twice")
+        return sorted(v)
+
+    @property
+    def label(self) -> str:
+        """``transfer:<dataset>:<fraction>`` (the ``harness.pool`` tag of a trial learning from it)."""
+        return f"transfer:{self.dataset}:{self.fraction:g}"
+
+
 class SplitConfig(_Strict):
     """A task split: explicit ``tasks`` (each a class list of the study data set or a whole data
     set), or a ``partition`` generator of the study data set's classes; exactly one of the two.
+    Optionally a ``transfer`` set: the label-free students' unlabelled images (default: the
+    split's own training images).
 
-    Dumps (and so trial keys) carry only the one given: a ``tasks`` split dumps exactly as it did
-    before ``partition`` existed."""
+    Dumps (and so trial keys) carry only the fields given: a ``tasks`` split dumps exactly as it
+    did before ``partition`` and ``transfer`` existed."""
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.+\-]+$")
     tasks: list[Task] | None = Field(None, min_length=2)
     partition: PartitionSpec | None = None
     #: optional per-split teachers (one per task, or one for all); else the study's ``teachers``
     teachers: list[TeacherConfig] | None = Field(None, min_length=1)
+    #: optional transfer set: what label-free students learn from instead of the training images
+    transfer: TransferConfig | None = None
 
     @model_serializer(mode="wrap")
     def _only_the_given_form(self, handler: Any) -> dict[str, Any]:
         out = handler(self)
-        for f in ("tasks", "partition"):
+        for f in ("tasks", "partition", "transfer"):
             if getattr(self, f) is None:
                 out.pop(f, None)
         return out

@@ -13,10 +13,12 @@ a retrained teacher whose weights differ (a corrupt entry retrained on a non-det
 an entry replaced by another) never meets the statistics or outputs of the old weights.
 
 The *pool* is what the student learns from without labels: the split's training images (the
-union of the tasks' training parts). The routing statistics include a background Gaussian fitted
-on the pool in each teacher's feature space (claim score ``rmd``), so they are keyed by the
-teacher's weights *and* the pool: by the digest of the teacher's features on the pool
-(:func:`pool_digest`), a content hash, so any change of the pool's images refits them.
+union of the tasks' training parts), or its transfer set when it has one (``splits[i].transfer``,
+:attr:`harness.data.splits.SplitData.pool_part`). The routing statistics include a background
+Gaussian fitted on the pool in each teacher's feature space (claim score ``rmd``), so they are
+keyed by the teacher's weights *and* the pool: by the digest of the teacher's features on the pool
+(:func:`pool_digest`), a content hash, so any change of the pool's images refits them. Everything
+else about a teacher (its training, class means, standardisation) stays on its own labelled data.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Literal, Mapping
 
 import torch
 from torch import Tensor
@@ -191,7 +193,8 @@ def get_teachers(
     device: str = "cpu", on_ready: Callable[[TeacherRecord], None] | None = None,
 ) -> list[TeacherRecord]:
     """Train or load every teacher of a split (``on_ready`` is called for each, e.g. to log it),
-    then their outputs on the pool (:func:`cached_outputs`) and their routing statistics."""
+    then their outputs on the pool (:func:`cached_outputs`: the transfer set when the split has
+    one) and their routing statistics (own data, with the ``rmd`` background fitted on the pool)."""
     records = []
     for k, cfg in enumerate(cfgs):
         spec = teacher_spec(split, k, dataset, cfg)
@@ -211,17 +214,29 @@ def get_teachers(
         if on_ready is not None:
             on_ready(rec)
         records.append(rec)
-    _, pool_feats = cached_outputs(records, split, cache_dir)
+    _, pool_feats = cached_outputs(records, split, cache_dir, "pool")
     for rec, feats in zip(records, pool_feats):
         rec.stats = routing_stats(rec, split, feats, cache_dir)
     return records
 
 
-def outputs_path(records: list[TeacherRecord], split: SplitData, cache_dir: str | None = None) -> Path:
-    """``outputs-<hash>.pt``, the hash over the teachers' keys and weight digests and the split's
-    tasks, sources and training-set size."""
-    desc = {"teachers": [[r.key, r.digest] for r in records], "split": split.describe()["tasks"],
-            "sources": [(t.dataset, t.root) for t in split.tasks], "n": len(split.parts["train"])}
+#: which images teachers' outputs are cached for: the student's ``pool`` or the ``train`` part
+OutputsOf = Literal["pool", "train"]
+
+
+def outputs_path(
+    records: list[TeacherRecord], split: SplitData, cache_dir: str | None = None, part: OutputsOf = "pool"
+) -> Path:
+    """``outputs-<hash>.pt``, the hash over the teachers' keys and weight digests (which cover
+    image size and validation fraction) and the split's tasks, sources and training-set size; for
+    the pool of a split with a transfer set also the transfer set (its config, the split's image
+    shape it was converted to, its size). Without one, the pool is the training part: one file."""
+    desc: dict[str, Any] = {"teachers": [[r.key, r.digest] for r in records], "split": split.describe()["tasks"],
+                            "sources": [(t.dataset, t.root) for t in split.tasks], "n": len(split.parts["train"])}
+    if part == "pool" and split.pool is not None:
+        assert split.transfer is not None
+        desc["transfer"] = {**split.transfer.model_dump(mode="json"), "in_shape": list(split.in_shape),
+                            "n": len(split.pool)}
     return cache_root(cache_dir) / "teachers" / f"outputs-{stable_hash(desc)}.pt"
 
 
@@ -234,16 +249,19 @@ def cache_files(records: list[TeacherRecord], split: SplitData, cache_dir: str |
 
 
 def cached_outputs(
-    records: list[TeacherRecord], split: SplitData, cache_dir: str | None = None
+    records: list[TeacherRecord], split: SplitData, cache_dir: str | None = None, part: OutputsOf = "pool"
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """The frozen teachers' (logits, features) on the split's training images, computed once per
-    split and stored next to the checkpoints (keyed by the digests of the teachers' weights and
-    the split, :func:`outputs_path`), so every method, variant and seed of the split reuses them."""
+    """The frozen teachers' (logits, features) on the split's pool (``part="pool"``: the transfer
+    set if the split has one, else the training images) or on its training images
+    (``part="train"``: what a method that uses labels trains on), computed once per split and
+    stored next to the checkpoints (keyed by the digests of the teachers' weights and the split,
+    :func:`outputs_path`), so every method, variant and seed of the split reuses them."""
     from harness.methods.base import TeacherSet
     from harness.train import teacher_outputs
 
-    n = len(split.parts["train"])
-    path = outputs_path(records, split, cache_dir)
+    images = split.pool_part if part == "pool" else split.parts["train"]
+    n = len(images)
+    path = outputs_path(records, split, cache_dir, part)
     if path.exists():
         try:
             blob = torch.load(path, map_location="cpu", weights_only=True)
@@ -251,6 +269,6 @@ def cached_outputs(
                 return blob["logits"], blob["feats"]
         except Exception as e:
             warnings.warn(f"teacher-output cache {path} is unreadable ({type(e).__name__}); recomputing", stacklevel=2)
-    logits, feats = teacher_outputs(TeacherSet([r.net for r in records]), split.parts["train"].x)
+    logits, feats = teacher_outputs(TeacherSet([r.net for r in records]), images.x)
     _save_atomic(path, {"logits": logits, "feats": feats})
     return logits, feats

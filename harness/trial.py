@@ -21,11 +21,11 @@ import yaml
 
 from harness import __version__
 from harness.config import StudyConfig
-from harness.data.splits import SplitData, build_split
+from harness.data.splits import SplitData, attach_pool, build_split
 from harness.grid import Trial, resolved_config
 from harness.methods.base import SplitInfo, TeacherSet, get_method
 from harness.models import build_model
-from harness.teachers import TeacherRecord, cached_outputs, get_teachers
+from harness.teachers import OutputsOf, TeacherRecord, cached_outputs, get_teachers
 from harness.tracking import TAG, Tracker, version_tags
 from harness.train import (
     EVAL_BATCH, EarlyStop, EpochCallback, NonFiniteLossError, determinism, effective_precision, fit,
@@ -119,17 +119,22 @@ def route_in_chunks(method: Any, logits: list[torch.Tensor], feats: list[torch.T
 
 @torch.no_grad()
 def diagnostics(
-    method: Any, teachers: TeacherSet, data: SplitData, device: str, train_outputs: Any = None
+    method: Any, teachers: TeacherSet, data: SplitData, device: str, pool_outputs: Any = None
 ) -> dict[str, float]:
     """Label-free quality measures; labels are read here only to *measure*, never to train.
 
-    - ``diag/pseudo_label_acc``: accuracy of the pseudo-labels on the training images;
+    The *pool* is the split's unlabelled images (:attr:`SplitData.pool_part`: the training
+    images, or the transfer set); ``pool_outputs`` are the teachers' outputs on it, if at hand.
+
+    - ``diag/pseudo_label_acc``: accuracy of the pseudo-labels on the pool; not logged when the
+      pool is a transfer set (it has no labels);
     - ``diag/ensemble_union_acc``: the claiming-teacher ensemble's union accuracy on the test split;
     - ``diag/oracle_pseudo_label_acc``, ``diag/oracle_ensemble_acc``: the same with oracle routing,
       each image sent to the teacher of its own task (:func:`harness.routing.oracle_labels`): the
-      teachers' ceiling, so that oracle - claiming is what routing costs;
-    - ``diag/probe_acc``: logistic regression on the student's features fitted to the training
-      pseudo-labels, scored on the test split.
+      teachers' ceiling, so that oracle - claiming is what routing costs (the pool's, again, not
+      with a transfer set: its images belong to no task);
+    - ``diag/probe_acc``: logistic regression on the student's features of the pool fitted to
+      the pool's pseudo-labels, scored on the test split.
 
     Memory: images, teacher outputs and student features are computed in chunks of
     :data:`~harness.train.EVAL_BATCH` images and routing runs chunk by chunk
@@ -147,24 +152,28 @@ def diagnostics(
 
     out = {}
     pls = {}
-    for part in ("train", "test"):
-        if part == "train" and train_outputs is not None:
-            logits, feats = train_outputs
+    parts = {"pool": data.pool_part, "test": data.parts["test"]}
+    labelled = {"pool": data.pool is None, "test": True}  # a transfer set has no labels to measure with
+    for part, images in parts.items():
+        if part == "pool" and pool_outputs is not None:
+            logits, feats = pool_outputs
         else:
-            logits, feats = teacher_outputs(teachers, on_device(data.parts[part].x, device), device=device)
+            logits, feats = teacher_outputs(teachers, on_device(images.x, device), device=device)
         pls[part] = route_in_chunks(method, logits, feats)
-        oracle = oracle_labels([z.cpu() for z in logits], data.parts[part].t, data.offsets)
-        name = "oracle_pseudo_label_acc" if part == "train" else "oracle_ensemble_acc"
-        out[f"diag/{name}"] = (oracle == data.parts[part].y).float().mean().item()
-    out["diag/pseudo_label_acc"] = (pls["train"] == data.parts["train"].y).float().mean().item()
+        if labelled[part]:
+            oracle = oracle_labels([z.cpu() for z in logits], images.t, data.offsets)
+            name = "oracle_pseudo_label_acc" if part == "pool" else "oracle_ensemble_acc"
+            out[f"diag/{name}"] = (oracle == images.y).float().mean().item()
+    if labelled["pool"]:
+        out["diag/pseudo_label_acc"] = (pls["pool"] == parts["pool"].y).float().mean().item()
     out["diag/ensemble_union_acc"] = (pls["test"] == data.parts["test"].y).float().mean().item()
     if method.trains:
-        feats = {p: predict_all(method.student.features, on_device(data.parts[p].x, device), device=device).cpu().numpy()
+        feats = {p: predict_all(method.student.features, on_device(parts[p].x, device), device=device).cpu().numpy()
                  for p in pls}
-        mu, sd = feats["train"].mean(0), feats["train"].std(0) + 1e-6
-        y_pl = pls["train"].numpy()
+        mu, sd = feats["pool"].mean(0), feats["pool"].std(0) + 1e-6
+        y_pl = pls["pool"].numpy()
         if len(np.unique(y_pl)) > 1:
-            clf = LogisticRegression(max_iter=300).fit((feats["train"] - mu) / sd, y_pl)
+            clf = LogisticRegression(max_iter=300).fit((feats["pool"] - mu) / sd, y_pl)
             pred = clf.predict((feats["test"] - mu) / sd)
             out["diag/probe_acc"] = float((pred == data.parts["test"].y.numpy()).mean())
     return out
@@ -246,9 +255,15 @@ def _train_and_measure(
     final metrics with the diagnostics (not yet logged)."""
     cls = get_method(trial.method)
     split_cfg = next((i, s) for i, s in enumerate(study.splits) if s.name == trial.split)
-    data = data or build_split(split_cfg[1], study.dataset, f"splits[{split_cfg[0]}]")
+    field = f"splits[{split_cfg[0]}]"
+    # the pool too, whatever built ``data`` (e.g. tuning's copy without the test part)
+    data = attach_pool(data or build_split(split_cfg[1], study.dataset, field), split_cfg[1], study.dataset, field)
     records = prepare_teachers(study, data, device=device, seed=trial.seed)
-    tracker.set_tags(run_id, teacher_tags(records))
+    # label-free methods learn from the pool (a transfer set, if any); scratch from the labelled part
+    learns_from: OutputsOf = "train" if cls.uses_labels else "pool"
+    train_data = data.student_view(cls.uses_labels)
+    tracker.set_tags(run_id, {**teacher_tags(records),
+                              f"{TAG}pool": "train" if cls.uses_labels else data.pool_label})
     teachers = TeacherSet([r.net for r in records], [r.stats for r in records])
     torch.manual_seed(trial.seed)
     np.random.seed(trial.seed)
@@ -264,9 +279,9 @@ def _train_and_measure(
             epoch_hook(epoch, metrics)
 
     # frozen teachers, no augmentation: their outputs come from the per-split disk cache
-    outputs = None if study.train.augment else cached_outputs(records, data, study.cache_dir)
+    outputs = None if study.train.augment else cached_outputs(records, data, study.cache_dir, learns_from)
     try:
-        res = fit(method, data, study.train, trial.seed, device, on_epoch, cached_outputs=outputs)
+        res = fit(method, train_data, study.train, trial.seed, device, on_epoch, cached_outputs=outputs)
     except BaseException:
         try:
             curves.flush()  # the epochs so far, also of a trial that fails or is pruned ...
@@ -275,8 +290,11 @@ def _train_and_measure(
         raise
     curves.flush()
     final = dict(res.final)
+    final["pool_size"] = float(len(train_data.parts["train"]))
     if diagnose:
-        final.update(diagnostics(method, teachers, data, device, outputs))
+        same = learns_from == "pool" or data.pool is None  # ``outputs`` are on the pool
+        pool_outputs = outputs if same or outputs is None else cached_outputs(records, data, study.cache_dir)
+        final.update(diagnostics(method, teachers, data, device, pool_outputs))
     return final
 
 

@@ -99,6 +99,7 @@ def test_every_committed_study_file_is_valid(path: Path) -> None:
     ("cifar100-2x50", {"2x50": [(0, 50), (50, 100)]}, 32),
     ("cifar100-scaling", {f"k{k}": [(i * 100 // k, (i + 1) * 100 // k) for i in range(k)] for k in (2, 5, 10, 20)},
      68),
+    ("cifar100-ood", {"2x50-cifar10": [(0, 50), (50, 100)]}, 20),
 ])
 def test_cifar_studies_build_on_real_format_data(tmp_path: Path, name: str, tasks: dict, n_trials: int,
                                                  capsys: pytest.CaptureFixture) -> None:
@@ -130,3 +131,52 @@ def test_finegrained_template_builds_on_image_folders(tmp_path: Path) -> None:
     assert data.sizes == [3, 2] and data.in_shape == (3, 64, 64)  # resized to image_size
     assert [t.root for t in data.tasks] == [str(tmp_path / "task0"), str(tmp_path / "task1")]
     assert study.student.arch == "resnet18" and len(expand(study)) == 32
+
+
+def _smoke(name: str, tmp: Path) -> Path:
+    """The localised study shrunk to a smoke run on a CPU: two classes per task, 4x4 images (the
+    study's architectures as written: their cost is the convolutions, so the images are what
+    shrinks), two epochs for teachers and students, one seed, no ablation variants (the same code
+    path as the full method with a weight at 0, tested elsewhere) and only the best routing rule
+    (the default rule is every method's full row). The scaling study keeps K = 2 and 5 (K = 10 and
+    20 are the same code with more teachers)."""
+    path = _localised(name, tmp)
+    spec = yaml.safe_load(path.read_text())
+    spec["dataset"]["image_size"] = 4
+    spec.update(seeds=[0], trials_per_device=1, ablations=[], routing=["rmd/z/routed"])
+    spec["train"].update(epochs=2, batch_size=16)
+    spec["splits"] = [s for s in spec["splits"] if s.get("partition", {}).get("k", 2) <= 5]
+    for split in spec["splits"]:
+        if "partition" in split:
+            split["partition"]["classes"] = list(range(2 * split["partition"]["k"]))
+        for t in split.get("teachers") or []:
+            t.update(epochs=2, batch_size=16)
+    for t in spec.get("teachers") or []:
+        t.update(epochs=2, batch_size=16)
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", PAPER)
+def test_paper_scale_studies_run_end_to_end_as_smoke(tmp_path: Path, name: str) -> None:
+    """Two epochs, two classes per task, every method of the file, with its teachers and the rmd
+    routing rule: all trials finish, every trial logged the oracle diagnostics, and the report
+    builds with its error decomposition."""
+    from mlflow.tracking import MlflowClient
+
+    from harness.config import load_study
+    from harness.report.build import build_report
+
+    path = _smoke(name, tmp_path)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert run_study(path, tracking_uri=uri, report=False) == 0
+    study = load_study(path)
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(study.name)
+    runs = client.search_runs([exp.experiment_id], "tags.`harness.kind` = 'trial'", max_results=1000)
+    assert len(runs) == len(expand(study)) and {r.info.status for r in runs} == {"FINISHED"}
+    assert all("diag/oracle_ensemble_acc" in r.data.metrics for r in runs)
+    out = build_report(study.name, tracking_uri=uri, out_dir=tmp_path / "report")
+    md = (out / "report.md").read_text()
+    assert "## Comparison" in md and "## Error decomposition" in md

@@ -11,11 +11,16 @@ used for final metrics only.
 A ``partition: {k, order, seed, classes}`` split is resolved here, where the data set's class
 count is known (:func:`resolve_partition`); the built :class:`SplitData` carries the concrete
 class list of every task, like an explicit ``tasks`` split.
+
+The *pool* is what the label-free student learns from: the training part, or a split's
+``transfer`` set (:func:`load_pool`), loaded here with the split and carried as
+:attr:`SplitData.pool` without labels (``y = t = -1``). Teachers, their own-data statistics and
+every evaluation (val/test) stay on the split's own parts.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Literal
 
@@ -23,7 +28,7 @@ import numpy as np
 import torch
 from sklearn.model_selection import train_test_split
 
-from harness.config import DatasetConfig, PartitionSpec, SplitConfig, TaskSource
+from harness.config import DatasetConfig, PartitionSpec, SplitConfig, TaskSource, TransferConfig
 from harness.data.datasets import ArraySet, load_dataset
 from harness.data.stream import STREAMABLE, LazyImages, LazySet, cat_images, is_lazy, open_lazy
 from harness.errors import HarnessError
@@ -62,11 +67,36 @@ class PartData:
 
 @dataclass
 class SplitData:
-    """Everything a trial needs to know about one split's data."""
+    """Everything a trial needs to know about one split's data.
+
+    ``pool``: the split's transfer set (``splits[i].transfer``), the unlabelled images label-free
+    students learn from, labels and task ids -1; None when they learn from the training part.
+    ``transfer``: its config (None with it)."""
 
     name: str
     tasks: list[TaskInfo]
     parts: dict[str, PartData]
+    pool: PartData | None = None
+    transfer: TransferConfig | None = None
+
+    @property
+    def pool_part(self) -> PartData:
+        """The student's unlabelled images: the transfer set, else the training part (whose
+        labels only the diagnostics may read)."""
+        return self.pool if self.pool is not None else self.parts["train"]
+
+    @property
+    def pool_label(self) -> str:
+        """``train``, or ``transfer:<dataset>:<fraction>`` (the ``harness.pool`` tag)."""
+        return "train" if self.transfer is None else self.transfer.label
+
+    def student_view(self, uses_labels: bool) -> "SplitData":
+        """What a method trains on: with a transfer set, a label-free method's training part is
+        the pool; a method that ``uses_labels`` keeps the labelled training part. Validation and
+        test parts are the split's own either way."""
+        if self.pool is None or uses_labels:
+            return self
+        return replace(self, parts={**self.parts, "train": self.pool})
 
     @property
     def sizes(self) -> list[int]:
@@ -91,12 +121,15 @@ class SplitData:
         return p.x[mask], p.y[mask] - self.offsets[k]
 
     def describe(self) -> dict[str, object]:
-        return {
+        out: dict[str, object] = {
             "tasks": [list(t.classes) for t in self.tasks],
             "sources": [t.dataset for t in self.tasks],
             "sizes": {p: len(d) for p, d in self.parts.items()},
             "in_shape": list(self.in_shape),
         }
+        if self.pool is not None:
+            out["pool"] = {"source": self.pool_label, "n": len(self.pool)}
+        return out
 
 
 @lru_cache(maxsize=8)
@@ -110,7 +143,14 @@ def _source(
     xtr, ytr = ds.x_train, ds.y_train
     if val_fraction > 0:
         idx = np.arange(len(ytr))
-        strat = ytr.numpy() if np.bincount(ytr.numpy()).min() >= 2 else None
+        counts = np.bincount(ytr.numpy())
+        strat = ytr.numpy() if counts.min() >= 2 else None
+        n_val, n_classes = int(np.ceil(val_fraction * len(ytr))), int((counts > 0).sum())
+        if strat is not None and (n_val < n_classes or len(ytr) - n_val < n_classes):
+            raise HarnessError(
+                f"dataset.val_fraction: {val_fraction} of the {len(ytr)} training images of '{name}' is {n_val} "
+                f"validation images, fewer than its {n_classes} classes (a stratified hold-out needs one per class, "
+                "and as many left to train on): raise val_fraction or use more images")
         tr, va = train_test_split(idx, test_size=val_fraction, stratify=strat, random_state=0)
         tr, va = np.sort(tr), np.sort(va)
         parts = {"train": (xtr[tr], ytr[tr]), "val": (xtr[va], ytr[va])}
@@ -230,4 +270,84 @@ def build_split(split: SplitConfig, dataset: DatasetConfig, field: str = "splits
     for k in range(len(tasks)):
         if int((parts["train"].t == k).sum()) == 0:
             raise HarnessError(f"{specs[k][3]}: no training images for this task")
-    return SplitData(split.name, tasks, parts)
+    return attach_pool(SplitData(split.name, tasks, parts), split, dataset, field)
+
+
+#: seed of the fixed random subset a transfer set's ``fraction`` draws
+POOL_SEED = 0
+
+
+def _convert_channels(x: torch.Tensor, channels: int, where: str, name: str) -> torch.Tensor:
+    """1 -> 3 channels by repetition, 3 -> 1 by the mean of the channels; HarnessError otherwise."""
+    have = x.shape[1]
+    if have == channels:
+        return x
+    if have == 1 and channels == 3:
+        return x.expand(-1, 3, -1, -1).contiguous()
+    if have == 3 and channels == 1:
+        return x.mean(1, keepdim=True)
+    raise HarnessError(
+        f"{where}.dataset: '{name}' has {have}-channel images but the split's have {channels} "
+        "(only 1 -> 3 and 3 -> 1 channels are converted)"
+    )
+
+
+def load_pool(
+    transfer: TransferConfig, dataset: DatasetConfig, in_shape: tuple[int, int, int], field: str = "splits[0]",
+    task_sources: tuple[tuple[str, str | None], ...] = (),
+) -> PartData:
+    """A transfer set's pool: ``transfer.fraction`` of its training part (the training images
+    less the fixed ``dataset.val_fraction`` holdout, as for every source: never a validation or
+    test image), first restricted to ``transfer.classes`` (the only read of its labels), then a
+    subset of ``round(fraction * n)`` images drawn by ``numpy.random.default_rng(POOL_SEED)``
+    (no label read), kept in the data set's order. Resized (bilinear, antialiased, as
+    ``dataset.image_size`` does) to the split's square size ``in_shape[1:]`` and converted to its
+    channel count; labels and task ids are -1. Always in memory (``dataset.stream`` is about the
+    split's own images). HarnessError naming ``{field}.transfer...`` when that is impossible."""
+    where = f"{field}.transfer"
+    channels, h, w = in_shape
+    if h != w:
+        raise HarnessError(f"{where}: the split's images are {h}x{w}, not square; set dataset.image_size "
+                           "to resize everything to one square size")
+    # a source the split's tasks already read at this size is the same cached load
+    size = None if dataset.image_size is None and (transfer.dataset, transfer.root) in task_sources else h
+    try:
+        src = _source(transfer.dataset, transfer.root, size, dataset.val_fraction, False)  # args as build_split's
+    except HarnessError as e:
+        msg = str(e)
+        msg = (f"{where}.root:{msg.removeprefix('dataset.root:')}" if msg.startswith("dataset.root:")
+               else f"{where}: {msg}")
+        raise HarnessError(msg) from None
+    x, y = src["train"]
+    num_classes = src["meta"][0]
+    if transfer.classes is not None:
+        bad = [c for c in transfer.classes if c >= num_classes]
+        if bad:
+            raise HarnessError(f"{where}.classes: class {bad[0]} is out of range for data set "
+                               f"'{transfer.dataset}' (classes 0..{num_classes - 1})")
+        keep = torch.isin(y, torch.tensor(transfer.classes))
+        x = x[keep]
+    n = len(x)
+    m = int(round(transfer.fraction * n))
+    if m < 2:
+        raise HarnessError(f"{where}.fraction: {transfer.fraction:g} of the {n} training images of "
+                           f"'{transfer.dataset}' leaves {m}; the pool needs at least 2")
+    if m < n:
+        idx = np.sort(np.random.default_rng(POOL_SEED).permutation(n)[:m])
+        x = x[torch.from_numpy(idx)]
+    if tuple(x.shape[2:]) != (h, w):  # a loader that cannot resize (cannot happen for registered ones)
+        raise HarnessError(f"{where}: images of '{transfer.dataset}' are {tuple(x.shape[2:])}, not {(h, w)}")
+    x = _convert_channels(x, channels, where, transfer.dataset)
+    none = torch.full((m,), -1, dtype=torch.long)
+    return PartData(x, none, none.clone())
+
+
+def attach_pool(data: SplitData, split: SplitConfig, dataset: DatasetConfig, field: str = "splits[0]") -> SplitData:
+    """``data`` with the pool of ``split.transfer`` (:func:`load_pool`), unless it has no transfer
+    set or already carries its pool: idempotent, so a trial can make sure of it whatever built
+    its data (e.g. a copy that dropped the pool)."""
+    if split.transfer is None or (data.pool is not None and data.transfer == split.transfer):
+        return data
+    sources = tuple((t.dataset, t.root) for t in data.tasks)
+    pool = load_pool(split.transfer, dataset, data.in_shape, field, sources)
+    return replace(data, pool=pool, transfer=split.transfer)

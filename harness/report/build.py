@@ -217,6 +217,7 @@ def _comparison_section(data: StudyData, comp: pd.DataFrame, figs: dict[str, Pat
           disclosure.labels_paragraph(data, comp),
           disclosure.teacher_sentence(data, comp),
           disclosure.seed_std_sentence(data)]
+    md += [s for s in (disclosure.pool_sentence(data),) if s]
     for split in data.splits:
         if not (comp["split"] == split).any():
             continue

@@ -110,6 +110,30 @@ def teacher_sentence(data: StudyData, comp: pd.DataFrame) -> str:
             + ". Claiming ensemble: each test image routed to the teacher that claims it.\n")
 
 
+def pool_sentence(data: StudyData) -> str:
+    """Which splits' label-free students learned from a transfer set (tag ``harness.pool``), so
+    that no reader takes their rows for students of the teachers' own training images."""
+    t = data.trials
+    if "pool" not in t:
+        return ""
+    free = t[~t["uses_labels"].astype(bool) & t["pool"].astype(str).str.startswith("transfer:")]
+    if free.empty:
+        return ""
+    parts = []
+    for split, pools in free.groupby("split", sort=True)["pool"]:
+        for pool in sorted(set(pools)):
+            _, name, fraction = pool.split(":", 2)
+            sizes = sorted({int(v) for v in t.loc[(t["split"] == split) & (t["pool"] == pool), "pool_size"].dropna()}) \
+                if "pool_size" in t else []
+            n = f", {sizes[0]:,} images" if len(sizes) == 1 else ""
+            share = "" if float(fraction) == 1.0 else f" ({float(fraction):g} of its training part)"
+            parts.append(f"on `{split}` from the transfer set `{name}`{share}{n}")
+    return ("Transfer sets: the label-free students learned " + "; ".join(parts) + ", not from the teachers' training "
+            "images; teachers, their routing statistics and every evaluation stayed on the split's own data, and "
+            "methods that use labels (†) trained on the split's labelled training images. Pseudo-label accuracies "
+            "are not defined there (the transfer images have no labels of the union classes).\n")
+
+
 def seed_std_sentence(data: StudyData) -> str:
     """What the std over seeds contains (``teacher_seeds`` of the logged study file)."""
     mode = data.study.get("teacher_seeds", "fixed") if data.study_yaml else None  # the field's default

@@ -49,12 +49,13 @@ FINAL_PREFIXES = ("test/", "diag/")
 #: ``gpu_peak_mb`` (CUDA trials; also logged per epoch, the final value is the trial's peak) and
 #: ``cuda_max_allocated_mb`` (the older GPU metric, still logged beside it)
 FINAL_KEYS = ("val/union_acc_best", "best_epoch", "trial_seconds", "peak_rss_mb", "gpu_peak_mb",
-              "cuda_max_allocated_mb")
+              "cuda_max_allocated_mb", "pool_size")
 PROVENANCE = ("version", "torch_version", "mlflow_version", "numpy_version", "python_version", "git_commit",
               "git_dirty")  # harness.<name> tags of a trial run
 INFO_COLUMNS = ["run_id", "run_name", "status", "start_time", "end_time", "split", "method", "variant",
                 "seed", "trial_key", "uses_labels", "failure", "failure_kind", "seeded", *PROVENANCE,
-                "deterministic"]  # harness.deterministic: "true"/"false" as the trial read it back, "" if older
+                "deterministic", "pool"]  # harness.deterministic: "true"/"false" as the trial read it back, "" if
+# older; harness.pool: what the student learned from, "train" or "transfer:<dataset>:<fraction>", "" if older
 STUDY_ARTIFACT = "study.yaml"
 #: a study file's text -> its trial keys (``harness.grid.expand``; the CLI supplies it)
 KeyExpander = Callable[[str], Sequence[str]]
@@ -172,6 +173,7 @@ def _info(run: Any) -> dict[str, Any]:
         "seeded": tags.get(f"{TAG}seeded", ""),
         **{name: tags.get(f"{TAG}{name}", "") for name in PROVENANCE},
         "deterministic": tags.get(f"{TAG}deterministic", ""),
+        "pool": tags.get(f"{TAG}pool", ""),
     }
 
 

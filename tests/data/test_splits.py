@@ -162,3 +162,22 @@ def test_partition_of_an_unstreamable_data_set_names_stream():
     cfg = SplitConfig.model_validate({"name": "k2", "partition": {"k": 2}})
     with pytest.raises(HarnessError, match=r"^dataset\.stream: only .* can be streamed, not 'digits'; remove stream"):
         build_split(cfg, DatasetConfig(name="digits", stream=True))
+
+
+def test_a_hold_out_smaller_than_the_class_count_is_one_line(tmp_path):
+    """12 training images of 4 classes, val_fraction 0.1: 2 validation images cannot hold one per
+    class. One line naming dataset.val_fraction (scikit-learn's own ValueError was a traceback)."""
+    import numpy as np
+
+    from harness.errors import HarnessError
+
+    path = tmp_path / "small.npz"
+    np.savez(path, x_train=np.zeros((12, 1, 8, 8), "float32"), y_train=np.repeat(np.arange(4), 3),
+             x_test=np.zeros((4, 1, 8, 8), "float32"), y_test=np.arange(4))
+    ds = DatasetConfig(name="npz", root=str(path), val_fraction=0.1)
+    with pytest.raises(HarnessError, match=r"^dataset\.val_fraction: 0\.1 of the 12 training images of 'npz' is 2 "
+                                           r"validation images, fewer than its 4 classes") as ei:
+        build_split(SplitConfig(name="s", tasks=[[0, 1], [2, 3]]), ds)
+    assert "\n" not in str(ei.value)
+    ok = build_split(SplitConfig(name="s", tasks=[[0, 1], [2, 3]]), ds.model_copy(update={"val_fraction": 0.34}))
+    assert len(ok.parts["val"]) == 5 and len(ok.parts["train"]) == 7
