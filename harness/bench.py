@@ -7,6 +7,9 @@
   teachers live on every batch. Target <= 0.5.
 - ``makespan_ratio``: wall time of a small study on the local pool with N slots over the sum of
   its trials' own durations divided by N. Target <= 1.10.
+- ``estimate_ratio`` (CPU): ``harness run-study --estimate``'s wall time of that study
+  (:mod:`harness.estimate`, computed just before it runs) over its measured wall time. Target
+  within [0.7, 1.3].
 Absolute images/s and peak memory are printed as context. Each pair is measured alternately
 (A, B, A, B, ...) and compared by medians, so background load affects both sides alike.
 
@@ -45,6 +48,8 @@ from harness.errors import HarnessError
 #: figure -> (direction, target); "<=": lower is better
 TARGETS = {"overhead_ratio": ("<=", 1.03), "cache_ratio": ("<=", 0.5), "makespan_ratio": ("<=", 1.10)}
 GPU_TARGETS = {"packing_ratio": (">=", 2.0)}
+#: "in": within [low, high]
+CPU_TARGETS = {"estimate_ratio": ("in", (0.7, 1.3))}
 #: trials per GPU of the packed run of the packing benchmark
 PACK_K = 4
 
@@ -251,17 +256,35 @@ def _spans(runs: list[Any]) -> tuple[float, float]:
     return max(e for _, e in spans) - min(s for s, _ in spans), sum(e - s for s, e in spans)
 
 
+def _estimate(study: dict[str, Any], tmp: Path, workers: int) -> float:
+    """The estimated wall seconds of ``study`` as :func:`_run_timed` runs it (same file, its new
+    store in ``tmp``, teachers not cached). The runner's imports are done first: the measured
+    run's clock starts after them too."""
+    import yaml
+
+    from harness.estimate import estimate_study, import_preload
+
+    import_preload()
+    path = tmp / f"{study['name']}.yaml"
+    path.write_text(yaml.safe_dump(study))
+    with contextlib.redirect_stdout(sys.stderr):
+        return estimate_study(path, workers, f"sqlite:///{tmp}/{study['name']}.db").wall_seconds
+
+
 def bench_makespan(workers: int = 2, trials: int = 8) -> dict[str, float]:
     """Wall time of a small study on the local pool's CPU slots vs the sum of its trials'
-    durations / N."""
+    durations / N, and vs its estimate made just before."""
     tmp = Path(tempfile.mkdtemp(prefix="harness-bench-"))
     try:
-        runs, wall = _run_timed(_small_study("bench-makespan", tmp, trials, devices="cpu"), tmp, workers)
+        study = _small_study("bench-makespan", tmp, trials, devices="cpu")
+        estimated = _estimate(study, tmp, workers)
+        runs, wall = _run_timed(study, tmp, workers)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     makespan, busy = _spans(runs)
     return {"makespan_ratio": makespan / (busy / workers), "makespan_seconds": makespan,
-            "study_wall_seconds": wall, "trial_seconds_sum": busy, "workers": float(workers)}
+            "study_wall_seconds": wall, "trial_seconds_sum": busy, "workers": float(workers),
+            "estimate_ratio": estimated / wall, "estimated_wall_seconds": estimated}
 
 
 def bench_packing(device: str, k: int = PACK_K, trials: int = 2 * PACK_K) -> dict[str, float]:
@@ -308,14 +331,22 @@ def run_bench(device: str | None = None, workers: int = 2, as_json: bool = False
         print(json.dumps(out, sort_keys=True))
         return 0
     print(f"harness bench on {out.get('gpu', device)} ({out['cores']} cores, {out['torch_threads']} torch threads)")
-    for key, (op, target) in {**TARGETS, **(GPU_TARGETS if cuda else {})}.items():
-        ok = out[key] <= target if op == "<=" else out[key] >= target
-        print(f"  {key:<16} {out[key]:6.3f}   target {op} {target:.2f} ({'meets' if ok else 'MISSES'})")
+    for key, (op, target) in {**TARGETS, **(GPU_TARGETS if cuda else CPU_TARGETS)}.items():
+        if op == "in":
+            ok = target[0] <= out[key] <= target[1]
+            goal = f"in [{target[0]:.2f}, {target[1]:.2f}]"
+        else:
+            ok = out[key] <= target if op == "<=" else out[key] >= target
+            goal = f"{op} {target:.2f}"
+        print(f"  {key:<16} {out[key]:6.3f}   target {goal} ({'meets' if ok else 'MISSES'})")
     slots = f"{PACK_K} slots on {device}" if cuda else f"{workers} slots"
     print(f"  context: {out['images_per_second']:.0f} img/s in harness training vs {out['bare_images_per_second']:.0f} "
           f"in a bare loop, cached epoch {out['cached_epoch_seconds']:.2f}s vs live {out['live_epoch_seconds']:.2f}s, "
           f"makespan {out['makespan_seconds']:.1f}s for {out['trial_seconds_sum']:.1f}s of trials on "
           f"{slots}, peak RSS {out['peak_rss_mb']:.0f} MB")
+    if not cuda:
+        print(f"  estimate: {out['estimated_wall_seconds']:.1f}s estimated before the study ran, "
+              f"{out['study_wall_seconds']:.1f}s measured")
     if cuda:
         print(f"  GPU: trials per hour {out['trials_per_hour_1']:.0f} with 1 trial per GPU, "
               f"{out[f'trials_per_hour_{PACK_K}']:.0f} with {PACK_K}; peak memory {out['gpu_peak_mb']:.0f} MB "

@@ -14,6 +14,14 @@ from harness.errors import HarnessError
 
 
 def _cmd_run_study(args: argparse.Namespace) -> int:
+    if args.estimate:
+        if args.dry_run:
+            raise HarnessError("--estimate and --dry-run: give one of them")
+        if args.backend != "local":
+            raise HarnessError("--estimate: estimates the local pool only; drop --backend ray")
+        from harness.estimate import run_estimate  # imports torch itself, timed as the runner's start-up
+
+        return run_estimate(args.study, workers=args.workers, tracking_uri=args.tracking_uri)
     from harness.runner import run_study
 
     return run_study(
@@ -135,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Ray cluster address (with --backend ray; default: start Ray on this machine), "
                         "e.g. auto or ray://head:10001")
     r.add_argument("--no-report", action="store_true", help="do not build the report at the end")
+    r.add_argument("--estimate", action="store_true",
+                   help="run nothing: calibrate each distinct combination briefly on this machine and print the "
+                        "teacher and trial hours per split, device-hours and the estimated wall time")
     r.set_defaults(func=_cmd_run_study)
 
     t = sub.add_parser("tune", help="Optuna search of loss weights, temperatures and recipe on the validation split")

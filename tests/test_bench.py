@@ -36,6 +36,9 @@ def test_bench_json_quick(tmp_path):
     assert out["overhead_ratio"] == pytest.approx(out["bare_images_per_second"] / out["images_per_second"])
     assert out["cache_ratio"] == pytest.approx(out["cached_epoch_seconds"] / out["live_epoch_seconds"])
     assert out["makespan_ratio"] == pytest.approx(out["makespan_seconds"] / (out["trial_seconds_sum"] / out["workers"]))
+    # the estimate of the makespan study, made before it ran, over its measured wall time
+    assert out["estimated_wall_seconds"] > 0 and out["study_wall_seconds"] > out["makespan_seconds"]
+    assert out["estimate_ratio"] == pytest.approx(out["estimated_wall_seconds"] / out["study_wall_seconds"])
     assert out["cache_ratio"] < 1.0  # reading cached outputs is never slower than running two teachers
     assert not {"packing_ratio", "gpu_peak_mb", "cuda_max_allocated_mb"} & set(out)  # GPU figures: --device cuda
     assert not (tmp_path / "mlflow.db").exists()  # the bench uses its own temporary store
