@@ -1,4 +1,4 @@
-"""Command line: ``harness run-study | tune | report | bench | methods | data download``.
+"""Command line: ``harness run-study | tune | report | leaderboard | bench | methods | data download``.
 
 Every user error (bad study file, unknown method, missing data root, ...) is printed as one line
 ``harness: error: ...`` with exit code 2 and no traceback.
@@ -97,6 +97,25 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_leaderboard(args: argparse.Namespace) -> int:
+    """A study file given is scoped by its own trial keys (as in ``report``); a study name by the
+    keys its latest study run logged. One line on stderr per split left out of the aggregates."""
+    from harness.report.leaderboard import build_leaderboard, resolve
+
+    keys = {}
+    for study in args.study:
+        _, text = resolve(study)  # a missing or broken study file: one line, exit 2
+        if text is not None:
+            keys[study] = _study_keys(text, study)
+    board = build_leaderboard(args.study, tracking_uri=args.tracking_uri, out_dir=args.out, normalise=args.normalise,
+                              reps=args.reps, keys=keys,
+                              expand=lambda t: _study_keys(t, "study.yaml logged by the latest study run"))
+    for line in board.left_out:
+        print(f"harness: note: {line.replace('`', '')}", file=sys.stderr)
+    print(f"leaderboard written to {board.out}")
+    return 0
+
+
 def _cmd_data_download(args: argparse.Namespace) -> int:
     """Fetch, verify and extract a CIFAR archive into ``--root`` (nothing to do if present)."""
     from harness.data.download import download_dataset
@@ -173,6 +192,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with a study file: the precision its trials ran at (default: the one this machine's "
                           "devices give; a study run on GPUs with train.amp ran at bf16)")
     rep.set_defaults(func=_cmd_report)
+
+    lb = sub.add_parser("leaderboard", help="one table over several studies: normalised scores per split, IQM and "
+                                            "mean with stratified bootstrap CIs, ranks, P(cka > other), profiles")
+    lb.add_argument("study", nargs="+", help="study names or study files (task = study/split)")
+    lb.add_argument("--tracking-uri")
+    lb.add_argument("--out", default=None, help="output folder (default results/leaderboard)")
+    lb.add_argument("--normalise", choices=("scratch", "teachers", "none"), default="scratch",
+                    help="divide each split's scores by the scratch student's mean (default), the teachers' oracle "
+                         "ensemble (else their claiming ensemble), or nothing")
+    lb.add_argument("--reps", type=_positive_int, default=2000, metavar="N", help="bootstrap replicates (default 2000)")
+    lb.set_defaults(func=_cmd_leaderboard)
 
     b = sub.add_parser("bench", help="overhead, cache and makespan ratios measured in one run")
     b.add_argument("--json", action="store_true", help="print one JSON object")

@@ -438,3 +438,53 @@ def tuning_importance_plot(imps: dict[str, tuning.Importances], path: Path) -> P
         ax.set_ylabel("")
     fig.suptitle("Parameter importances")
     return _save(fig, path)
+
+
+# ----------------------------------------------------------------------------- leaderboard
+def leaderboard_intervals_plot(frame: pd.DataFrame, names: dict[str, str], pal: Palette, axis: str,
+                               path: Path) -> Path | None:
+    """Interval estimates of the leaderboard (:mod:`.leaderboard`), ``rliable`` style: one panel
+    per aggregate (IQM, mean), one row per method in the frame's order (top first), the 95%
+    stratified bootstrap interval as a bar and the point estimate as a black tick (scores x 100)."""
+    d = frame.dropna(subset=["iqm", "mean"])
+    if d.empty:
+        return None
+    rows = list(d["row"])
+    fig, axes = _figure(1, 2, 10.5, 1.3 + 0.42 * len(rows))
+    for ax, (agg, title) in zip(axes[0], (("iqm", "IQM"), ("mean", "Mean"))):
+        for y, (_, r) in enumerate(d.iterrows()):
+            colour = pal.get(r["row"], (0.0, 0.0, 0.0))
+            lo, hi, point = 100 * r[f"{agg}_low"], 100 * r[f"{agg}_high"], 100 * r[agg]
+            ax.barh(y, hi - lo, left=lo, height=0.6, color=colour, alpha=0.75, edgecolor=colour, linewidth=1.0)
+            ax.plot([point, point], [y - 0.3, y + 0.3], color="black", linewidth=2.0, zorder=3)
+        ax.set_yticks(range(len(rows)), [names.get(r, r) for r in rows])
+        ax.set_ylim(len(rows) - 0.5, -0.5)
+        ax.set_title(title)
+        ax.set_xlabel(axis)
+        ax.grid(axis="y", visible=False)
+    axes[0][1].set_yticklabels([])
+    fig.suptitle("Aggregate scores over every task: point estimate (black) and 95% stratified bootstrap interval")
+    return _save(fig, path)
+
+
+def performance_profile_plot(profiles: pd.DataFrame, names: dict[str, str], pal: Palette, axis: str,
+                             path: Path) -> Path | None:
+    """Performance profiles of the leaderboard: per method, the fraction of seed x task scores
+    above τ against τ (x 100), with its pointwise 95% stratified bootstrap band; drawn as steps
+    (the value at a grid point holds until the next one)."""
+    if profiles.empty:
+        return None
+    fig, axes = _figure(1, 1, 8.2, 4.6)
+    ax = axes[0][0]
+    for row in dict.fromkeys(profiles["row"]):
+        d = profiles[profiles["row"] == row]
+        colour = pal.get(row, (0.0, 0.0, 0.0))
+        tau = 100 * d["tau"].to_numpy()
+        ax.fill_between(tau, d["low"], d["high"], color=colour, alpha=0.2, linewidth=0, step="post")
+        ax.plot(tau, d["fraction"], color=colour, linewidth=1.8, label=names.get(row, row), drawstyle="steps-post")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel(f"τ: {axis}")
+    ax.set_ylabel("fraction of seed × task scores > τ")
+    fig.legend(loc="outside right center", frameon=False)
+    fig.suptitle("Performance profiles (bands: pointwise 95% stratified bootstrap intervals)")
+    return _save(fig, path)
