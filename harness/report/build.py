@@ -168,6 +168,7 @@ def _markdown(data: StudyData, comp: pd.DataFrame, abl: pd.DataFrame, dec: pd.Da
           + (f"; {_tuning_count(tuning)}" if not tuning.empty else "") + ".\n",
           disclosure.scope_line(data)]
     md += _comparison_section(data, comp, figs)
+    md += _aggregate_section(data)
     md += _decomposition_section(data, dec, figs)
     md += _scaling_section(data, comp, figs)
     md += _ablation_section(data, abl, figs)
@@ -233,6 +234,32 @@ def _comparison_section(data: StudyData, comp: pd.DataFrame, figs: dict[str, Pat
     md += _fig(figs, "accuracy", "Union accuracy per method")
     if "curves" in figs:
         md += ["### Learning curves\n"] + _fig(figs, "curves", "Validation union accuracy per epoch")
+    return md
+
+
+def _aggregate_section(data: StudyData) -> list[str]:
+    """With two or more splits: the leaderboard's aggregate block over this study's splits
+    (:mod:`.leaderboard`: scores normalised by the split's supervised ``scratch`` student, IQM and
+    mean with stratified bootstrap intervals, median ranks, P(cka > other)). Nothing otherwise, or
+    when fewer than two splits have a ``scratch`` student to normalise by."""
+    from harness.report import leaderboard as lb
+
+    if len(data.splits) < 2:
+        return []
+    scores, tasks, left = lb.scores_frame([data], "scratch")
+    if len(tasks) < 2:
+        return []
+    frame = lb.leaderboard_frame(scores, tasks)
+    md = ["## Aggregate over splits\n",
+          f"Each seed's last-epoch union accuracy as % of its split's supervised `scratch` student (mean over "
+          f"seeds), over the {len(tasks)} splits: per split mean ± the half-width of its 95% t-interval; IQM and "
+          "mean over every seed x split score with 95% stratified bootstrap intervals (2,000 replicates, seeded); "
+          "median rank over splits (1 = best). A row without every split gets no aggregate. The same estimators "
+          "as `harness leaderboard` (Agarwal et al. 2021).\n"]
+    if left:
+        md.append("Left out: " + "; ".join(left) + ".\n")
+    md.append(markdown(lb.leaderboard_display(frame, tasks), left=2))
+    md += lb.poi_section(frame, len(tasks))[1:]
     return md
 
 

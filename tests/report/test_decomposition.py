@@ -83,7 +83,7 @@ def test_report_section_sentence_and_figure(built) -> None:
     out, _ = built
     md = (out / "report.md").read_text()
     heads = [line for line in md.splitlines() if line.startswith("## ")]
-    assert heads.index("## Error decomposition: teachers, routing, distillation") == heads.index("## Comparison") + 1
+    assert heads.index("## Error decomposition: teachers, routing, distillation") == heads.index("## Comparison") + 2
     assert ("On `s`, for the best label-free student `kd:rmd` (92.0%), routing costs 7.0 pt (claiming ensemble "
             "90.0% vs oracle routing 97.0%), distillation gains 2.0 pt over the claiming ensemble, and the teachers "
             "cap at 97.0%; the supervised scratch student reaches 96.0%, 4.0 pt above it. Largest loss: routing.") in md
@@ -126,3 +126,21 @@ def test_a_rebuild_leaves_no_output_of_an_earlier_build(built, store_uri) -> Non
     left = {p.name for p in folder.iterdir()}
     assert not {"decomposition.csv", "decomposition.png", "scaling.csv"} & left
     assert {"notes.txt", "report.md", "comparison.csv", "accuracy.png"} <= left
+
+
+def test_a_report_of_two_splits_has_the_aggregate_block(built) -> None:
+    """Two splits with a scratch student each: the leaderboard's block over this study's splits,
+    placed after the comparison. kd: 0.85 / 0.96 on s and 0.895 / 0.96 on t; cka ran on s only,
+    so it is marked and gets no aggregate (never one over fewer splits)."""
+    out, _ = built
+    md = (out / "report.md").read_text()
+    heads = [line for line in md.splitlines() if line.startswith("## ")]
+    assert heads.index("## Aggregate over splits") == heads.index("## Comparison") + 1
+    block = md.split("## Aggregate over splits")[1].split("\n## ")[0]
+    kd = next(line for line in block.splitlines() if line.startswith("| kd |"))
+    assert kd.startswith(f"| kd | 2/2 | {100 * 0.85 / 0.96:.1f} ± ")
+    assert f"| {100 * 0.895 / 0.96:.1f} (n=1) |" in kd  # one seed on t: no interval
+    iqm = 100 * (0.84 / 0.96 + 0.86 / 0.96 + 0.895 / 0.96) / 3  # trim_mean(0.25) of 3 scores trims none
+    assert f"| {iqm:.1f} [" in kd
+    cka = next(line for line in block.splitlines() if line.startswith("| cka |"))
+    assert "1/2 tasks ‡" in cka and cka.rstrip().endswith("| – | – | – |")

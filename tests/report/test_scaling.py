@@ -127,7 +127,7 @@ def test_csv_means_and_t_intervals_by_hand(built: Path) -> None:
 def test_table_sentences_and_figure(built: Path) -> None:
     md = (built / "report.md").read_text()
     heads = [line for line in md.splitlines() if line.startswith("## ")]
-    assert heads.index("## Scaling with the number of teachers K") == heads.index("## Comparison") + 1
+    assert heads.index("## Scaling with the number of teachers K") == heads.index("## Aggregate over splits") + 1
     assert "With n = 3 seeds the interval is mean ± 2.48 × std." in md
     assert "### Data set digits, classes 0–9\n" in md
     assert "| Method | K = 2 (`k2`) | K = 5 (`k5`) | K = 10 (`k10`) | K = 10 (`k10r`) |" in md
