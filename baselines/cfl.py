@@ -1,14 +1,35 @@
 """``cfl``: Common Feature Learning (Luo et al., IJCAI 2019), specified in ``docs/methods.md`` §9.
 
-    a_k = Linear(d_k, c) + ReLU, a_s = Linear(d_s, c) + ReLU, E = Linear(c, c) -> ReLU -> Linear(c, c),
-    dec_k = Linear(c, d_k) -> ReLU -> Linear(d_k, d_k), H_s = E(a_s(f_s)), H_k = E(a_k(f_k));
-    L = w0 * KD_concat(T) + w1 * sum_k MMD^2(H_s, H_k) + w2 * sum_k MSE(dec_k(H_k), f_k)
+``space: maps`` (default; the reference implementation VainF/CommonFeatureLearning, ``CFL_ConvBlock``
+and ``CFLoss``) works on the last conv feature maps F_s = student.feature_map(x) and
+F_k = teacher_k.feature_map(x) (frozen, no grad; resized to F_s's H x W by adaptive average
+pooling when the sizes differ), h = ``c``::
+
+    a_k = conv1x1(C_k, 2h) ReLU, a_s = conv1x1(C_s, 2h) ReLU          (no bias)
+    E = ResBlock(2h, h) ResBlock(h, h) ResBlock(h, h)                  (no BN, no bias)
+        ResBlock(i, o): ReLU(conv3x3(ReLU(conv3x3(x))) + (x, or conv1x1(x) when i != o))
+    dec_k = conv3x3(h, C_k) ReLU conv1x1(C_k, C_k)                     (no bias)
+    H_s = E(a_s(F_s)), H_k = E(a_k(F_k))
+    L = w0 * KD_concat(T) + w1 * sum_k MMD^2(flat H_s, flat H_k) + w2 * sum_k MSE(dec_k(H_k), F_k)
+
+with MMD^2 of ``harness.losses.mmd2`` on the L2-normalised flattened maps [N, h*H*W]. The
+reference's KD is a soft cross-entropy, which is our KL plus the (constant) entropy of the target:
+same gradient. Optimiser groups (``param_groups``): student backbone at ``train.lr``, student head
+at ``lr_mult_head`` x, the CFL block at ``lr_mult_cfl`` x (reference: 1x, 10x, 10x).
+
+``space: pooled`` is the former computation on pooled penultimate vectors f (any architecture;
+KamalEngine's ``CFL_FCBlock``): a = Linear(d, c) ReLU, E = Linear(c, c) ReLU Linear(c, c),
+dec_k = Linear(c, d_k) ReLU Linear(d_k, d_k), same L. ``maps`` with a net that has no feature map
+(``mlp``) falls back to ``pooled`` with a warning; ``CFL.space`` and ``run_tags()`` say which ran.
 
 Precision (harness.precision): the blocks a, E, dec run under the trial's autocast; KD and MMD^2
 run in float32 outside it (harness.losses), MSE in float32 by autocast's own op lists.
 """
 
 from __future__ import annotations
+
+import warnings
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +38,7 @@ from torch import Tensor, nn
 
 from harness import losses
 from harness.methods.base import Batch, Method, Params, register
+from harness.models import GlobalAvgPool, Net
 
 
 class CFLParams(Params):
@@ -24,7 +46,56 @@ class CFLParams(Params):
     w1: float = Field(10.0, ge=0, description="weight of the MMD term")
     w2: float = Field(10.0, ge=0, description="weight of the reconstruction term")
     T: float = Field(1.0, gt=0)
-    c: int = Field(128, ge=1, description="common feature width")
+    c: int = Field(128, ge=1, description="common width (maps: channels h; adapters give 2h)")
+    space: Literal["maps", "pooled"] = Field("maps", description="conv feature maps or pooled vectors")
+    lr_mult_head: float = Field(10.0, gt=0, description="learning-rate multiplier of the head")
+    lr_mult_cfl: float = Field(10.0, gt=0, description="learning-rate multiplier of the CFL block")
+
+
+class ResBlock(nn.Module):
+    """The reference's extractor block without BN: ReLU(conv3x3(ReLU(conv3x3(x))) + shortcut(x)),
+    shortcut = identity, or conv1x1 when the width changes; no biases."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, 1, 1, bias=False)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.downsample = nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False)) if c_in != c_out else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.conv2(torch.relu(self.conv1(x)))
+        return torch.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+def map_channels(net: Net) -> int | None:
+    """Channels C of ``net.feature_map`` (one zero image, eval mode, no grad), None without a map."""
+    dev = next(net.parameters()).device
+    was = net.training
+    net.eval()
+    try:
+        with torch.no_grad():
+            fmap = net.feature_map(torch.zeros(1, *net.in_shape, device=dev))
+    finally:
+        net.train(was)
+    return None if fmap is None else int(fmap.shape[1])
+
+
+def pool_tail(net: Net) -> nn.Sequential | None:
+    """The part of ``net.features`` after its feature map (global pooling, flatten, [projection]),
+    so that ``net.head(pool_tail(net)(net.feature_map(x))) == net(x)`` in one pass; None if the
+    net's ``body`` has no :class:`GlobalAvgPool`."""
+    body = getattr(net, "body", None)
+    if isinstance(body, nn.Sequential):
+        for i, m in enumerate(body):
+            if isinstance(m, GlobalAvgPool):
+                return body[i:]
+    return None
+
+
+def resize_map(f: Tensor, size: torch.Size | tuple[int, int]) -> Tensor:
+    """A teacher map brought to the student's H x W: adaptive average pooling (exact region means
+    when shrinking, replication when growing); unchanged when the sizes agree."""
+    return f if tuple(f.shape[-2:]) == tuple(size) else F.adaptive_avg_pool2d(f, tuple(size))
 
 
 @register("cfl")
@@ -39,14 +110,84 @@ class CFL(Method):
     def __init__(self, student, teachers, params, split) -> None:
         super().__init__(student, teachers, params, split)
         c = params.c
-        self.a_s = nn.Sequential(nn.Linear(student.feature_dim, c), nn.ReLU())
-        self.a_t = nn.ModuleList(nn.Sequential(nn.Linear(d, c), nn.ReLU()) for d in teachers.feature_dims)
-        self.extractor = nn.Sequential(nn.Linear(c, c), nn.ReLU(), nn.Linear(c, c))
-        self.dec = nn.ModuleList(
-            nn.Sequential(nn.Linear(c, d), nn.ReLU(), nn.Linear(d, d)) for d in teachers.feature_dims
-        )
+        #: the space that really runs: ``params.space``, or ``pooled`` after a fallback
+        self.space: str = params.space
+        self.fallback: str = ""
+        if params.space == "maps":
+            nets = (student, *teachers.nets)
+            channels = [map_channels(n) for n in nets]
+            self._tail = (pool_tail(student),)  # a tuple: the student's own modules, not registered twice
+            names = ["the student"] + [f"teacher {k}" for k in range(len(teachers))]
+            lacking = [f"{n} ({type(net).__name__})" for n, net, ch in zip(names, nets, channels)
+                       if ch is None or (net is student and self._tail[0] is None)]
+            if lacking:
+                self.space = "pooled"
+                verb = "has" if len(lacking) == 1 else "have"
+                self.fallback = f"{', '.join(lacking)} {verb} no conv feature map"
+                warnings.warn(f"methods.cfl.space: maps needs conv feature maps, but {self.fallback}: "
+                              "cfl runs in the pooled space", stacklevel=2)
+        if self.space == "maps":
+            c_s, c_t = channels[0], channels[1:]
+            self.a_t = nn.ModuleList(
+                nn.Sequential(nn.Conv2d(ch, 2 * c, 1, bias=False), nn.ReLU()) for ch in c_t
+            )
+            self.a_s = nn.Sequential(nn.Conv2d(c_s, 2 * c, 1, bias=False), nn.ReLU())
+            self.extractor = nn.Sequential(ResBlock(2 * c, c), ResBlock(c, c), ResBlock(c, c))
+            self.dec = nn.ModuleList(
+                nn.Sequential(nn.Conv2d(c, ch, 3, 1, 1, bias=False), nn.ReLU(),
+                              nn.Conv2d(ch, ch, 1, bias=False))
+                for ch in c_t
+            )
+        else:  # the former (pooled) blocks, built in the former order: same initial weights per seed
+            self.a_s = nn.Sequential(nn.Linear(student.feature_dim, c), nn.ReLU())
+            self.a_t = nn.ModuleList(
+                nn.Sequential(nn.Linear(d, c), nn.ReLU()) for d in teachers.feature_dims
+            )
+            self.extractor = nn.Sequential(nn.Linear(c, c), nn.ReLU(), nn.Linear(c, c))
+            self.dec = nn.ModuleList(
+                nn.Sequential(nn.Linear(c, d), nn.ReLU(), nn.Linear(d, d)) for d in teachers.feature_dims
+            )
+
+    def run_tags(self) -> dict[str, str]:
+        """What a trial should record: the space that ran (and why, after a fallback)."""
+        return {"harness.cfl_space": self.space + (f" (fallback: {self.fallback})" if self.fallback else "")}
+
+    def param_groups(self, base_lr: float) -> list[dict[str, Any]] | None:
+        """Student backbone at ``base_lr``, its head at ``lr_mult_head`` x, the CFL block (adapters,
+        extractor, decoders) at ``lr_mult_cfl`` x (the reference's Adam groups); None (one group,
+        the loop's default) when both multipliers are 1."""
+        p = self.params
+        if p.lr_mult_head == 1.0 and p.lr_mult_cfl == 1.0:
+            return None
+        head = list(self.student.head.parameters())
+        in_head = {id(q) for q in head}
+        backbone = [q for q in self.student.parameters() if id(q) not in in_head]
+        block = [q for m in (self.a_s, self.a_t, self.extractor, self.dec) for q in m.parameters()]
+        return [{"params": backbone, "lr": base_lr}, {"params": head, "lr": p.lr_mult_head * base_lr},
+                {"params": block, "lr": p.lr_mult_cfl * base_lr}]
 
     def loss_terms(self, batch: Batch) -> dict[str, Tensor]:
+        return self._maps_terms(batch) if self.space == "maps" else self._pooled_terms(batch)
+
+    def _maps_terms(self, batch: Batch) -> dict[str, Tensor]:
+        p = self.params
+        f_s = self.student.feature_map(batch.x)
+        z_s = self.student.head(self._tail[0](f_s))  # one student pass gives the map and the logits
+        out: dict[str, Tensor] = {}
+        if self.active("kd"):
+            out["kd"] = losses.soft_target_kl(torch.cat(batch.teacher_logits, dim=1), z_s, p.T)
+        if self.active("mmd") or self.active("recon"):
+            with torch.no_grad():
+                f_t = [resize_map(t.feature_map(batch.x), f_s.shape[-2:]) for t in self.teachers.nets]
+            h_t = [self.extractor(a(f)) for a, f in zip(self.a_t, f_t)]
+            if self.active("mmd"):
+                h_s = self.extractor(self.a_s(f_s)).flatten(1)
+                out["mmd"] = sum(losses.mmd2(h_s, h.flatten(1)) for h in h_t)
+            if self.active("recon"):
+                out["recon"] = sum(F.mse_loss(d(h), f) for d, h, f in zip(self.dec, h_t, f_t))
+        return out
+
+    def _pooled_terms(self, batch: Batch) -> dict[str, Tensor]:
         p = self.params
         z_s, f_s = self.student.forward_both(batch.x)
         out: dict[str, Tensor] = {}

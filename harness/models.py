@@ -2,7 +2,9 @@
 
 ``Net.features(x)`` gives ``[N, feature_dim]`` (after the last nonlinearity / pooling) and
 ``Net.head`` is one ``nn.Linear(feature_dim, num_classes)``, so teachers of different
-architectures and feature widths can be combined by amalgamation methods.
+architectures and feature widths can be combined by amalgamation methods. The conv nets also give
+``Net.feature_map(x)``, the last convolutional map ``[N, C, H, W]`` before global pooling (``None``
+for nets without one: ``mlp``).
 
 Models: ``mlp``, ``cnn``, ``resnet8``, ``resnet20``, ``resnet18``, ``wrn`` (WRN-depth-width),
 ``resnet8x4``, ``resnet32x4`` (the CIFAR distillation architectures of RepDistiller/CRD).
@@ -72,6 +74,13 @@ class Net(nn.Module):
         """Penultimate features ``[N, feature_dim]``."""
         raise NotImplementedError
 
+    def feature_map(self, x: Tensor) -> Tensor | None:
+        """The last convolutional feature map ``[N, C, H, W]``, the input of the global pooling, so
+        that ``features(x) == flatten(mean_{H,W} feature_map(x))`` for the conv nets without a
+        projection after the pooling. ``None`` for a net without a spatial map (``mlp``; the
+        default for a plug-in net that does not override this)."""
+        return None
+
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x))
 
@@ -108,6 +117,10 @@ class MLP(Net):
     def features(self, x: Tensor) -> Tensor:
         return self.body(x)
 
+    def feature_map(self, x: Tensor) -> None:
+        """None: an MLP has no spatial feature map (methods that need one fall back or refuse)."""
+        return None
+
 
 class GlobalAvgPool(nn.Module):
     """Mean over the spatial dimensions, [N, C, H, W] -> [N, C, 1, 1]: ``AdaptiveAvgPool2d(1)``
@@ -116,6 +129,15 @@ class GlobalAvgPool(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return x.mean(dim=(2, 3), keepdim=True)
+
+
+def _until_pool(body: nn.Sequential, x: Tensor) -> Tensor:
+    """``body``'s modules up to (without) its global pooling: the last conv map ``[N, C, H, W]``."""
+    for m in body:
+        if isinstance(m, GlobalAvgPool):
+            return x
+        x = m(x)
+    raise RuntimeError("body has no GlobalAvgPool")
 
 
 @MODELS.register("cnn")
@@ -140,6 +162,9 @@ class CNN(Net):
 
     def features(self, x: Tensor) -> Tensor:
         return self.body(x)
+
+    def feature_map(self, x: Tensor) -> Tensor:
+        return _until_pool(self.body, x)
 
 
 class BasicBlock(nn.Module):
@@ -180,6 +205,9 @@ class _ResNet(Net):
 
     def features(self, x: Tensor) -> Tensor:
         return self.body(x)
+
+    def feature_map(self, x: Tensor) -> Tensor:
+        return _until_pool(self.body, x)
 
 
 class _CifarResNet(_ResNet):
@@ -308,6 +336,9 @@ class WideResNet(Net):
 
     def features(self, x: Tensor) -> Tensor:
         return self.body(x)
+
+    def feature_map(self, x: Tensor) -> Tensor:
+        return _until_pool(self.body, x)
 
 
 def _option_params(arch: str) -> dict[str, inspect.Parameter]:

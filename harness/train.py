@@ -56,11 +56,34 @@ EpochCallback = Callable[[int, dict[str, float]], None]
 
 
 def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Adam (small data) or SGD with momentum (CIFAR scale), weight decay from the config."""
-    params = [p for p in params if p.requires_grad]
+    """Adam (small data) or SGD with momentum (CIFAR scale), weight decay from the config.
+
+    ``params``: tensors (one group at ``cfg.lr``), or parameter-group dicts (``{"params": [...],
+    "lr": ...}``; a group without ``lr`` gets ``cfg.lr``). Frozen tensors are left out, and so is
+    a group left empty by that."""
+    params = list(params)
+    if params and isinstance(params[0], dict):
+        groups = [{**g, "params": [p for p in g["params"] if p.requires_grad]} for g in params]
+        params = [g for g in groups if g["params"]]
+    else:
+        params = [p for p in params if p.requires_grad]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def method_optimizer(method: Method, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """The trial's optimiser: the method's :meth:`~harness.methods.base.Method.param_groups`
+    (per-part learning rates), else one group of all its trainable parameters at ``cfg.lr``.
+    ValueError when the groups do not hold each trainable parameter exactly once."""
+    groups = method.param_groups(cfg.lr)
+    if groups is None:
+        return make_optimizer(method.parameters(), cfg)
+    groups = [{**g, "params": list(g["params"])} for g in groups]
+    listed = [id(p) for g in groups for p in g["params"] if p.requires_grad]
+    if len(listed) != len(set(listed)) or set(listed) != {id(p) for p in method.parameters() if p.requires_grad}:
+        raise ValueError(f"{type(method).__name__}.param_groups must hold each trainable parameter exactly once")
+    return make_optimizer(groups, cfg)
 
 
 def augment(x: Tensor, generator: torch.Generator, ops: tuple[str, ...] = ("crop", "flip")) -> Tensor:
@@ -377,7 +400,7 @@ def _fit(
             if not cfg.augment:
                 cache = cached_outputs or teacher_outputs(method.teachers, x, device=device)
                 cache = ([t.to(device) for t in cache[0]], [t.to(device) for t in cache[1]])
-            opt = make_optimizer(method.parameters(), cfg)
+            opt = method_optimizer(method, cfg)
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.epochs) if cfg.scheduler == "cosine" else None
             gen = torch.Generator().manual_seed(seed)
             best = -1.0

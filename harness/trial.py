@@ -270,6 +270,8 @@ def _train_and_measure(
     student = build_model(study.student.arch, data.in_shape, data.num_classes, **study.student.options())
     params = cls.ParamsModel.model_validate(trial.params)
     method = cls(student, teachers, params, SplitInfo(tuple(data.sizes), tuple(data.offsets)))
+    if tags := method.run_tags():  # what really ran, e.g. cfl's pooled fallback for an MLP
+        tracker.set_tags(run_id, tags)
 
     curves = tracker.buffered(run_id)
 

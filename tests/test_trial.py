@@ -107,3 +107,16 @@ def test_the_trial_run_records_its_precision_and_results_version(probes: dict[in
         assert run.data.tags["harness.precision"] == "fp32"
         assert run.data.params["precision"] == "fp32"
         assert run.data.params["results_version"] == str(RESULTS_VERSION)
+
+
+def test_a_method_records_what_really_ran_as_run_tags(isolated: Path) -> None:
+    """TINY's teacher 1 is an MLP (no conv feature map): cfl's default `maps` falls back to the
+    pooled form, and the trial run says so (``Method.run_tags``)."""
+    study = parse_study({**TINY, "methods": {"cfl": {}}, "seeds": [0], "train": {"epochs": 1, "batch_size": 256}})
+    (trial,) = expand(study)
+    tracker = Tracker(f"sqlite:///{isolated}/mlflow.db")
+    exp = tracker.experiment(study.name)
+    with pytest.warns(UserWarning, match="methods.cfl.space"):
+        run_trial(study, trial, tracker, exp)
+    (run,) = tracker.find(exp, {"harness.kind": "trial"}, ("FINISHED",))
+    assert run.data.tags["harness.cfl_space"] == "pooled (fallback: teacher 1 (MLP) has no conv feature map)"

@@ -133,6 +133,19 @@ class Method(nn.Module):
     def loss_terms(self, batch: Batch) -> dict[str, Tensor]:
         raise NotImplementedError
 
+    def run_tags(self) -> dict[str, str]:
+        """Tags the trial records on its run (e.g. which form of the method really ran); none by
+        default."""
+        return {}
+
+    def param_groups(self, base_lr: float) -> list[dict[str, Any]] | None:
+        """Optimiser parameter groups, e.g. ``[{"params": [...], "lr": base_lr}, {"params": [...],
+        "lr": 10 * base_lr}]``, when the method wants per-part learning rates; each trainable
+        parameter of the method in exactly one group (the loop checks); a group without ``lr``
+        gets ``base_lr``, weight decay and momentum come from ``train``. Default ``None``: one
+        group of all parameters at ``base_lr`` (``train.lr``)."""
+        return None
+
     def predict(self, x: Tensor) -> Tensor:
         """Union logits used for evaluation (default: the student)."""
         return self.student(x)
