@@ -30,7 +30,7 @@ def test_digits_study_matches_issue_fields():
     assert s.splits[0].tasks == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
     assert [t.arch for t in s.teachers] == ["cnn", "mlp"] and s.teachers[0].options() == {"width": 32}
     assert s.train.optimizer == "adam" and s.train.lr == 0.001 and s.seeds == [0, 1, 2]
-    assert set(s.methods) == {"cka", "kd", "cfl", "scratch", "teachers"}
+    assert set(s.methods) == {"cka", "kd", "cfl", "crd", "rkd", "scratch", "teachers"}
     assert s.ablations == ["intra", "inter", "align", "task"] and s.devices == "auto"
 
 

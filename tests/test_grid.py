@@ -36,7 +36,7 @@ def _other(value: Any, field: str) -> Any:
     special = {"val_fraction": 0.2, "momentum": 0.5, "image_size": 16, "optimizer": "sgd", "scheduler": "cosine",
                "augment": ["crop"], "align": "cosine", "align_to": "claiming", "soft_target": "per_task",
                "intra_models": "all", "score": "max_logit", "standardize": "z", "targets": "routed",
-               "conf_threshold": 0.5, "c": 64, "name": "mnist5k"}
+               "conf_threshold": 0.5, "c": 64, "name": "mnist5k", "space": "pooled", "negatives": "batch"}
     if field in special and special[field] != value:
         return special[field]
     if isinstance(value, bool):
