@@ -273,7 +273,8 @@ def scaling_plot(frame: pd.DataFrame, pal: Palette, path: Path) -> Path | None:
     groups = list(dict.fromkeys(d["group"]))
     every = list(dict.fromkeys(d["split"]))  # a split belongs to one group: one marker per split, figure-wide
     marker = {s: SCALING_MARKERS[i % len(SCALING_MARKERS)] for i, s in enumerate(every)}
-    fig, axes = _figure(1, len(groups), 6.4 * len(groups) + 2.6, 4.8)
+    entries = len(set(d["row"])) + len(every)  # the legend's lines: it must fit beside the axes
+    fig, axes = _figure(1, len(groups), 6.4 * len(groups) + 2.6, max(4.8, 1.4 + 0.26 * entries))
     handles: dict[str, Line2D] = {}
     for ax, group in zip(axes[0], groups):
         g = d[d["group"] == group]
