@@ -54,10 +54,10 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from harness import losses
+from baselines.kd import kd_term
 from harness.methods.base import Batch, Method, Params, register
 from harness.precision import float32
-from harness.routing import RoutingConfig, target_logits
+from harness.routing import RoutingConfig
 
 __all__ = ["CRD", "CRDParams", "ContrastMemory", "Embed", "info_nce", "momentum_update", "nce_loss", "NCE_EPS"]
 
@@ -262,12 +262,7 @@ class CRD(Method):
         z_s, f_s = self.student.forward_both(batch.x)
         out: dict[str, Tensor] = {}
         if self.active("kd"):
-            if p.routing.targets == "concat":
-                target = torch.cat(batch.teacher_logits, dim=1)
-            else:
-                _, k_star, _ = self.route(batch.teacher_logits, batch.teacher_feats)
-                target = target_logits(batch.teacher_logits, k_star, p.routing, p.T)
-            out["kd"] = losses.soft_target_kl(target, z_s, p.T)
+            out["kd"] = kd_term(self, batch, z_s, p.routing, p.T)
         if self.active("crd"):
             v_s = [e(f_s) for e in self.embed_s]
             v_t = [e(f) for e, f in zip(self.embed_t, batch.teacher_feats)]

@@ -34,11 +34,16 @@ class KD(Method):
     params: KDParams
 
     def loss_terms(self, batch: Batch) -> dict[str, Tensor]:
-        z_s = self.student(batch.x)
-        rule = self.params.routing
-        if rule.targets == "concat":
-            target = torch.cat(batch.teacher_logits, dim=1)
-        else:
-            _, k_star, _ = self.route(batch.teacher_logits, batch.teacher_feats)
-            target = target_logits(batch.teacher_logits, k_star, rule, self.params.T)
-        return {"kd": losses.soft_target_kl(target, z_s, self.params.T)}
+        return {"kd": kd_term(self, batch, self.student(batch.x), self.params.routing, self.params.T)}
+
+
+def kd_term(method: Method, batch: Batch, z_s: Tensor, rule: RoutingConfig, T: float) -> Tensor:
+    """L_kd of ``z_s`` against the rule's target: the concatenated teacher logits (``concat``) or
+    the claiming teacher's slice (``routed``, routed by ``method``). The soft-target term of every
+    KD-based baseline (``kd``, ``crd``, ``rkd``), written once."""
+    if rule.targets == "concat":
+        target = torch.cat(batch.teacher_logits, dim=1)
+    else:
+        _, k_star, _ = method.route(batch.teacher_logits, batch.teacher_feats)
+        target = target_logits(batch.teacher_logits, k_star, rule, T)
+    return losses.soft_target_kl(target, z_s, T)

@@ -75,6 +75,20 @@ class TaskSource(_Strict):
         return v
 
 
+def _class_subset(v: list[int] | None, when_empty: str) -> list[int] | None:
+    """An optional class subset (``partition.classes``, ``transfer.classes``): None, or a non-empty
+    list of distinct ids >= 0, returned sorted (so two orders are one configuration)."""
+    if v is None:
+        return v
+    if not v:
+        raise ValueError(f"empty: {when_empty}")
+    if any(c < 0 for c in v):
+        raise ValueError("class ids must be >= 0")
+    if len(set(v)) != len(v):
+        raise ValueError("a class is listed twice")
+    return sorted(v)
+
+
 def _check_class_list(v: list[int]) -> None:
     if not v:
         raise ValueError("a task needs at least one class")
@@ -189,14 +203,7 @@ class PartitionSpec(_Strict):
     @field_validator("classes")
     @classmethod
     def _classes_ok(cls, v: list[int] | None) -> list[int] | None:
-        if v is None:
-            return v
-        if not v:
-            raise ValueError("empty: list the classes to partition, or remove it for all classes")
-        if len(set(v)) != len(v):
-            raise ValueError("a class is listed twice")
-        _check_class_list(v)
-        return sorted(v)
+        return _class_subset(v, "list the classes to partition, or remove it for all classes")
 
 
 class TransferConfig(_Strict):
@@ -229,15 +236,7 @@ class TransferConfig(_Strict):
     @field_validator("classes")
     @classmethod
     def _classes_ok(cls, v: list[int] | None) -> list[int] | None:
-        if v is None:
-            return v
-        if not v:
-            raise ValueError("empty: list the transfer set's classes to keep, or remove it for all classes")
-        if any(c < 0 for c in v):
-            raise ValueError("class ids must be >= 0")
-        if len(set(v)) != len(v):
-            raise ValueError("a class is listed twice")
-        return sorted(v)
+        return _class_subset(v, "list the transfer set's classes to keep, or remove it for all classes")
 
     @property
     def label(self) -> str:
