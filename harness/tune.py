@@ -25,6 +25,13 @@ Order of a tuning invocation:
 
 Optuna trial states map to MLflow: COMPLETE and PRUNED runs end FINISHED (tag
 ``harness.optuna_state``), FAIL runs FAILED, and runs of an interrupted or stale trial KILLED.
+
+For optuna-dashboard (or any Optuna reader) each Optuna study names its value
+(:data:`METRIC_NAMES`: ``val_union_acc``, the mean over splits x seeds of the validation union
+accuracy) and carries the study file as user attributes (:func:`study_attrs`); each trial carries
+its MLflow run as user attributes (:func:`run_links`: ``mlflow_run_id``, ``mlflow_run_path``
+``#/experiments/<experiment id>/runs/<run id>`` to append to the MLflow UI's address, and
+``mlflow_seed_run_ids``, one run per (split, seed) in training order).
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import json
 import math
 import os
 import platform
+import re
 import time
 import warnings
 import zlib
@@ -55,6 +63,15 @@ from harness.tracking import TAG, Tracker, git_tags, version_tags
 OWNER, HEARTBEAT, RETRY_OF, DEFAULT, SURPLUS, ATTEMPT = (
     "harness.owner", "harness.heartbeat", "harness.retry_of", "harness.default", "harness.surplus", "harness.attempt")
 HEARTBEAT_EVERY = 30.0
+#: user attributes of Optuna trials that point at their MLflow runs
+MLFLOW_RUN_ID, MLFLOW_EXPERIMENT_ID, MLFLOW_RUN_PATH, MLFLOW_RUN_URL, MLFLOW_PARENT_RUN_ID, MLFLOW_SEED_RUN_IDS = (
+    "mlflow_run_id", "mlflow_experiment_id", "mlflow_run_path", "mlflow_run_url", "mlflow_parent_run_id",
+    "mlflow_seed_run_ids")
+#: the name of an Optuna study's single value, per ``search.objective`` (optuna-dashboard shows it
+#: instead of "Objective 0"; Optuna's ``study.metric_names``)
+METRIC_NAMES = {"val_last": "val_union_acc", "val_best": "val_union_acc_best"}
+_WHEN = {"val_last": "after the last epoch", "val_best": "at its best epoch"}
+_CREDENTIALS = re.compile(r"//[^/@]*@")
 
 
 # -- Optuna objects --------------------------------------------------------------------------
@@ -140,6 +157,62 @@ def open_search(storage: Any, name: str, plan: SearchPlan, method: str, pruner: 
     return study
 
 
+def objective_text(plan: SearchPlan) -> str:
+    """One sentence: what a trial's value (and each intermediate value) is."""
+    n = len(plan.splits) * len(plan.seeds)
+    return (f"mean over {n} run(s) (splits {', '.join(plan.splits)} x seeds {', '.join(map(str, plan.seeds))}) of "
+            f"the validation union accuracy {_WHEN[plan.search.objective]} (a fraction; the test split is never "
+            "evaluated); intermediate value at step k = the running mean after every epoch, k = run index x "
+            f"{plan.study.train.epochs} epochs + epoch")
+
+
+def public_uri(uri: str) -> str:
+    """A tracking URI without a ``user:password@`` part (study attributes are shown to anyone)."""
+    return _CREDENTIALS.sub("//", uri)
+
+
+def study_attrs(plan: SearchPlan, method: str, source: str, tracking_uri: str, experiment_id: str,
+                trials: int) -> dict[str, Any]:
+    """The Optuna study's user attributes (JSON values): the study file (resolved YAML), the search
+    space as written, what the value is, and where the MLflow runs are."""
+    search = plan.search
+    return {
+        "objective": search.objective, "objective_name": METRIC_NAMES[search.objective],
+        "objective_description": objective_text(plan), "direction": "maximize",
+        "method": method, "study": plan.study.name, "study_file": source, "study_yaml": dump_study(plan.study),
+        "search_space": {p: search.space[p].model_dump(mode="json", exclude_defaults=True) for p in plan.paths[method]},
+        "trials": trials, "splits": list(plan.splits), "seeds": list(plan.seeds),
+        "sampler": search.sampler.model_dump(mode="json"), "pruner": search.pruner.model_dump(mode="json"),
+        "mlflow_tracking_uri": public_uri(tracking_uri), "mlflow_experiment": plan.study.name,
+        "mlflow_experiment_id": experiment_id,
+    }
+
+
+def label_study(study: optuna.Study, objective: str, attrs: dict[str, Any]) -> None:
+    """Name the study's value and set the user attributes that differ (a resumed search whose
+    study file is unchanged writes nothing)."""
+    if study.metric_names != [METRIC_NAMES[objective]]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([METRIC_NAMES[objective]])
+    have = study.user_attrs
+    for k, v in attrs.items():
+        if have.get(k) != v:
+            study.set_user_attr(k, v)
+
+
+def run_links(tracking_uri: str, experiment_id: str, run_id: str, parent_run_id: str = "") -> dict[str, str]:
+    """A trial's user attributes that find its MLflow run: the id, the MLflow UI route (and the full
+    URL when the tracking URI is an MLflow server) and the invocation's search run."""
+    path = f"#/experiments/{experiment_id}/runs/{run_id}"
+    out = {MLFLOW_RUN_ID: run_id, MLFLOW_EXPERIMENT_ID: experiment_id, MLFLOW_RUN_PATH: path}
+    if tracking_uri.startswith(("http://", "https://")):
+        out[MLFLOW_RUN_URL] = f"{public_uri(tracking_uri).rstrip('/')}/{path}"
+    if parent_run_id:
+        out[MLFLOW_PARENT_RUN_ID] = parent_run_id
+    return out
+
+
 def counted(trials: list[FrozenTrial]) -> list[FrozenTrial]:
     """Trials that use the budget: all but surplus ones and failures that were enqueued again."""
     replaced = {t.user_attrs.get(RETRY_OF) for t in trials}
@@ -207,6 +280,7 @@ def _train_units(job: TuneJob, slot: Slot, otrial: optuna.trial.Trial, tracker: 
 
     epochs = job.study.train.epochs
     values: list[float] = []
+    seed_runs: list[str] = []
     state = {"step": 0, "value": float("nan"), "last": float("nan")}
     for i, (si, seed) in enumerate(job.units):
         split = job.study.splits[si]
@@ -219,6 +293,8 @@ def _train_units(job: TuneJob, slot: Slot, otrial: optuna.trial.Trial, tracker: 
                 f"{TAG}optuna_number": job.number}
         run_id = open_trial_run(tracker, job.experiment_id, job.study, trial, parent_run_id=job.run_id,
                                 extra_tags=tags)
+        seed_runs.append(run_id)
+        otrial.set_user_attr(MLFLOW_SEED_RUN_IDS, list(seed_runs))
 
         def report(epoch: int, metrics: dict[str, float], i: int = i) -> None:
             acc = metrics.get("val/union_acc", float("nan"))
@@ -256,7 +332,7 @@ class Search:
     """One ``harness tune`` invocation: keeps the pool busy until every method's budget is used."""
 
     def __init__(self, plan: SearchPlan, storage_spec: str, tracker: Tracker, experiment_id: str, pool: LocalPool,
-                 trials: int, stale_after: float, storage: Any = None) -> None:
+                 trials: int, stale_after: float, storage: Any = None, source: str = "") -> None:
         self.plan, self.storage_spec, self.tracker, self.exp = plan, storage_spec, tracker, experiment_id
         self.pool, self.trials, self.stale_after = pool, trials, stale_after
         self.owner = f"{platform.node()}:{os.getpid()}"
@@ -264,6 +340,9 @@ class Search:
         self.pruner = make_pruner(plan.search.pruner, plan.study.train.epochs)
         self.studies = {m: open_search(storage, optuna_name(plan.study.name, m), plan, m, self.pruner,
                                        plan.search.sampler.seed) for m in plan.methods}
+        for m, study in self.studies.items():
+            label_study(study, plan.search.objective,
+                        study_attrs(plan, m, source, tracker.uri, experiment_id, trials))
         self.parent = ""
         self.inflight: dict[str, _Flight] = {}
         self.context = WorkerContext.capture(warm=((warm_trial_worker, (tracker.uri, plan.study)),))
@@ -363,6 +442,8 @@ class Search:
                 study.tell(trial, state=TrialState.FAIL)
                 return
             run_id = self._open_run(method, trial)
+            for k, v in run_links(self.tracker.uri, self.exp, run_id, self.parent).items():
+                trial.set_user_attr(k, v)
             job = self._job(method, trial, run_id)
             self.pool.submit(run_id, run_tune_job, job, self.context)
         except BaseException as e:
@@ -524,7 +605,7 @@ def tune(
     tracker = Tracker(tracking_uri)
     exp = tracker.experiment(study.name)
     assert exp is not None
-    search = Search(plan, storage_spec, tracker, exp, pool, budget, stale_after, opened)
+    search = Search(plan, storage_spec, tracker, exp, pool, budget, stale_after, opened, source=str(path))
     try:
         pool.warm()
         stale = search.fail_stale()

@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 
 import tests.plugins_for_tests  # noqa: F401  (registers the test methods here; workers use HARNESS_PLUGINS)
 from harness.cli import main
-from harness.config import load_study
+from harness.config import dump_study, load_study
 from harness.scheduler import Slot
 from harness.tracking import Tracker
 from harness.tune import DEFAULT, OWNER, RETRY_OF, SURPLUS, TuneJob, counted, run_tune_job, storage_for
@@ -118,6 +118,46 @@ def test_mlflow_has_a_parent_and_one_child_per_optuna_trial(searched):
         assert float(r.data.params["methods.kd.T"]) == pytest.approx(t.params["methods.kd.T"])
     for r in _runs(tmp, "tune_run"):
         assert r.data.tags["mlflow.parentRunId"] in {c.info.run_id for c in children}
+
+
+def test_optuna_names_its_value_and_links_each_trial_to_its_mlflow_runs(searched):
+    """What optuna-dashboard shows: the value's name, the study file as study attributes, and per
+    trial its MLflow run, the search run above it and its seed runs in training order."""
+    _, tmp, study = searched
+    ostudy = optuna.load_study(study_name="tiny/kd", storage=storage_for(str(tmp / "results/tiny/tune.journal")))
+    assert ostudy.metric_names == ["val_union_acc"]
+    attrs = ostudy.user_attrs
+    assert yaml.safe_load(attrs["study_yaml"]) == yaml.safe_load(dump_study(load_study(study)))
+    assert attrs["search_space"] == {"methods.kd.T": {"type": "float", "low": 0.5, "high": 4.0, "log": True},
+                                     "train.lr": {"type": "float", "low": 3.0e-4, "high": 1.0e-2, "log": True}}
+    assert (attrs["study_file"], attrs["method"], attrs["objective"], attrs["trials"]) == (str(study), "kd",
+                                                                                          "val_last", 5)
+    assert (attrs["splits"], attrs["seeds"], attrs["sampler"]["n_startup_trials"]) == (["2x5"], [0, 1], 3)
+    assert attrs["objective_description"].startswith("mean over 2 run(s) (splits 2x5 x seeds 0, 1) of the "
+                                                     "validation union accuracy after the last epoch")
+    exp = MlflowClient(f"sqlite:///{tmp}/mlflow.db").get_experiment_by_name("tiny").experiment_id
+    assert attrs["mlflow_experiment_id"] == exp and attrs["mlflow_tracking_uri"] == f"sqlite:///{tmp}/mlflow.db"
+    runs = {int(r.data.tags["harness.optuna_number"]): r for r in _runs(tmp, "tune_trial")}
+    seed_runs = _runs(tmp, "tune_run")
+    (parent,) = _runs(tmp, "search")
+    for t in ostudy.get_trials():
+        run = runs[t.number]
+        assert t.user_attrs["mlflow_run_id"] == run.info.run_id and t.user_attrs["mlflow_experiment_id"] == exp
+        assert t.user_attrs["mlflow_run_path"] == f"#/experiments/{exp}/runs/{run.info.run_id}"
+        assert "mlflow_run_url" not in t.user_attrs  # a sqlite store has no server to link to
+        assert t.user_attrs["mlflow_parent_run_id"] == parent.info.run_id
+        mine = sorted((r for r in seed_runs if r.data.tags["mlflow.parentRunId"] == run.info.run_id),
+                      key=lambda r: r.info.start_time)
+        assert t.user_attrs["mlflow_seed_run_ids"] == [r.info.run_id for r in mine] and mine
+        assert [r.data.tags["harness.seed"] for r in mine] == ["0", "1"][: len(mine)]
+
+
+def test_run_links_name_a_servers_url_without_credentials():
+    from harness.tune import run_links
+
+    assert run_links("https://bob:pw@mlflow.example:5000/", "7", "abc", "p1") == {
+        "mlflow_run_id": "abc", "mlflow_experiment_id": "7", "mlflow_run_path": "#/experiments/7/runs/abc",
+        "mlflow_run_url": "https://mlflow.example:5000/#/experiments/7/runs/abc", "mlflow_parent_run_id": "p1"}
 
 
 def test_tuned_study_file_runs_through_run_study(searched):

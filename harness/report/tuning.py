@@ -10,7 +10,9 @@ parent run per invocation (its Optuna storage). This module turns them into:
 - :func:`tuning_frame` (``tuning.csv``), :func:`summary_frame` (counts, default vs best),
   :func:`params_display` (best vs default values) and :func:`param_importances` (fANOVA over the
   COMPLETE trials of an in-memory Optuna study, seeded);
-- :func:`tuning_markdown`: the report's ``## Tuning`` section.
+- :func:`tuning_markdown`: the report's ``## Tuning`` section; importances resting on fewer than
+  :data:`FEW_TRIALS` complete trials carry a warning (:func:`few_trials_warning`) that says the
+  same of optuna-dashboard's importances (PED-ANOVA over the same complete trials).
 
 The figures are in :mod:`harness.report.plots` (``tuning_*_plot``); :mod:`harness.report.build`
 writes the files.
@@ -42,6 +44,9 @@ OBJECTIVES = {
     "val_best": "validation union accuracy of the model at its best epoch",
 }
 CURVE = "objective/running"
+#: below this many complete trials, parameter importances (fANOVA here, the same in optuna-dashboard)
+#: are mostly noise, and the report says so
+FEW_TRIALS = 20
 CSV_COLUMNS = ["optuna_study", "method", "number", "state", "default", "value", "duration", "run_id"]
 COLUMNS = CSV_COLUMNS + ["status", "start_time", "end_time", "objective", "failure", "params", "distributions",
                          *PROVENANCE]
@@ -318,6 +323,19 @@ def _cannot_rank(frozen: list) -> str:
     return ""
 
 
+def few_trials_warning(imp: Importances, complete: int) -> str:
+    """A warning next to importances that rest on fewer than :data:`FEW_TRIALS` complete trials,
+    naming optuna-dashboard's too when the study has fewer (``complete``: its COMPLETE trials, all of
+    which the dashboard uses); "" otherwise."""
+    if not imp.values or imp.n_trials >= FEW_TRIALS:
+        return ""
+    dashboard = (f"; optuna-dashboard's importances (PED-ANOVA, so they may rank differently) rest on this "
+                 f"study's {complete} complete trial{'s' if complete != 1 else ''} and are no more reliable"
+                 if complete < FEW_TRIALS else "")
+    return (f"**Too few trials to rank parameters:** these importances rest on {imp.n_trials} complete trials "
+            f"(fewer than {FEW_TRIALS}), so they are mostly noise{dashboard}.\n")
+
+
 def importances_display(imp: Importances) -> pd.DataFrame:
     return pd.DataFrame({"Parameter": [f"`{_cell(k)}`" for k in imp.values],
                          "Importance": [f"{v:.3f}" for v in imp.values.values()]})
@@ -407,8 +425,11 @@ def _study_markdown(td: TuningData, study: str, imp: Importances) -> list[str]:
     else:
         md += ["Best trial vs the default trial, per parameter:\n", markdown(params, left=2)]
     if imp.values:
+        complete = int(((t["state"] == "COMPLETE") & t["value"].notna()).sum())
         md += [f"Parameter importances (fANOVA, seed 0, over {imp.n_trials} complete trials"
-               + (f"; {imp.note}" if imp.note else "") + "):\n", markdown(importances_display(imp))]
+               + (f"; {imp.note}" if imp.note else "") + "):\n"]
+        warning = few_trials_warning(imp, complete)
+        md += ([warning] if warning else []) + [markdown(importances_display(imp))]
     else:
         md.append(f"Parameter importances: not computed ({imp.note}).\n")
     failed = t[t["state"] == "FAIL"]

@@ -19,7 +19,8 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 
 from harness.errors import HarnessError
 from harness.report.build import BUILT_PREFIX, build_report
-from harness.report.tuning import load_tuning, param_importances, summary_frame
+from harness.report.tuning import (FEW_TRIALS, Importances, few_trials_warning, load_tuning, param_importances,
+                                   summary_frame, tuning_markdown)
 from tests.report import store
 
 STUDY = "tune-only"
@@ -139,7 +140,10 @@ def test_section_markdown(tune_report: Path) -> None:
     assert "| `methods.cka.w_align` | [0, 1] | 0.95 | 0.5 |" in md
     assert "| `methods.cka.align` | {cosine, l2} | cosine | cosine |" in md
     assert "| `methods.kd.T` | [1, 8] log | 4 | 4 |" in md
-    assert "Parameter importances (fANOVA, seed 0, over 9 complete trials):" in md
+    assert ("Parameter importances (fANOVA, seed 0, over 9 complete trials):\n\n"
+            "**Too few trials to rank parameters:** these importances rest on 9 complete trials (fewer than 20), so "
+            "they are mostly noise; optuna-dashboard's importances (PED-ANOVA, so they may rank differently) rest on "
+            "this study's 9 complete trials and are no more reliable.\n\n| Parameter | Importance |") in md
     imp_rows = md.split("| Parameter | Importance |")[1].split("\n\n")[0].splitlines()[2:]
     assert imp_rows[0].startswith("| `methods.cka.w_align` | 0.")
     assert "Parameter importances: not computed (fewer than 2 complete trials (1))." in md
@@ -199,6 +203,9 @@ def test_tuning_next_to_run_study_trials(store_uri: str, tmp_path: Path) -> None
     assert "| `tune-mixed/kd` | `kd` | 3 | 3 | 0 | 0 | 70.0 (#0) | 75.0 | #1 | +5.0 |" in md
     assert ("Parameter importances (fANOVA, seed 0, over 2 complete trials; 1 complete trial(s) left out: a value "
             "outside the logged search space (e.g. the default trial)):") in md
+    assert ("these importances rest on 2 complete trials (fewer than 20), so they are mostly noise; "
+            "optuna-dashboard's importances (PED-ANOVA, so they may rank differently) rest on this study's 3 "
+            "complete trials and are no more reliable.") in md
     assert "| `train.lr` | 1.000 |" in md
 
 
@@ -229,3 +236,39 @@ def test_tuning_with_only_failed_study_trials(store_uri: str, tmp_path: Path) ->
     assert "| `s/kd/seed0` | FAILED (exception) | RuntimeError: failed on purpose | no: not in the tables |" in md
     assert "| `tune-failed/kd` | `kd` | 1 | 1 | 0 | 0 | 70.0 (#0) | 70.0 | #0 | +0.0 |" in md
     assert "Parameter importances: not computed (fewer than 2 complete trials (1))." in md
+
+
+def test_importances_of_20_complete_trials_carry_no_warning(store_uri: str) -> None:
+    """The other side of the threshold: 20 COMPLETE trials (and a pruned one) rank without a caveat."""
+    assert FEW_TRIALS == 20
+    client = MlflowClient(store_uri)
+    exp = client.create_experiment("tune-many")
+    space = {"methods.kd.T": FloatDistribution(1.0, 8.0), "train.lr": FloatDistribution(0.001, 0.1, log=True)}
+    for n in range(21):
+        T, lr = 1.0 + 7 * n / 20, 0.001 * 100 ** ((n * 7 % 20) / 20)
+        state = "PRUNED" if n == 20 else "COMPLETE"
+        store.tune_trial(client, exp, "tune-many/kd", "kd", n, state, 0.5 + 0.02 * T, {"methods.kd.T": T,
+                         "train.lr": lr}, space, default=n == 0, steps=1)
+    td = load_tuning(store_uri, exp, curves=False)
+    imp = param_importances(td, "tune-many/kd")
+    assert imp.n_trials == 20 and list(imp.values)[0] == "methods.kd.T"
+    md = "\n".join(tuning_markdown(td, {"tune-many/kd": imp}, []))
+    assert "Parameter importances (fANOVA, seed 0, over 20 complete trials):\n\n| Parameter | Importance |" in md
+    assert "Too few trials" not in md and "optuna-dashboard" not in md
+
+
+@pytest.mark.parametrize(("used", "complete", "expected"), [
+    (19, 19, "rest on 19 complete trials (fewer than 20), so they are mostly noise; optuna-dashboard's importances "
+             "(PED-ANOVA, so they may rank differently) rest on this study's 19 complete trials and are no more "
+             "reliable.\n"),
+    (19, 20, "rest on 19 complete trials (fewer than 20), so they are mostly noise.\n"),  # the dashboard has 20
+    (20, 20, None),
+    (2, 0, None),  # not computed: nothing to warn about
+])
+def test_few_trials_warning_threshold(used: int, complete: int, expected: str | None) -> None:
+    imp = Importances({"a": 0.7, "b": 0.3} if complete else {}, used, "")
+    text = few_trials_warning(imp, complete)
+    if expected is None:
+        assert text == ""
+    else:
+        assert text.startswith("**Too few trials to rank parameters:** these importances ") and text.endswith(expected)
