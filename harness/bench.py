@@ -250,9 +250,9 @@ def _run_timed(study: dict[str, Any], tmp: Path, workers: int | None) -> tuple[l
 
 def _spans(runs: list[Any]) -> tuple[float, float]:
     """(makespan: first start to last end, sum of the trials' own durations) from their tags."""
-    from harness.tracking import TAG
+    from harness.tracking import TAG, tag_seconds
 
-    spans = [(float(r.data.tags[f"{TAG}start"]), float(r.data.tags[f"{TAG}end"])) for r in runs]
+    spans = [(tag_seconds(r.data.tags[f"{TAG}start"]), tag_seconds(r.data.tags[f"{TAG}end"])) for r in runs]
     return max(e for _, e in spans) - min(s for s, _ in spans), sum(e - s for s, e in spans)
 
 

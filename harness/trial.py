@@ -13,7 +13,7 @@ import sys
 import time
 import traceback
 import warnings
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -26,7 +26,10 @@ from harness.grid import Trial, resolved_config
 from harness.methods.base import SplitInfo, TeacherSet, get_method
 from harness.models import build_model
 from harness.teachers import OutputsOf, TeacherRecord, cached_outputs, get_teachers
-from harness.tracking import TAG, Tracker, version_tags
+from harness.tracking import (
+    KIND_TEACHER, KIND_TEACHER_STAGE, KIND_TRIAL, TAG, TEACHER_STAGE_NAME, Tracker, bestval, config_tag,
+    split_dataset, teacher_run_name, trial_run_name, utc_iso, version_tags,
+)
 from harness.train import (
     EVAL_BATCH, EarlyStop, EpochCallback, NonFiniteLossError, determinism, effective_precision, fit,
     gpu_memory_metrics, predict_all, teacher_outputs,
@@ -37,50 +40,106 @@ class PrecisionMismatch(RuntimeError):
     """The trial's key was computed for another numeric precision than its device trains at."""
 
 
-def trial_tags(trial: Trial, uses_labels: bool, seeded: bool = True) -> dict[str, str]:
+def default_routing(study: StudyConfig, trial: Trial) -> str | None:
+    """The routing rule of a ``full`` variant in a study with a routing axis (what its name and
+    ``harness.config`` say instead of ``full``); None otherwise."""
+    rule = trial.params.get("routing") if isinstance(trial.params, dict) else None
+    if not study.routing or trial.variant != "full" or not isinstance(rule, dict):
+        return None
+    from harness.routing import RoutingConfig
+
+    return RoutingConfig.model_validate(rule).name
+
+
+def trial_tags(trial: Trial, uses_labels: bool, seeded: bool = True, default_rule: str | None = None) -> dict[str, str]:
+    """The schema tags of a trial run (:mod:`harness.tracking`); ``harness.run`` keeps the older
+    full name (``2x5/kd/seed0``), ``harness.config`` is what group-by averages over seeds."""
     return {
         f"{TAG}study": trial.study,
         f"{TAG}split": trial.split,
         f"{TAG}method": trial.method,
         f"{TAG}variant": trial.variant,
+        f"{TAG}config": config_tag(trial.method, trial.variant, default_rule),
+        f"{TAG}run": trial.run_name,
         f"{TAG}seed": str(trial.seed),
         f"{TAG}trial_key": trial.key,
-        f"{TAG}kind": "trial",
+        f"{TAG}kind": KIND_TRIAL,
         f"{TAG}uses_labels": str(uses_labels).lower(),
         f"{TAG}seeded": str(seeded).lower(),
         f"{TAG}version": __version__,
     }
 
 
-def log_teacher(tracker: Tracker, experiment_id: str, study: str, split: str, rec: TeacherRecord) -> None:
+def teacher_metrics(rec: TeacherRecord) -> tuple[list[dict[str, float]], dict[str, float]]:
+    """(per-epoch, final) metrics of a teacher run, over its own task only (no ``union`` name):
+    ``val/own_task_acc`` per epoch (its one-task ``val/task_acc/0`` left out: the same number);
+    ``test/own_task_acc`` (the cached best-val. weights every method uses), ``test/own_task_acc_last``,
+    ``val/own_task_acc_best``, ``best_epoch``."""
+    history = [{("val/own_task_acc" if k == "val/union_acc" else k): v for k, v in m.items()
+                if not k.startswith("val/task_acc/")} for m in rec.history]
+    nan = float("nan")
+    final = {
+        "test/own_task_acc": rec.metrics.get("test/union_acc_best", nan),
+        "test/own_task_acc_last": rec.metrics.get("test/union_acc", nan),
+        "val/own_task_acc_best": rec.metrics.get("val/union_acc_best", nan),
+    }
+    if "best_epoch" in rec.metrics:
+        final["best_epoch"] = rec.metrics["best_epoch"]
+    return history, final
+
+
+class TeacherStage:
+    """The ``teacher_stage`` run ("teacher training") of a study invocation, a child of its study
+    run: created when the first teacher run is logged (teachers logged by an earlier invocation
+    are not logged again, so a resumed study gets none), then the parent of the teacher runs."""
+
+    def __init__(self, tracker: Tracker, experiment_id: str, parent_run_id: str, tags: dict[str, Any]) -> None:
+        self.tracker, self.experiment_id, self.parent_run_id, self.tags = tracker, experiment_id, parent_run_id, tags
+        self.run_id: str | None = None
+
+    def __call__(self) -> str:
+        if self.run_id is None:
+            tags = {**self.tags, f"{TAG}kind": KIND_TEACHER_STAGE}
+            self.run_id = self.tracker.start(self.experiment_id, TEACHER_STAGE_NAME, tags,
+                                             parent_run_id=self.parent_run_id)
+        return self.run_id
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if self.run_id is not None:
+            self.tracker.finish_if_running(self.run_id, status)
+
+
+def log_teacher(tracker: Tracker, experiment_id: str, study: str, split: str, rec: TeacherRecord,
+                parent: Callable[[], str] | None = None, per_seed: bool = False) -> None:
     """One FINISHED run per teacher key, weights (digest) and experiment (a cache hit logs only if
-    none exists; a retrained teacher with other weights gets a run of its own)."""
+    none exists; a retrained teacher with other weights gets a run of its own), named
+    ``teacher 0 · 2x5`` (with ``s<seed>`` when teachers are trained ``per_seed``), a child of
+    ``parent()`` (the invocation's :class:`TeacherStage`) when given."""
     same = {f"{TAG}teacher_key": rec.key, f"{TAG}teacher_digest": rec.digest, f"{TAG}split": split}
     if tracker.find(experiment_id, same, ("FINISHED",)):
         return
     tags = {
-        f"{TAG}study": study, f"{TAG}split": split, f"{TAG}kind": "teacher", f"{TAG}task": str(rec.index),
+        f"{TAG}study": study, f"{TAG}split": split, f"{TAG}kind": KIND_TEACHER, f"{TAG}task": str(rec.index),
         f"{TAG}teacher_key": rec.key, f"{TAG}teacher_digest": rec.digest, f"{TAG}teacher_seed": str(rec.seed),
-        f"{TAG}method": "teacher", f"{TAG}variant": "full",
+        f"{TAG}method": "teacher", f"{TAG}variant": "full", f"{TAG}config": f"teacher:task{rec.index}",
+        f"{TAG}run": f"{split}/teacher{rec.index}",
         f"{TAG}cached": str(rec.cached).lower(), f"{TAG}uses_labels": "true",
     }
-    run_id = tracker.start(experiment_id, f"{split}/teacher{rec.index}", tags, rec.spec)
-    for epoch, m in enumerate(rec.history, start=1):
+    name = teacher_run_name(split, rec.index, rec.seed if per_seed else None)
+    run_id = tracker.start(experiment_id, name, tags, rec.spec, parent() if parent is not None else None)
+    history, final = teacher_metrics(rec)
+    for epoch, m in enumerate(history, start=1):
         tracker.log_metrics(run_id, m, step=epoch)
-    final = {
-        "test/acc": rec.metrics.get("test/union_acc_best", float("nan")),
-        "test/acc_last": rec.metrics.get("test/union_acc", float("nan")),
-        "val/acc_best": rec.metrics.get("val/union_acc_best", float("nan")),
-    }
-    tracker.log_metrics(run_id, final, step=len(rec.history))
+    tracker.log_metrics(run_id, final, step=len(history))
     tracker.finish(run_id)
 
 
 def prepare_teachers(
     study: StudyConfig, split: SplitData, tracker: Tracker | None = None, experiment_id: str | None = None,
-    device: str = "cpu", seed: int | None = None,
+    device: str = "cpu", seed: int | None = None, parent: Callable[[], str] | None = None,
 ) -> list[TeacherRecord]:
-    """Train or load the split's teachers for student seed ``seed`` (and log each once to MLflow).
+    """Train or load the split's teachers for student seed ``seed`` (and log each once to MLflow,
+    under ``parent()``: the invocation's :class:`TeacherStage`, when given).
 
     With ``teacher_seeds: fixed`` the seed is ignored (one set of teachers for every seed); with
     ``per_seed`` the teachers are trained with ``seed`` (see ``StudyConfig.teachers_for``)."""
@@ -88,7 +147,8 @@ def prepare_teachers(
 
     def on_ready(rec: TeacherRecord) -> None:
         if tracker is not None and experiment_id is not None:
-            log_teacher(tracker, experiment_id, study.name, split.name, rec)
+            log_teacher(tracker, experiment_id, study.name, split.name, rec, parent,
+                        per_seed=study.teacher_seeds == "per_seed")
 
     return get_teachers(split, study.dataset, study.teachers_for(cfg, seed), study.cache_dir, device, on_ready)
 
@@ -181,22 +241,34 @@ def diagnostics(
 
 def open_trial_run(
     tracker: Tracker, experiment_id: str, study: StudyConfig, trial: Trial, *, parent_run_id: str | None = None,
-    extra_tags: dict[str, Any] | None = None,
+    extra_tags: dict[str, Any] | None = None, source: str | None = None,
 ) -> str:
-    """Create the trial's run (status RUNNING) with its tags, params and ``trial.yaml``.
+    """Create the trial's run (status RUNNING) with its name, tags, params, ``trial.yaml`` and the
+    study's split as its dataset input (``digits:2x5``; ``source``: the study file, when known).
 
     The runner calls this in the parent process, so the run exists, and can be marked FAILED,
     even when the worker that executes it dies."""
     cls = get_method(trial.method)
-    tags = {**trial_tags(trial, cls.uses_labels, cls.seeded), **(extra_tags or {})}
+    rule = default_routing(study, trial)
+    tags = {**trial_tags(trial, cls.uses_labels, cls.seeded, rule), **(extra_tags or {})}
     cfg = resolved_config(study, trial)
-    run_id = tracker.start(experiment_id, trial.run_name, tags, cfg, parent_run_id)
+    run_id = tracker.start(experiment_id, trial_run_name(trial.split, trial.method, trial.variant, trial.seed, rule),
+                           tags, cfg, parent_run_id)
     try:
         tracker.log_text(run_id, yaml.safe_dump(cfg, sort_keys=False), "trial.yaml")
+        tracker.log_inputs(run_id, [study_split_dataset(study, trial.split, source)])
     except BaseException:
         tracker.finish(run_id, "FAILED")
         raise
     return run_id
+
+
+def study_split_dataset(study: StudyConfig, split: str, source: str | None = None) -> Any:
+    """The dataset input of a split of the study (:func:`harness.tracking.split_dataset`): named
+    ``<data set>:<split>``, its digest over the data set and split config."""
+    cfg = next(s for s in study.splits if s.name == split)
+    config = {"dataset": study.dataset.model_dump(mode="json"), "split": cfg.model_dump(mode="json")}
+    return split_dataset(study.dataset.name, split, config, source)
 
 
 def execute_trial(
@@ -215,7 +287,7 @@ def execute_trial(
     t0 = time.time()
     tracker.set_tags(run_id, {
         f"{TAG}pid": os.getpid(), f"{TAG}host": platform.node(), f"{TAG}device": device,
-        f"{TAG}start": f"{t0:.3f}", **version_tags(), **(extra_tags or {}),
+        f"{TAG}start": utc_iso(t0), **version_tags(), **(extra_tags or {}),
     })
     try:
         if device.startswith("cuda"):
@@ -231,14 +303,14 @@ def execute_trial(
         final.update(memory_metrics(device))
         final["trial_seconds"] = time.time() - t0
         tracker.log_metrics(run_id, final, step=study.train.epochs if get_method(trial.method).trains else 0)
-        tracker.set_tags(run_id, {f"{TAG}end": f"{time.time():.3f}"})
+        tracker.set_tags(run_id, {f"{TAG}end": utc_iso(time.time())})
         finish_unique(tracker, run_id, trial.key)
         return final
     except BaseException as e:
         kind, reason = failure_reason(e)
         try:
             tracker.set_tags(run_id, {f"{TAG}failure": reason, f"{TAG}failure_kind": kind,
-                                      f"{TAG}end": f"{time.time():.3f}",
+                                      f"{TAG}end": utc_iso(time.time()),
                                       f"{TAG}traceback": traceback.format_exc()[-4000:]})
             tracker.finish(run_id, "KILLED" if kind in ("interrupted", "pruned") else "FAILED")
         except Exception as log_error:  # the store failed too: the trial's own failure still wins (the
@@ -291,7 +363,7 @@ def _train_and_measure(
             warnings.warn(f"could not log the last epochs of run {run_id}: {flush_error}", stacklevel=1)
         raise
     curves.flush()
-    final = dict(res.final)
+    final = {bestval(k): v for k, v in res.final.items()}  # test/union_acc_best -> test/union_acc_bestval
     final["pool_size"] = float(len(train_data.parts["train"]))
     if diagnose:
         same = learns_from == "pool" or data.pool is None  # ``outputs`` are on the pool
@@ -342,7 +414,7 @@ def finish_unique(tracker: Tracker, run_id: str, key: str) -> None:
     run = tracker.run(run_id)
     if run.info.status != "RUNNING":
         return
-    if run.data.tags.get(f"{TAG}kind", "trial") != "trial":  # a tuning run measures one Optuna trial
+    if run.data.tags.get(f"{TAG}kind", KIND_TRIAL) != KIND_TRIAL:  # a tuning run measures one Optuna trial
         tracker.finish(run_id, "FINISHED")
         return
     same = {f"{TAG}trial_key": key, f"{TAG}kind": "trial"}

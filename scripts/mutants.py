@@ -123,8 +123,8 @@ MUTANTS: list[Mutant] = [
            "best, res.best_epoch, res.best_state = score, epoch - 1, _state(method)", T_TRAIN),
     mutant("B8", BEST, "harness/teachers.py", "teacher cache keeps the last-epoch weights, not the best-val. ones",
            "method.load_state_dict(res.best_state)", "pass", T_TRAIN),
-    mutant("B9", BEST, "harness/trial.py", "teacher run logs the last-epoch accuracy as test/acc (best-val. expected)",
-           '"test/acc": rec.metrics.get("test/union_acc_best"', '"test/acc": rec.metrics.get("test/union_acc"',
+    mutant("B9", BEST, "harness/trial.py", "teacher run logs the last-epoch accuracy as test/own_task_acc (best-val. expected)",
+           '"test/own_task_acc": rec.metrics.get("test/union_acc_best"', '"test/own_task_acc": rec.metrics.get("test/union_acc"',
            "tests/test_e2e.py tests/test_teachers.py tests/report/test_tables.py"),
     # --- seeds -------------------------------------------------------------------------------
     mutant("S1", SEEDS, "harness/trial.py", "student init ignores the trial seed (every seed: same init)",

@@ -67,7 +67,7 @@ def test_per_epoch_and_final_metrics(ran):
     n_test, n_train = len(data.parts["test"]), len(data.parts["train"])
     n_task = [int((data.parts["test"].t == k).sum()) for k in (0, 1)]
     # each accuracy is a count over the part it claims to measure (450 test, 1212 train images)
-    for key, n in (("test/union_acc", n_test), ("test/union_acc_best", n_test), ("test/task_acc/0", n_task[0]),
+    for key, n in (("test/union_acc", n_test), ("test/union_acc_bestval", n_test), ("test/task_acc/0", n_task[0]),
                    ("test/task_acc/1", n_task[1]), ("diag/pseudo_label_acc", n_train),
                    ("diag/ensemble_union_acc", n_test), ("diag/oracle_pseudo_label_acc", n_train),
                    ("diag/oracle_ensemble_acc", n_test)):
@@ -76,7 +76,7 @@ def test_per_epoch_and_final_metrics(ran):
     val = [h.value for h in sorted(client.get_metric_history(cka.info.run_id, "val/union_acc"), key=lambda h: h.step)]
     assert m["best_epoch"] == 1 + val.index(max(val)) and m["val/union_acc_best"] == max(val)
     if m["best_epoch"] == len(val):  # the best model is the last one: both columns are one number
-        assert m["test/union_acc_best"] == m["test/union_acc"]
+        assert m["test/union_acc_bestval"] == m["test/union_acc"]
     for key in ("loss/task", "loss/intra", "loss/inter", "loss/align", "loss/total", "val/union_acc",
                 "epoch_seconds", "images_per_second"):
         hist = client.get_metric_history(cka.info.run_id, key)
@@ -94,7 +94,7 @@ def test_teachers_trained_once_and_logged(ran):
     # each teacher's own-task test accuracy is the one the reference row measures with the cached weights
     ref = next(r for r in _trials(runs) if r.data.tags["harness.method"] == "teachers")
     for r in teachers:
-        assert r.data.metrics["test/acc"] == pytest.approx(ref.data.metrics[f"test/task_acc/{r.data.tags['harness.task']}"])
+        assert r.data.metrics["test/own_task_acc"] == pytest.approx(ref.data.metrics[f"test/task_acc/{r.data.tags['harness.task']}"])
     files = sorted(p.name for p in (tmp / "cache" / "teachers").glob("*.pt"))
     keys = sorted(r.data.tags["harness.teacher_key"] for r in teachers)
     assert [f for f in files if "-" not in f] == [f"{k}.pt" for k in keys]  # two checkpoints

@@ -25,9 +25,13 @@ def tracker() -> Iterator[Tracker]:
         yield Tracker(f"sqlite:///{where}/mlflow.db")
 
 
-def test_flatten_nested_config() -> None:
-    assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": {}, "f": None}) == {
-        "a.b": "1", "a.c.d": "[1, 2]", "e": "{}", "f": "None"}
+def test_flatten_nested_config_as_yaml_scalars_and_one_param_per_listed_field() -> None:
+    assert flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": {}, "f": None, "g": True, "h": False, "s": ["x", "y"]}) == {
+        "a.b": "1", "a.c.d": "[1, 2]", "e": "{}", "f": "null", "g": "true", "h": "false", "s": "[x, y]"}
+    teachers = [{"arch": "cnn", "width": 8, "seed": None}, {"arch": "mlp", "augment": []}]
+    assert flatten({"teachers": teachers, "empty": []}) == {
+        "teachers.0.arch": "cnn", "teachers.0.width": "8", "teachers.0.seed": "null",
+        "teachers.1.arch": "mlp", "teachers.1.augment": "[]", "empty": "[]"}
 
 
 def test_retry_waits_out_a_locked_store_but_not_other_errors(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -158,3 +162,114 @@ def test_metric_buffer_sends_at_its_interval_and_on_flush(tracker: Tracker) -> N
     eager = tracker.buffered(run, every=0)
     eager.log({"loss": 0.1}, step=6)
     assert history()[-1] == (6, 0.1)  # sent at once: the interval had passed
+
+
+def test_run_names_put_what_differs_first_and_config_tags_group_seeds() -> None:
+    assert tracking.trial_run_name("3way", "kd", "mahalanobis/z/routed", 0) == "kd · mahalanobis/z/routed · s0 · 3way"
+    assert tracking.trial_run_name("2x5", "cka", "-intra", 1) == "cka-intra · s1 · 2x5"
+    assert tracking.trial_run_name("2x5", "kd", "full", 2) == "kd · s2 · 2x5"
+    assert tracking.trial_run_name("2x5", "kd", "full", 0, "confidence/none/concat") == \
+        "kd · confidence/none/concat (default) · s0 · 2x5"
+    assert tracking.teacher_run_name("2x5", 0) == "teacher 0 · 2x5"
+    assert tracking.teacher_run_name("2x5", 1, seed=3) == "teacher 1 · s3 · 2x5"
+    assert [tracking.config_tag("kd", v) for v in ("full", "-intra", "wide")] == ["kd:full", "kd:-intra", "kd:wide"]
+    assert tracking.config_tag("kd", "full", "confidence/none/concat") == "kd:confidence/none/concat (default)"
+    assert tracking.config_tag("kd", "-intra", "confidence/none/concat") == "kd:-intra"  # an ablation says itself
+
+
+def test_times_are_iso_utc_and_older_unix_seconds_still_read() -> None:
+    assert tracking.utc_iso(1_700_000_000.1234) == "2023-11-14T22:13:20.123Z"
+    assert tracking.tag_seconds("2023-11-14T22:13:20.123Z") == pytest.approx(1_700_000_000.123)
+    assert tracking.tag_seconds("1700000000.250") == 1_700_000_000.25
+    assert tracking.bestval("test/union_acc_best") == "test/union_acc_bestval"
+    assert tracking.bestval("test/task_acc_best/3") == "test/task_acc_bestval/3"
+    assert tracking.bestval("val/union_acc_best") == "val/union_acc_best"  # the best validation accuracy itself
+
+
+def test_the_link_for_a_server_and_for_a_local_store() -> None:
+    url, cmd = tracking.runs_url("http://mlflow.lab:5000/", "7")
+    assert cmd is None and url == ("http://mlflow.lab:5000/#/experiments/7/runs?viewStateShareKey=harness-trials"
+                                   "&workflowType=machine_learning")
+    url, cmd = tracking.runs_url("sqlite:///mlflow.db", "1")
+    assert cmd == "mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000"
+    assert url.startswith("http://127.0.0.1:5000/#/experiments/1/runs?")
+    one, two = tracking.shared_view(), tracking.shared_view(group_by_split=True)
+    assert [k["groupByData"] for k in one["groupBy"]["groupByKeys"]] == ["harness.config"]
+    assert [k["groupByData"] for k in two["groupBy"]["groupByKeys"]] == ["harness.split", "harness.config"]
+    assert one["searchFilter"] == "tags.`harness.kind` = 'trial'" and one["orderByKey"] == "metrics.`test/union_acc`"
+    assert [c["metricKey"] for c in one["compareRunCharts"]] == ["test/union_acc", "test/union_acc_bestval",
+                                                                 "val/union_acc"]
+
+
+REPORT = """# Study `toy`: results
+
+Rebuilt from ...
+
+## Comparison
+
+Intro.
+
+### Split `a`
+
+| Method | n | acc |
+|:---|---:|---:|
+| kd | 3 | 91.0 |
+
+Diagnostics.
+
+| Method | probe |
+|:---|---:|
+| kd | 90.0 |
+
+### Learning curves
+
+![curves](curves.png)
+
+### Split `b`
+
+| Method | n | acc |
+|:---|---:|---:|
+| cka | 2 | 80.0 |
+
+## Ablation
+
+| Method | x |
+|:---|---:|
+"""
+
+
+def test_the_headline_is_the_title_and_each_splits_comparison_table() -> None:
+    assert tracking.headline(REPORT) == (
+        "# Study `toy`: results\n\n### Split `a`\n\n| Method | n | acc |\n|:---|---:|---:|\n| kd | 3 | 91.0 |\n\n"
+        "### Split `b`\n\n| Method | n | acc |\n|:---|---:|---:|\n| cka | 2 | 80.0 |")
+    cut = tracking.headline(REPORT, limit=120)
+    assert len(cut) <= 120 and cut.endswith("(cut; the whole report is `report/report.md`)")
+    assert "| kd | 3 | 91.0 |" not in cut and cut.startswith("# Study `toy`")
+
+
+def test_the_report_goes_to_the_latest_study_run(tracker: Tracker, tmp_path) -> None:
+    exp = tracker.experiment("with-report")
+    assert tracking.attach_report(tracker, "no-such-study", tmp_path) is None
+    older = tracker.start(exp, "s1", {f"{TAG}kind": "study"})
+    time.sleep(0.01)
+    latest = tracker.start(exp, "s2", {f"{TAG}kind": "study"})
+    (tmp_path / "report.md").write_text(REPORT)
+    (tmp_path / "accuracy.png").write_bytes(b"\x89PNG fake")
+    (tmp_path / "notes.txt").write_text("not part of the report")
+    assert tracking.attach_report(tracker, "with-report", tmp_path) == latest
+    assert sorted(a.path for a in tracker.client.list_artifacts(latest, "report")) == [
+        "report/accuracy.png", "report/report.md"]
+    assert tracker.client.list_artifacts(older) == []
+    assert tracker.run(latest).data.tags["mlflow.note.content"] == tracking.headline(REPORT)
+
+
+def test_the_split_dataset_input_names_the_split_and_hashes_its_config(tmp_path) -> None:
+    study = tmp_path / "s.yaml"
+    study.write_text("name: s\n")
+    cfg = {"dataset": {"name": "digits"}, "split": {"name": "2x5", "tasks": [[0, 1], [2, 3]]}}
+    a = tracking.split_dataset("digits", "2x5", cfg, str(study))
+    b = tracking.split_dataset("digits", "2x5", {**cfg, "split": {"name": "2x5", "tasks": [[0], [1]]}})
+    assert a.dataset.name == "digits:2x5" and a.dataset.source_type == "local"
+    assert a.dataset.source == '{"uri": "' + str(study.resolve()) + '"}'
+    assert a.dataset.digest != b.dataset.digest and len(a.dataset.digest) == 12
+    assert [(t.key, t.value) for t in a.tags] == [("mlflow.data.context", "study")]

@@ -120,3 +120,46 @@ def test_a_method_records_what_really_ran_as_run_tags(isolated: Path) -> None:
         run_trial(study, trial, tracker, exp)
     (run,) = tracker.find(exp, {"harness.kind": "trial"}, ("FINISHED",))
     assert run.data.tags["harness.cfl_space"] == "pooled (fallback: teacher 1 (MLP) has no conv feature map)"
+
+
+def test_teacher_runs_log_own_task_names_under_a_stage_made_once_per_invocation(probes: dict[int, list]) -> None:
+    from harness.teachers import TeacherRecord
+    from harness.trial import TeacherStage, log_teacher, teacher_metrics
+
+    history = [{"val/union_acc": 0.5, "val/task_acc/0": 0.5, "loss/ce": 1.0},
+               {"val/union_acc": 0.7, "val/task_acc/0": 0.7, "loss/ce": 0.5}]
+    metrics = {"test/union_acc_best": 0.9, "test/union_acc": 0.8, "val/union_acc_best": 0.7, "best_epoch": 2.0}
+    spec = {"teacher": {"arch": "mlp", "hidden": None}}
+    rec = TeacherRecord(1, "tk", spec, None, False, metrics, history, digest="d1", seed=0)  # type: ignore[arg-type]
+    per_epoch, final = teacher_metrics(rec)
+    assert per_epoch == [{"val/own_task_acc": 0.5, "loss/ce": 1.0}, {"val/own_task_acc": 0.7, "loss/ce": 0.5}]
+    assert final == {"test/own_task_acc": 0.9, "test/own_task_acc_last": 0.8, "val/own_task_acc_best": 0.7,
+                     "best_epoch": 2.0}
+    tracker, exp = STORE["tracker"], STORE["experiment"]
+    study_run = tracker.start(exp, "study", {"harness.kind": "study"})
+    first = TeacherStage(tracker, exp, study_run, {})
+    log_teacher(tracker, exp, "tiny", "2x5", rec, first)
+    log_teacher(tracker, exp, "tiny", "2x5", rec, first)  # logged already: skipped
+    first.finish()
+    second = TeacherStage(tracker, exp, study_run, {})  # a resumed study: nothing new to log, no stage run
+    log_teacher(tracker, exp, "tiny", "2x5", rec, second)
+    second.finish()
+    assert second.run_id is None and first.run_id is not None
+    (run,) = tracker.find(exp, {"harness.teacher_key": "tk"})
+    assert run.info.run_name == "teacher 1 · 2x5" and run.data.tags["mlflow.parentRunId"] == first.run_id
+    assert run.data.params["teacher.hidden"] == "null" and run.data.tags["harness.run"] == "2x5/teacher1"
+    assert set(run.data.metrics) == {"val/own_task_acc", "loss/ce", *final}
+    stage = tracker.run(first.run_id)
+    assert stage.info.status == "FINISHED" and stage.info.run_name == "teacher training"
+    assert stage.data.tags["harness.kind"] == "teacher_stage" and stage.data.tags["mlflow.parentRunId"] == study_run
+
+
+def test_the_default_variant_of_a_routing_study_is_named_by_its_rule() -> None:
+    from harness.trial import default_routing
+
+    study = parse_study({**TINY, "methods": {"kd": {}, "scratch": {}}, "routing": ["confidence/none/routed"]})
+    got = {(t.method, t.variant): default_routing(study, t) for t in expand(study) if t.seed == 0}
+    assert got == {("kd", "full"): "confidence/none/concat", ("kd", "confidence/none/routed"): None,
+                   ("scratch", "full"): None}
+    plain = parse_study({**TINY, "methods": {"kd": {}}})
+    assert {default_routing(plain, t) for t in expand(plain)} == {None}  # no routing axis: just ``kd``

@@ -12,15 +12,21 @@ says so. Runs of other keys (an edited and reverted study, a partial rerun) are 
 - ``attempts``: every in-scope trial run whatever its status (FAILED/KILLED/RUNNING included),
   with the failure reason, so tables can say "n=2 of 3; 1 failed";
 - ``others``: every trial run outside the scope (same columns as ``attempts``);
-- ``teachers``: FINISHED teacher runs (metric ``test/acc``). Scoped: the runs of the teachers the
-  in-scope trial runs used, by their ``harness.teacher_keys``/``teacher_digests`` tags, or for
-  older runs by the teacher config in their params (``teacher.*``, ``val_fraction``,
+- ``teachers``: FINISHED teacher runs (metric ``test/own_task_acc``). Scoped: the runs of the
+  teachers the in-scope trial runs used, by their ``harness.teacher_keys``/``teacher_digests``
+  tags, or for older runs by the teacher config in their params (``teacher.*``, ``val_fraction``,
   ``image_size``); the latest run per teacher key and weights (several per task with
   ``teacher_seeds: per_seed``). None when the trials say neither (the tables then use the in-scope
   ``teachers`` reference run). Not scoped: the latest run per (split, task);
 - ``history``: per-epoch metrics (``loss/*``, ``val/*``, ``epoch_seconds``, ...) of the trials
   in ``trials``, long form (one row per run, metric and epoch);
 - ``params``: the flattened config of the trials in ``trials`` (one row per run).
+
+Runs are read in today's vocabulary whatever wrote them (:func:`current_metrics`,
+:func:`canonical_params`): stores written before it (teachers' ``test/acc``, trials'
+``test/union_acc_best``, params as Python strings such as ``None`` and one ``teachers`` list) report
+the same numbers. A store moved with its ``mlruns`` folder still gives its study runs' artifacts
+(MLflow records absolute artifact paths; :func:`local_artifacts`).
 
 Nothing here imports torch; nothing is computed that is not in the store.
 """
@@ -36,13 +42,16 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Collection, Iterator, Sequence
+from urllib.parse import urlparse
 
 import pandas as pd
 import yaml
 from mlflow.tracking import MlflowClient
 
 from harness.errors import HarnessError
-from harness.tracking import TAG, TRIAL_KEYS_ARTIFACT, flatten, resolve_uri, row_label  # noqa: F401
+from harness.tracking import (  # noqa: F401
+    KIND_TEACHER, TAG, TRIAL_KEYS_ARTIFACT, bestval, flatten, resolve_uri, row_label,
+)
 
 KEYS = ["split", "method", "variant", "seed"]
 FINAL_PREFIXES = ("test/", "diag/")
@@ -60,6 +69,49 @@ STUDY_ARTIFACT = "study.yaml"
 #: a study file's text -> its trial keys (``harness.grid.expand``; the CLI supplies it)
 KeyExpander = Callable[[str], Sequence[str]]
 REFERENCE_METHOD = "teachers"  # the reference rows (claiming-teacher ensemble), seed-independent
+
+
+#: metric names of teacher runs written before the one vocabulary -> today's names (trial runs:
+#: :func:`harness.tracking.bestval`, ``test/union_acc_best`` -> ``test/union_acc_bestval``)
+OLD_METRICS = {"test/acc": "test/own_task_acc", "test/acc_last": "test/own_task_acc_last",
+               "val/acc_best": "val/own_task_acc_best", "val/union_acc": "val/own_task_acc"}
+
+
+def current_metrics(metrics: dict[str, float], kind: str) -> dict[str, float]:
+    """A run's metrics under today's names (teacher runs: :data:`OLD_METRICS`; trial runs: the
+    best-val. model's ``*_bestval``); a metric logged under both names keeps the new one's value."""
+    out: dict[str, float] = {}
+    for k, v in metrics.items():
+        new = OLD_METRICS.get(k, k) if kind == KIND_TEACHER else bestval(k)
+        if new == k or new not in metrics:
+            out[new] = v
+    return out
+
+
+def _old_value(v: str) -> Any:
+    """A param value as older runs logged it (Python's ``None``/``True``/``False``, a list or dict
+    in Python syntax) parsed, or the string itself when it is not one of these."""
+    if v in ("None", "True", "False") or v[:1] in ("[", "{", "("):
+        try:
+            return ast.literal_eval(v)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            return v
+    return v
+
+
+def canonical_params(params: dict[str, str]) -> dict[str, str]:
+    """A run's params as today's :func:`harness.tracking.flatten` writes them: YAML-style values
+    (``null``, ``false``, ``[a, b]``) and a list of mappings (older runs: one ``teachers`` param
+    in Python syntax) as one param per item and field (``teachers.0.arch``). Today's params are
+    returned unchanged."""
+    out: dict[str, str] = {}
+    for k, v in params.items():
+        value = _old_value(v) if isinstance(v, str) else v
+        if value is v:
+            out[k] = v
+        else:
+            out.update(flatten({k: value}))
+    return out
 
 
 def is_final(key: str) -> bool:
@@ -183,9 +235,9 @@ def _latest(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     return order.drop_duplicates(keys, keep="last").reset_index(drop=True)
 
 
-def _with_metrics(rows: pd.DataFrame, runs: dict[str, Any], final_only: bool) -> pd.DataFrame:
+def _with_metrics(rows: pd.DataFrame, runs: dict[str, Any], final_only: bool, kind: str) -> pd.DataFrame:
     metrics = [
-        {k: v for k, v in runs[rid].data.metrics.items() if is_final(k) or not final_only}
+        {k: v for k, v in current_metrics(runs[rid].data.metrics, kind).items() if is_final(k) or not final_only}
         for rid in rows["run_id"]
     ]
     mf = pd.DataFrame(metrics, index=rows.index, dtype=float)
@@ -224,22 +276,44 @@ def _no_progress_bar() -> Iterator[None]:
             os.environ[key] = old
 
 
-def _logged_study(client: MlflowClient, experiment_id: str) -> tuple[str | None, list[str] | None]:
+def local_artifacts(uri: str, run: Any) -> Path | None:
+    """The folder of a run's artifacts when they are local files and that folder is not where MLflow
+    recorded it: a SQLite store moved together with its ``mlruns`` folder (MLflow 3 records absolute
+    artifact paths) has them at ``mlruns/<experiment id>/<run id>/artifacts`` beside the database.
+    None when the recorded place exists (MLflow reads it) or nothing is found."""
+    recorded = run.info.artifact_uri or ""
+    if "://" in recorded and not recorded.startswith("file://"):
+        return None
+    if Path(urlparse(recorded).path if recorded.startswith("file://") else recorded).is_dir():
+        return None
+    if not uri.startswith("sqlite:///"):
+        return None
+    moved = (Path(uri[len("sqlite:///"):].split("?")[0]).parent / "mlruns" / run.info.experiment_id
+             / run.info.run_id / "artifacts")
+    return moved if moved.is_dir() else None
+
+
+def _logged_study(client: MlflowClient, experiment_id: str, uri: str = "") -> tuple[str | None, list[str] | None]:
     """(``study.yaml``, ``trial_keys.json``) of the latest study run that logged either (the
     runner logs both; older runners only the first); (None, None) when no study run did."""
     runs = sorted(_search(client, experiment_id, "study"), key=lambda r: (r.info.start_time or 0, r.info.run_id))
     for run in reversed(runs):
         try:
-            names = {a.path for a in client.list_artifacts(run.info.run_id)}
-            if not names & {STUDY_ARTIFACT, TRIAL_KEYS_ARTIFACT}:
-                continue
+            moved = local_artifacts(uri, run)
             with tempfile.TemporaryDirectory() as tmp, _no_progress_bar():
+                if moved is not None:
+                    names = {p.name for p in moved.iterdir()}
+                    fetch = lambda name: moved / name  # noqa: E731
+                else:
+                    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+                    fetch = lambda name: Path(client.download_artifacts(run.info.run_id, name, tmp))  # noqa: E731
+                if not names & {STUDY_ARTIFACT, TRIAL_KEYS_ARTIFACT}:
+                    continue
                 text = keys = None
                 if STUDY_ARTIFACT in names:
-                    text = Path(client.download_artifacts(run.info.run_id, STUDY_ARTIFACT, tmp)).read_text()
+                    text = fetch(STUDY_ARTIFACT).read_text()
                 if TRIAL_KEYS_ARTIFACT in names:
-                    path = client.download_artifacts(run.info.run_id, TRIAL_KEYS_ARTIFACT, tmp)
-                    raw = json.loads(Path(path).read_text())
+                    raw = json.loads(fetch(TRIAL_KEYS_ARTIFACT).read_text())
                     keys = [str(k) for k in raw] if isinstance(raw, list) else None
                 return text, keys
         except Exception:  # an unreachable artifact store must not break the report
@@ -268,18 +342,16 @@ def _scope(keys: Collection[str] | None, given_text: str | None, logged_text: st
 
 def _teacher_params(params: dict[str, str], k: int) -> dict[str, str] | None:
     """The params a teacher run of task ``k`` logs (``teacher.*``, ``val_fraction``,
-    ``image_size``), as recorded in a trial run's params; None when the trial did not record them."""
-    try:
-        cfgs = ast.literal_eval(params["teachers"])  # a list of dicts, logged as its Python string
-        cfg = cfgs[k]
-    except (KeyError, IndexError, ValueError, SyntaxError, TypeError):
+    ``image_size``), as recorded in a trial run's params (``teachers.<k>.*``; older runs: one
+    ``teachers`` list, :func:`canonical_params`); None when the trial did not record them."""
+    p = canonical_params(params)
+    prefix = f"teachers.{k}."
+    want = {"teacher." + key[len(prefix):]: v for key, v in p.items() if key.startswith(prefix)}
+    if not want:
         return None
-    if not isinstance(cfg, dict):
-        return None
-    want = flatten(cfg, "teacher.")
     for name in ("val_fraction", "image_size"):
-        if f"dataset.{name}" in params:
-            want[name] = params[f"dataset.{name}"]
+        if f"dataset.{name}" in p:
+            want[name] = p[f"dataset.{name}"]
     return want
 
 
@@ -312,7 +384,7 @@ def _scoped_teachers(trows: pd.DataFrame, runs: dict[str, Any], trials: list[tup
     keep = []
     for r in trows.itertuples(index=False):
         run = runs[r.run_id]
-        have = {**run.data.params, "teacher_key": r.teacher_key, "teacher_digest": r.teacher_digest}
+        have = {**canonical_params(run.data.params), "teacher_key": r.teacher_key, "teacher_digest": r.teacher_digest}
         for want in wanted.get((r.split, r.task), []):
             if all(have.get(name) == v or (name == "teacher_digest" and not r.teacher_digest)
                    for name, v in want.items()):
@@ -339,7 +411,7 @@ def load_study(study: str, tracking_uri: str | None = None, history: bool = True
     exp = client.get_experiment_by_name(name)
     if exp is None or exp.lifecycle_stage == "deleted":
         raise HarnessError(f"report: no experiment '{name}' in {uri}")
-    logged_text, logged_keys = _logged_study(client, exp.experiment_id)
+    logged_text, logged_keys = _logged_study(client, exp.experiment_id, uri)
     scope_keys, scope = _scope(keys, text, logged_text, logged_keys, expand)
     trial_runs = {r.info.run_id: r for r in _search(client, exp.experiment_id, "trial")}
     every = pd.DataFrame([_info(r) for r in trial_runs.values()], columns=INFO_COLUMNS)
@@ -351,7 +423,7 @@ def load_study(study: str, tracking_uri: str | None = None, history: bool = True
     if finished.empty and not allow_empty:
         extra = f" ({len(others)} trial runs of other configurations)" if len(others) else ""
         raise HarnessError(f"report: experiment '{name}' has no finished trial runs in {uri}{extra}")
-    trials = _with_metrics(_latest(finished, KEYS), trial_runs, final_only=True)
+    trials = _with_metrics(_latest(finished, KEYS), trial_runs, final_only=True, kind="trial")
 
     teacher_runs = {r.info.run_id: r for r in _search(client, exp.experiment_id, "teacher")}
     trows = pd.DataFrame(
@@ -366,11 +438,12 @@ def load_study(study: str, tracking_uri: str | None = None, history: bool = True
     else:
         trows = _scoped_teachers(
             trows, teacher_runs, [(s, trial_runs[r]) for s, r in zip(trials["split"], trials["run_id"])])
-    teachers = _with_metrics(trows, teacher_runs, final_only=False)
+    teachers = _with_metrics(trows, teacher_runs, final_only=False, kind=KIND_TEACHER)
 
     hist = _history(client, trials, trial_runs) if history else pd.DataFrame(
         columns=["split", "method", "variant", "label", "seed", "run_id", "metric", "step", "value"])
-    params = pd.DataFrame([trial_runs[r].data.params for r in trials["run_id"]], index=trials["run_id"])
+    params = pd.DataFrame([canonical_params(trial_runs[r].data.params) for r in trials["run_id"]],
+                          index=trials["run_id"])
     params = params[sorted(params.columns)]
     return StudyData(name, uri, exp.experiment_id, trials, attempts, teachers, hist, params,
                      text or logged_text, scope_keys, scope, others)

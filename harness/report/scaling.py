@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Hashable
 
 import pandas as pd
+import yaml
 from scipy import stats as sps
 
 from harness.report.frames import StudyData
@@ -94,12 +95,17 @@ def classes_text(classes: tuple[int, ...] | None) -> str:
 
 
 def _literal(value: Any) -> Any:
-    """A logged param (the Python string form of a list or None) as its value; None when not one."""
+    """A logged param (a list or null in YAML flow style, or in older runs' Python form) as its
+    value; None when not one."""
     if not isinstance(value, str):
         return None
     try:
         return ast.literal_eval(value)
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        pass
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError:
         return None
 
 
@@ -126,7 +132,7 @@ CUT_PARAMS = ("split.name", "split.tasks", "split.partition.", "split.teachers")
 
 def _setting(flat: dict[str, str]) -> tuple[tuple[str, str], ...]:
     return tuple(sorted((k, v) for k, v in flat.items()
-                        if k.startswith("split.") and not k.startswith(CUT_PARAMS) and v != "None"))
+                        if k.startswith("split.") and not k.startswith(CUT_PARAMS) and v not in ("None", "null")))
 
 
 def _from_params(p: dict[str, str]) -> tuple[Cut, str, tuple[str, str], tuple] | None:
@@ -142,8 +148,8 @@ def _from_params(p: dict[str, str]) -> tuple[Cut, str, tuple[str, str], tuple] |
         cut, source = _cut(_literal(p.get("split.tasks")), None), "split.tasks"
     if cut is None:
         return None
-    root = p.get("dataset.root", "None")
-    return cut, source, (p.get("dataset.name", ""), "" if root == "None" else root), _setting(p)
+    root = p.get("dataset.root", "null")
+    return cut, source, (p.get("dataset.name", ""), "" if root in ("None", "null") else root), _setting(p)
 
 
 def _from_study(data: StudyData, split: str) -> tuple[Cut, str, tuple[str, str], tuple] | None:

@@ -20,10 +20,10 @@ from harness.report.frames import REFERENCE_METHOD, StudyData, is_final, natural
 
 PREFERRED = (REFERENCE_METHOD, "scratch", "kd", "cfl", "cka")
 PREFERRED_COMPONENTS = ("intra", "inter", "align", "task")  # ablation order when the study file is unknown
-ABLATION_METRICS = ("test/union_acc", "test/union_acc_best")
-_METRIC_GROUPS = ("test/union_acc", "test/union_acc_best", "test/task_acc/", "test/task_acc_best/",
+ABLATION_METRICS = ("test/union_acc", "test/union_acc_bestval")
+_METRIC_GROUPS = ("test/union_acc", "test/union_acc_bestval", "test/task_acc/", "test/task_acc_bestval/",
                   "val/union_acc_best", "diag/", "best_epoch", "trial_seconds", "peak_rss_mb", "gpu_peak_mb")
-PRIMARY, SECONDARY = "test/union_acc", "test/union_acc_best"
+PRIMARY, SECONDARY = "test/union_acc", "test/union_acc_bestval"
 #: the primary metric is the last-epoch union accuracy (no label of any kind chose the model); the
 #: best-validation one is secondary: its epoch was selected with validation labels
 METRIC_TITLES = {PRIMARY: "Union acc., last epoch (primary)",
@@ -131,13 +131,13 @@ def _cells(values: dict[int, float], metric: str) -> dict[str, Any]:
 
 
 def _teacher_rows(data: StudyData, split: str) -> list[dict[str, Any]]:
-    """Teacher k on its own task: its teacher runs (``test/acc``: the cached best-val weights; mean ±
+    """Teacher k on its own task: its teacher runs (``test/own_task_acc``: the cached best-val weights; mean ±
     std when several, e.g. ``teacher_seeds: per_seed``), else the task accuracies of the
     ``teachers`` reference run(s)."""
     accs: dict[int, list[float]] = {}
     tr = data.teachers[data.teachers["split"] == split]
-    if not tr.empty and "test/acc" in tr:
-        for k, a in zip(tr["task"], tr["test/acc"]):
+    if not tr.empty and "test/own_task_acc" in tr:
+        for k, a in zip(tr["task"], tr["test/own_task_acc"]):
             accs.setdefault(int(k), []).append(float(a))
     else:  # one reference run, or one per seed with ``teacher_seeds: per_seed``
         t = data.trials
@@ -152,7 +152,7 @@ def _teacher_rows(data: StudyData, split: str) -> list[dict[str, Any]]:
         row = {"split": split, "row": f"teacher{k}", "kind": "teacher", "method": "teacher", "variant": f"task{k}",
                "uses_labels": True, "seeds": "", "n": s.n, "n_expected": s.n, "n_failed": 0, "n_killed": 0,
                "n_running": 0, "n_missing": 0}
-        for m in (f"test/task_acc/{k}", f"test/task_acc_best/{k}"):
+        for m in (f"test/task_acc/{k}", f"test/task_acc_bestval/{k}"):
             row.update({f"{m}.mean": s.mean, f"{m}.std": s.std, f"{m}.n": s.n})
         out.append(row)
     return out

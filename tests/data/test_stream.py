@@ -295,7 +295,7 @@ def _metrics_and_curves(tracker_uri: str, study_name: str) -> dict:
             continue
         curves = {k: [(m.step, m.value) for m in client.get_metric_history(r.info.run_id, k)]
                   for k in r.data.metrics if k not in skip}
-        out[r.info.run_name] = curves
+        out[r.data.tags["harness.run"]] = curves  # the full name (the run name is the short one)
     return out
 
 

@@ -19,7 +19,7 @@ from mlflow.tracking import MlflowClient
 from harness.methods.base import discover
 from harness.routing import SCORES, STANDARDIZE, TARGETS
 from harness.runner import run_study
-from harness.tracking import TAG
+from harness.tracking import TAG, tag_seconds
 
 CUDA = torch.cuda.is_available()
 REHEARSAL = os.environ.get("HARNESS_GPU_REHEARSAL") == "1"
@@ -153,8 +153,8 @@ def slot_names(k: int) -> set[str]:
 
 def peak_concurrency(runs: list[Any]) -> int:
     """Most trials running at one moment (from their start/end tags; an end sorts before a start)."""
-    events = sorted([(float(r.data.tags[f"{TAG}start"]), 1) for r in runs]
-                    + [(float(r.data.tags[f"{TAG}end"]), -1) for r in runs])
+    events = sorted([(tag_seconds(r.data.tags[f"{TAG}start"]), 1) for r in runs]
+                    + [(tag_seconds(r.data.tags[f"{TAG}end"]), -1) for r in runs])
     running = peak = 0
     for _, step in events:
         running += step

@@ -17,7 +17,7 @@ from tests.gpu.common import (
 
 METHODS = {"kd": {}, "cka": {}, "cfl": {}}
 SEEDS = [0, 1]  # six trials
-NUMBERS = ("test/union_acc", "test/union_acc_best", "val/union_acc_best", "diag/pseudo_label_acc", "loss/total")
+NUMBERS = ("test/union_acc", "test/union_acc_bestval", "val/union_acc_best", "diag/pseudo_label_acc", "loss/total")
 
 
 def pool_study(name: str, work: Path, **over: Any) -> dict[str, Any]:

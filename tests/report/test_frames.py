@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ def test_trials_are_the_latest_finished_run_per_key(study_data) -> None:
     scratch0 = t[(t["method"] == "scratch") & (t["seed"] == 0)]
     assert scratch0["test/union_acc"].tolist() == [0.95]  # the later of two finished runs
     assert "val/union_acc" not in t and "loss/total" not in t  # per-epoch metrics live in history
-    assert {"test/task_acc/0", "test/task_acc_best/1", "diag/probe_acc", "best_epoch"} <= set(t.columns)
+    assert {"test/task_acc/0", "test/task_acc_bestval/1", "diag/probe_acc", "best_epoch"} <= set(t.columns)
     dup = study_data.duplicates()
     keys = dup[["split", "method", "variant", "seed", "n_finished"]].values.tolist()
     assert keys == [["2x5", "scratch", "full", 0, 2]]
@@ -48,7 +49,7 @@ def test_history_is_per_epoch_for_used_runs_only(study_data) -> None:
 
 def test_teacher_runs_and_splits(study_data) -> None:
     tr = study_data.teachers  # the later teacher run of key tkey-old (0.50) belongs to no trial of the study
-    assert tr[["split", "task", "test/acc"]].values.tolist() == [["2x5", 0, 0.99], ["2x5", 1, 0.97]]
+    assert tr[["split", "task", "test/own_task_acc"]].values.tolist() == [["2x5", 0, 0.99], ["2x5", 1, 0.97]]
     assert study_data.splits == ["2x5", "3x3"]
     assert study_data.study_yaml is None
 
@@ -87,3 +88,70 @@ def test_unknown_experiment_and_no_finished_trials(store_uri: str) -> None:
         load_study("nope", uri)
     with pytest.raises(HarnessError, match="^report: experiment 'broken' has no finished trial runs in"):
         load_study("broken", uri)
+
+
+def test_old_and_new_metric_names_give_the_same_report_numbers(store_uri: str, study_data, tmp_path) -> None:
+    """The toy store logs the older names (teachers' ``test/acc``, trials' ``test/union_acc_best``);
+    a copy with every metric renamed to today's (``test/own_task_acc``, ``test/union_acc_bestval``)
+    gives the same comparison and ablation numbers, and both read under today's names."""
+    import shutil
+    import sqlite3
+
+    import pandas as pd
+
+    from harness.report.tables import ablation_frame, comparison_frame
+
+    shutil.copy(store_uri[len("sqlite:///"):], tmp_path / "mlflow.db")
+    with contextlib.closing(sqlite3.connect(tmp_path / "mlflow.db")) as db, db:
+        keys = {k for (k,) in db.execute("SELECT DISTINCT key FROM metrics")}
+        renamed = {k: store.today(k) for k in keys if store.today(k) != k}
+        assert set(renamed) == {"test/acc", "test/acc_last", "val/acc_best", "test/union_acc_best",
+                                "test/task_acc_best/0", "test/task_acc_best/1", "test/task_acc_best/2"}
+        for table in ("metrics", "latest_metrics"):
+            db.executemany(f"UPDATE {table} SET key = ? WHERE key = ?", [(new, old) for old, new in renamed.items()])
+    new = load_study(store.STUDY, f"sqlite:///{tmp_path}/mlflow.db", history=False)
+    assert "test/union_acc_best" not in study_data.trials and "test/acc" not in study_data.teachers
+    assert "test/union_acc_bestval" in new.trials and "test/own_task_acc" in new.teachers
+    for frame in (comparison_frame, ablation_frame):
+        pd.testing.assert_frame_equal(frame(study_data), frame(new))
+    comp = comparison_frame(new).set_index(["split", "row"])
+    assert comp.loc[("2x5", "kd"), "test/union_acc_bestval.mean"] == pytest.approx(0.93)
+    assert comp.loc[("2x5", "teacher1"), "test/task_acc_bestval/1.mean"] == pytest.approx(0.97)
+
+
+def test_params_in_older_python_form_read_as_todays_yaml_form() -> None:
+    from harness.report.frames import canonical_params
+    from harness.tracking import flatten
+
+    cfg = {"teachers": [{"arch": "cnn", "seed": 0, "hidden": None, "augment": []}], "dataset": {"root": None},
+           "train": {"amp": False, "lr": 0.001}, "split": {"tasks": [[0, 1], [2]], "transfer": {}}}
+    old = {"teachers": "[{'arch': 'cnn', 'seed': 0, 'hidden': None, 'augment': []}]", "dataset.root": "None",
+           "train.amp": "False", "train.lr": "0.001", "split.tasks": "[[0, 1], [2]]", "split.transfer": "{}"}
+    today = flatten(cfg)
+    assert today == {"teachers.0.arch": "cnn", "teachers.0.seed": "0", "teachers.0.hidden": "null",
+                     "teachers.0.augment": "[]", "dataset.root": "null", "train.amp": "false", "train.lr": "0.001",
+                     "split.tasks": "[[0, 1], [2]]", "split.transfer": "{}"}
+    assert canonical_params(old) == today and canonical_params(today) == today
+
+
+def test_a_store_moved_with_its_mlruns_folder_still_scopes_its_report(store_uri: str, study_data, tmp_path) -> None:
+    """MLflow records absolute artifact paths: after moving ``mlflow.db`` and ``mlruns/`` elsewhere the
+    recorded folders are gone, and the report reads the study run's ``trial_keys.json`` beside the
+    database (``mlruns/<experiment>/<run>/artifacts``) instead."""
+    import shutil
+    import sqlite3
+
+    old = Path(store_uri[len("sqlite:///"):])
+    shutil.copy(old, tmp_path / "mlflow.db")
+    with contextlib.closing(sqlite3.connect(tmp_path / "mlflow.db")) as db, db:
+        rows = db.execute("SELECT run_uuid, experiment_id, artifact_uri FROM runs").fetchall()
+        db.execute("UPDATE runs SET artifact_uri = replace(artifact_uri, ?, ?)", (str(old.parent), "/gone"))
+    moved_uri = f"sqlite:///{tmp_path}/mlflow.db"
+    assert load_study(store.STUDY, moved_uri, history=False).keys is None  # nothing where MLflow looks
+    for run_id, exp_id, uri in rows:
+        src = Path(uri.removeprefix("file://"))
+        if (src / "trial_keys.json").is_file():
+            dst = tmp_path / "mlruns" / str(exp_id) / run_id / "artifacts"
+            shutil.copytree(src, dst)
+    moved = load_study(store.STUDY, moved_uri, history=False)
+    assert moved.keys == study_data.keys and moved.keys is not None and "trial_keys.json" in moved.scope

@@ -35,7 +35,7 @@ def test_toy_tables_use_only_the_study_keys(study_data) -> None:
     assert sorted(zip(o["trial_key"], o["status"])) == [
         ("old-cka0", "FINISHED"), ("old-kd0", "FAILED"), ("old-kd1", "FINISHED")]
     # teachers: the 2x5 trials used tkey0/tkey1; the later teacher run of key tkey-old (0.50) is not theirs
-    assert study_data.teachers[["task", "teacher_key", "test/acc"]].values.tolist() == [
+    assert study_data.teachers[["task", "teacher_key", "test/own_task_acc"]].values.tolist() == [
         [0, "tkey0", 0.99], [1, "tkey1", 0.97]]
 
 
@@ -117,7 +117,7 @@ def test_teacher_runs_of_older_trials_are_matched_by_config(store_uri: str, tmp_
               "image_size": "None"}
         store.log_run(client, exp, tt, {"test/acc": acc}, params=tp)
     data = load_study("teach-params", store_uri, history=False)
-    assert data.teachers[["task", "test/acc"]].values.tolist() == [[0, 0.95]]
+    assert data.teachers[["task", "test/own_task_acc"]].values.tolist() == [[0, 0.95]]
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -49,16 +49,16 @@ def test_comparison_rows_and_order(comp: pd.DataFrame) -> None:
 @pytest.mark.parametrize("label, metric, mean, std, n", [
     ("scratch", "test/union_acc", 0.96, 0.01, 3),  # the duplicate (0.50) is ignored
     ("kd", "test/union_acc", 0.92, 0.01 * SQRT2, 2),  # the failed seed (0.10) is ignored
-    ("kd", "test/union_acc_best", 0.93, 0.01 * SQRT2, 2),
+    ("kd", "test/union_acc_bestval", 0.93, 0.01 * SQRT2, 2),
     ("cfl", "test/union_acc", 0.90, 0.01, 3),
     ("cka", "test/union_acc", 0.92, 0.02, 3),
-    ("cka", "test/union_acc_best", 0.95, 0.01, 3),
+    ("cka", "test/union_acc_bestval", 0.95, 0.01, 3),
     ("cka", "test/task_acc/1", 0.94, 0.02, 3),
     ("cka", "diag/probe_acc", 0.88, 0.0, 2),
     ("cka:wide", "test/union_acc", 0.94, 0.01, 3),
     ("teachers", "test/union_acc", 0.90, float("nan"), 1),
     ("teacher0", "test/task_acc/0", 0.99, float("nan"), 1),
-    ("teacher1", "test/task_acc_best/1", 0.97, float("nan"), 1),
+    ("teacher1", "test/task_acc_bestval/1", 0.97, float("nan"), 1),
 ])
 def test_comparison_means_stds_and_n(comp: pd.DataFrame, label: str, metric: str, mean: float, std: float,
                                      n: int) -> None:
@@ -93,7 +93,7 @@ def _abl(abl: pd.DataFrame, split: str, variant: str, metric: str = "test/union_
 def test_ablation_rows_and_order(abl: pd.DataFrame) -> None:
     sub = abl[(abl["split"] == "2x5") & (abl["metric"] == "test/union_acc")]
     assert sub["variant"].tolist() == ["full", "-intra", "-inter", "-align", "-task", "-intra-inter"]
-    assert set(abl["method"]) == {"cka"} and set(abl["metric"]) == {"test/union_acc", "test/union_acc_best"}
+    assert set(abl["method"]) == {"cka"} and set(abl["metric"]) == {"test/union_acc", "test/union_acc_bestval"}
 
 
 @pytest.mark.parametrize("variant, diffs, delta, sd, t", [
@@ -138,8 +138,8 @@ def test_holm_within_each_table(abl: pd.DataFrame) -> None:
     # best-val. epoch is its own family: -intra and -intra-inter have equal Δs there, so two tests:
     # -task (by seed -7, -15, -11 pp: t = -11 sqrt(3) / 4, p = 0.04136) and -align (-2, -1, 0 pp:
     # t = -sqrt(3), p = 0.2254); Holm: 2 x 0.04136 = 0.08272, max(0.08272, 0.2254) = 0.2254
-    best = _abl(abl, "2x5", "-task", "test/union_acc_best")
-    align = _abl(abl, "2x5", "-align", "test/union_acc_best")
+    best = _abl(abl, "2x5", "-task", "test/union_acc_bestval")
+    align = _abl(abl, "2x5", "-align", "test/union_acc_bestval")
     assert (best["p_ttest"], best["p_ttest_holm"]) == (pytest.approx(0.0413617253, rel=1e-8),
                                                        pytest.approx(0.0827234505, rel=1e-8))
     assert (align["p_ttest"], align["p_ttest_holm"]) == (pytest.approx(0.2254033308, rel=1e-8),
@@ -227,7 +227,7 @@ def test_last_and_best_headings_sit_over_their_own_metric(report_dir: Path, comp
     assert _under(heads, rows, "cka", "best-val.", "secondary") == r"\textbf{95.0 $\pm$ 1.0}"
     assert _under(heads, rows, "cfl", "best-val.", "secondary") == "91.0 $\\pm$ 1.0"
     cka = row(comp, "2x5", "cka")
-    assert (cka["test/union_acc.mean"], cka["test/union_acc_best.mean"]) == (pytest.approx(0.92), pytest.approx(0.95))
+    assert (cka["test/union_acc.mean"], cka["test/union_acc_bestval.mean"]) == (pytest.approx(0.92), pytest.approx(0.95))
     # ablation tables: -intra is 90 (Δ -2) at the last epoch, 91 (Δ -4) at the best-val. epoch
     for title, acc, delta in (("Union acc., last epoch (primary):\n", "90.0 ± 1.7", "-2.0"),
                               ("Union acc., best-val. epoch (secondary: epoch selected with validation labels):\n",
