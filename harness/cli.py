@@ -1,4 +1,4 @@
-"""Command line: ``harness run-study | tune | report | leaderboard | bench | methods | data download``.
+"""Command line: ``harness run-study | tune | status | report | leaderboard | bench | methods | data download``.
 
 Every user error (bad study file, unknown method, missing data root, ...) is printed as one line
 ``harness: error: ...`` with exit code 2 and no traceback.
@@ -18,7 +18,7 @@ def _cmd_run_study(args: argparse.Namespace) -> int:
         if args.dry_run:
             raise HarnessError("--estimate and --dry-run: give one of them")
         if args.backend != "local":
-            raise HarnessError("--estimate: estimates the local pool only; drop --backend ray")
+            raise HarnessError(f"--estimate: estimates the local pool only; drop --backend {args.backend}")
         from harness.estimate import run_estimate  # imports torch itself, timed as the runner's start-up
 
         return run_estimate(args.study, workers=args.workers, tracking_uri=args.tracking_uri)
@@ -26,8 +26,31 @@ def _cmd_run_study(args: argparse.Namespace) -> int:
 
     return run_study(
         args.study, tracking_uri=args.tracking_uri, dry_run=args.dry_run, workers=args.workers,
-        report=not args.no_report, backend=args.backend, address=args.address,
+        report=not args.no_report, backend=args.backend, address=args.address, slurm=_slurm_options(args),
+        detach=args.detach,
     )
+
+
+def _slurm_options(args: argparse.Namespace) -> dict:
+    """The ``--slurm-*`` options given (they override the study file's ``slurm:`` block)."""
+    from harness.config import SLURM_OPTIONS
+
+    out = {f: getattr(args, f"slurm_{f}") for f in SLURM_OPTIONS if getattr(args, f"slurm_{f}", None) is not None}
+    if "extra" in out:
+        extra = {}
+        for item in out["extra"]:
+            key, eq, value = item.partition("=")
+            if not eq or not key:
+                raise HarnessError(f"--slurm-extra: expected KEY=VALUE, got {item!r}")
+            extra[key.strip()] = value.strip() or True
+        out["extra"] = extra
+    return out
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from harness.status import study_status
+
+    return study_status(args.study, tracking_uri=args.tracking_uri, show_all=args.all)
 
 
 def _cmd_methods(args: argparse.Namespace) -> int:
@@ -52,7 +75,8 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     from harness.tune import tune
 
     return tune(args.study, storage=args.storage, workers=args.workers, tracking_uri=args.tracking_uri,
-                trials=args.trials, out=args.out, stale_after=float(args.stale_after), report=not args.no_report)
+                trials=args.trials, out=args.out, stale_after=float(args.stale_after), report=not args.no_report,
+                backend=args.backend, slurm=_slurm_options(args))
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -93,7 +117,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
     keys = _study_keys(text, args.study, args.precision) if text is not None else None
     out = build_report(args.study, tracking_uri=args.tracking_uri, out_dir=args.out, keys=keys,
                        expand=lambda t: _study_keys(t, "study.yaml logged by the latest study run", args.precision))
-    print(f"report written to {out}")
+    from harness.tracking import log_report
+
+    print(f"report written to {out}{log_report(args.tracking_uri, resolve_study(args.study)[0], out)}")
     return 0
 
 
@@ -146,6 +172,26 @@ def _device(text: str) -> str:
     raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
 
 
+def _add_slurm_options(p: argparse.ArgumentParser) -> None:
+    """The ``--slurm-*`` options (each overrides the study file's ``slurm:`` block)."""
+    sl = p.add_argument_group("Slurm (--backend slurm; each overrides the study file's slurm: block)")
+    sl.add_argument("--slurm-partition", metavar="NAME", help="partition (several joined by commas)")
+    sl.add_argument("--slurm-gpus-per-task", type=int, metavar="N", help="GPUs per job (default 0)")
+    sl.add_argument("--slurm-cpus-per-task", type=int, metavar="N", help="CPUs per job = torch threads (default 1)")
+    sl.add_argument("--slurm-mem-gb", type=float, metavar="GB", help="memory per job (default: the partition's)")
+    sl.add_argument("--slurm-time-min", type=int, metavar="MIN", help="time limit per job in minutes (default 60)")
+    sl.add_argument("--slurm-array-parallelism", type=int, metavar="N",
+                    help="at most N trials of the array at once (default: --workers, else the study's "
+                         "slurm.array_parallelism, else 64)")
+    sl.add_argument("--slurm-setup", action="append", metavar="LINE",
+                    help="a shell line the batch script runs first (module load ..., source .../activate); repeat")
+    sl.add_argument("--slurm-extra", action="append", metavar="KEY=VALUE",
+                    help="any other sbatch option, e.g. account=lab, qos=high, exclusive= (a flag); repeat")
+    sl.add_argument("--slurm-folder", metavar="DIR",
+                    help="job scripts, pickles and logs, on a file system every node sees "
+                         "(default .harness_slurm/<study>)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="harness", description="Knowledge-amalgamation study harness.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -156,12 +202,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--dry-run", action="store_true", help="print the trial table and run nothing")
     r.add_argument("--workers", type=_positive_int, default=None, metavar="N",
                    help="run at most N trials at a time (default: one per slot of the device pool)")
-    r.add_argument("--backend", choices=("local", "ray"), default="local",
-                   help="local: worker processes on this machine's devices; ray: Ray tasks on a Ray cluster")
+    r.add_argument("--backend", choices=("local", "ray", "slurm"), default="local",
+                   help="local: worker processes on this machine's devices; ray: Ray tasks on a Ray cluster; "
+                        "slurm: Slurm jobs (a job array of trials; see docs/slurm.md)")
     r.add_argument("--address", default=None,
                    help="Ray cluster address (with --backend ray; default: start Ray on this machine), "
                         "e.g. auto or ray://head:10001")
     r.add_argument("--no-report", action="store_true", help="do not build the report at the end")
+    r.add_argument("--detach", action="store_true",
+                   help="with --backend slurm: submit every trial, print the job ids and exit; follow with "
+                        "'harness status', rerun to resubmit what failed")
+    _add_slurm_options(r)
     r.add_argument("--estimate", action="store_true",
                    help="run nothing: calibrate each distinct combination briefly on this machine and print the "
                         "teacher and trial hours per split, device-hours and the estimated wall time")
@@ -173,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Optuna storage: a journal file path (default results/<study>/tune.journal) or an RDB URL "
                         "(sqlite:///tune.db, postgresql://user@host/db) shared by several machines")
     t.add_argument("--workers", type=_positive_int, default=None, metavar="N",
-                   help="run at most N trials at a time on the device pool (default: one per slot)")
+                   help="run at most N trials at a time on the device pool (default: one per slot); with "
+                        "--backend slurm: N Slurm jobs, one trial at a time each (default 1)")
     t.add_argument("--trials", type=_positive_int, default=None, metavar="N",
                    help="trials per tuned method (default: search.trials); raise it to extend a finished search")
     t.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or MLflow's default)")
@@ -181,7 +233,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--stale-after", type=_positive_int, default=300, metavar="SECONDS",
                    help="a RUNNING trial of another host with no heartbeat for this long is failed and rerun")
     t.add_argument("--no-report", action="store_true", help="do not rebuild the report at the end")
+    t.add_argument("--backend", choices=("local", "slurm"), default="local",
+                   help="local: worker processes on this machine; slurm: --workers N Slurm jobs, each running "
+                        "the search loop on the shared --storage (see docs/slurm.md)")
+    _add_slurm_options(t)
     t.set_defaults(func=_cmd_tune)
+
+    st = sub.add_parser("status", help="what is finished, running, pending or failed (MLflow and Slurm's sacct)")
+    st.add_argument("study", help="study file or study name")
+    st.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or MLflow's default)")
+    st.add_argument("--all", action="store_true", help="list the finished trials too")
+    st.set_defaults(func=_cmd_status)
 
     rep = sub.add_parser("report", help="tables, statistics and plots from MLflow into results/<study>/")
     rep.add_argument("study", help="study name (runs of the keys its latest study run logged) or study file "

@@ -7,6 +7,7 @@ Problems are reported as one line naming the field, e.g.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -303,6 +304,78 @@ class TrainConfig(Recipe):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+#: sbatch options the harness sets itself: ``slurm.extra`` may not give them
+SLURM_MANAGED = ("array", "job-name", "comment", "output", "error", "open-mode", "dependency", "hold", "signal",
+                 "kill-on-invalid-dep", "wrap", "parsable")
+#: sbatch options with a field of their own in the ``slurm:`` block
+SLURM_FIELDS = {"partition": "partition", "gpus-per-task": "gpus_per_task", "cpus-per-task": "cpus_per_task",
+                "mem": "mem_gb", "time": "time_min"}
+
+
+class SlurmConfig(_Strict):
+    """How ``--backend slurm`` asks Slurm for each job (the study file's ``slurm:`` block; the
+    ``--slurm-*`` options override it field by field). Not part of any trial key.
+
+    Every trial is one task of a job array with ``cpus_per_task`` CPUs (its torch threads),
+    ``gpus_per_task`` GPUs, ``mem_gb`` GB (the partition's default when None) and a time limit
+    of ``time_min`` minutes, at most ``array_parallelism`` running at once; ``setup`` lines run in
+    the batch script before the job (``module load ...``, ``source .../activate``); ``extra``
+    holds any other sbatch option (``{account: lab, qos: high, constraint: a100}``). ``folder``
+    (default ``.harness_slurm/<study>``) holds the job scripts, pickles and logs: a folder every
+    node sees."""
+
+    partition: str | None = None
+    gpus_per_task: int = Field(0, ge=0)
+    cpus_per_task: int = Field(1, ge=1)
+    mem_gb: float | None = Field(None, gt=0)
+    time_min: int = Field(60, ge=1)
+    array_parallelism: int = Field(64, ge=1)
+    setup: list[str] = []
+    extra: dict[str, Union[bool, int, float, str]] = {}
+    folder: str | None = Field(None, min_length=1)
+
+    @field_validator("partition")
+    @classmethod
+    def _partition_name(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9_.\-]+(,[A-Za-z0-9_.\-]+)*", v):
+            raise ValueError(f"{v!r} is not a partition name (letters, digits, _ . -; several joined by commas)")
+        return v
+
+    @field_validator("setup")
+    @classmethod
+    def _one_line_each(cls, v: list[str]) -> list[str]:
+        for i, line in enumerate(v):
+            if "\n" in line or "\r" in line:
+                raise ValueError(f"line {i} holds a line break: give one shell line per entry")
+        return v
+
+    @field_validator("extra")
+    @classmethod
+    def _sbatch_options(cls, v: dict[str, Any]) -> dict[str, Any]:
+        out = {}
+        for key, value in v.items():
+            opt = key.replace("_", "-")
+            if not opt or not opt[0].isalpha() or not all(c.isalnum() or c == "-" for c in opt):
+                raise ValueError(f"{key!r} is not an sbatch option name")
+            if opt in SLURM_MANAGED:
+                raise ValueError(f"{key}: set by the harness itself; remove it")
+            if opt in SLURM_FIELDS:
+                raise ValueError(f"{key}: give it as slurm.{SLURM_FIELDS[opt]}")
+            if value is False:
+                raise ValueError(f"{key}: false is no sbatch option (true gives the flag); remove it")
+            if isinstance(value, str) and ("\n" in value or not value):
+                raise ValueError(f"{key}: the value must be one non-empty line")
+            out[opt] = value
+        return out
+
+
+#: the command-line option that overrides each ``slurm:`` field
+SLURM_OPTIONS = {"partition": "--slurm-partition", "gpus_per_task": "--slurm-gpus-per-task",
+                 "cpus_per_task": "--slurm-cpus-per-task", "mem_gb": "--slurm-mem-gb",
+                 "time_min": "--slurm-time-min", "array_parallelism": "--slurm-array-parallelism",
+                 "setup": "--slurm-setup", "extra": "--slurm-extra", "folder": "--slurm-folder"}
+
+
 class StudyConfig(_Strict):
     """A whole study: data, splits, teachers, student, training, methods, ablations, seeds."""
 
@@ -330,6 +403,8 @@ class StudyConfig(_Strict):
     cache_dir: str | None = None
     #: what ``harness tune`` searches (ignored by ``run-study``); see :mod:`harness.search`
     search: SearchConfig | None = None
+    #: how ``--backend slurm`` asks Slurm for each job (ignored by the other backends)
+    slurm: SlurmConfig | None = None
 
     @field_validator("methods", mode="before")
     @classmethod
@@ -460,6 +535,29 @@ def load_study(path: str | Path) -> StudyConfig:
 def dump_study(study: StudyConfig) -> str:
     """The study as YAML that :func:`load_study` accepts as is."""
     data = study.model_dump(mode="json", exclude_none=False)
-    if data.get("search") is None:
-        data.pop("search", None)
+    for optional in ("search", "slurm"):
+        if data.get(optional) is None:
+            data.pop(optional, None)
     return yaml.safe_dump(data, sort_keys=False)
+
+
+def slurm_config(study: StudyConfig, cli: dict[str, Any] | None = None) -> SlurmConfig:
+    """The study's ``slurm:`` block with the command line's values on top (a value given there
+    wins; ``extra`` entries are merged key by key). HarnessError with one line naming the
+    ``--slurm-*`` option or the ``slurm.`` field of the first bad value."""
+    base = study.slurm.model_dump() if study.slurm is not None else {}
+    given = {k: v for k, v in (cli or {}).items() if v is not None and v != [] and v != {}}
+    unknown = sorted(set(given) - set(SLURM_OPTIONS))
+    if unknown:
+        raise HarnessError(f"unknown Slurm option {unknown[0]!r} (known: {', '.join(SLURM_OPTIONS)})")
+    merged = {**base, **given}
+    if "extra" in given:
+        merged["extra"] = {**base.get("extra", {}), **given["extra"]}
+    try:
+        return SlurmConfig.model_validate(merged)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = str(err["loc"][0]) if err["loc"] else ""
+        msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+        where = SLURM_OPTIONS[field] if field in given else f"slurm.{_loc(err['loc'])}"
+        raise HarnessError(f"{where}: {msg}") from None

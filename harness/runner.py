@@ -9,9 +9,11 @@ Order of a study invocation:
 2. resume: a trial whose key already has a FINISHED run is skipped; every other trial is redone
    (its last run FAILED or KILLED); RUNNING runs of those keys (left by a killed study) are
    marked KILLED;
-3. a parent run for this invocation (kind ``study``), then the teacher stage: each split's
-   teachers (one set, or one per seed with ``teacher_seeds: per_seed``) are trained or loaded
-   once, here, with their routing statistics and outputs, so workers only load them from the cache;
+3. the experiment's description, tags and shared view of its trials, a parent run for this
+   invocation (kind ``study``, the study as params and ``study.yaml``), then the teacher stage:
+   each split's teachers (one set, or one per seed with ``teacher_seeds: per_seed``) are trained
+   or loaded once, here, with their routing statistics and outputs, so workers only load them
+   from the cache (teachers new to the store are logged under a ``teacher_stage`` run);
 4. the trials on the pool: the parent opens each trial's run (RUNNING) and a worker executes it;
    a trial that raises, hits a NaN/inf loss or runs out of memory ends FAILED with the reason,
    and so does one whose worker dies (unless it had ended the run FINISHED: then the trial is
@@ -19,7 +21,8 @@ Order of a study invocation:
    ``gpu_peak_mb`` that shows ``trials_per_device`` trials do not fit on its GPU lowers the
    number run there at once (said in the progress); workers of a ``train.deterministic`` study
    get ``CUBLAS_WORKSPACE_CONFIG`` before they start CUDA;
-5. a summary, exit code 0 if every trial finished, 1 otherwise; the report when all finished.
+5. a summary, exit code 0 if every trial finished, 1 otherwise; the report when all finished
+   (also logged with the study run); the link to the trials in MLflow's UI.
 """
 
 from __future__ import annotations
@@ -37,21 +40,24 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Union
 from urllib.parse import urlparse
 
-from harness.config import StudyConfig, dump_study, load_study
+from harness.config import StudyConfig, dump_study, load_study, slurm_config
 from harness.errors import HarnessError
 from harness.grid import Trial, build_splits, expand
 from harness.methods.base import get_method
 from harness.progress import Progress, make_progress
 from harness.scheduler import (
-    LocalPool, PackingGuard, RayPool, Slot, TrialJob, WorkerContext, build_slots, check_packing, gpu_total_mb,
-    run_trial_job, warm_trial_worker,
+    LocalPool, PackingGuard, RayPool, Slot, SlurmPool, TeacherJob, TrialJob, WorkerContext, active_trials, build_slots,
+    check_packing, check_slurm, gpu_total_mb, job_precision, run_teacher_job, run_trial_job, warm_trial_worker,
 )
 from harness.teachers import cache_files, cached_outputs
-from harness.tracking import TAG, TRIAL_KEYS_ARTIFACT, Tracker, git_tags, version_tags
+from harness.tracking import (
+    KIND_STUDY, TAG, TRIAL_KEYS_ARTIFACT, Tracker, experiment_text, git_tags, leading_comment, log_report, runs_url,
+    study_run_name, utc_iso, version_tags,
+)
 from harness.train import deterministic_env, ensure_cublas_workspace
-from harness.trial import open_trial_run, prepare_teachers, teacher_seeds_of
+from harness.trial import TeacherStage, open_trial_run, prepare_teachers, study_split_dataset, teacher_seeds_of
 
-Pool = Union[LocalPool, RayPool]
+Pool = Union[LocalPool, RayPool, SlurmPool]
 
 
 def finished_keys(tracker: Tracker, experiment_id: str | None) -> set[str]:
@@ -149,15 +155,20 @@ def print_table(trials: list[Trial], done: set[str], pool: str) -> None:
     print(footer)
 
 
-def make_pool(study: StudyConfig, backend: str, workers: int | None, address: str | None) -> Pool:
+def make_pool(study: StudyConfig, backend: str, workers: int | None, address: str | None,
+              slurm: dict[str, Any] | None = None) -> Pool:
+    """The study's pool; ``slurm``: the ``--slurm-*`` options (over the study's ``slurm:`` block)."""
     if workers is not None and workers < 1:
         raise HarnessError(f"--workers must be at least 1, got {workers}")
     if backend == "ray":
         return RayPool(study.devices, study.trials_per_device, workers, address)
-    if backend != "local":
-        raise HarnessError(f"--backend must be local or ray, got {backend!r}")
+    if backend not in ("local", "slurm"):
+        raise HarnessError(f"--backend must be local, ray or slurm, got {backend!r}")
     if address:
         raise HarnessError("--address is for --backend ray")
+    if backend == "slurm":  # --workers N: at most N array tasks at once, unless --slurm-array-parallelism says
+        opts = {**({"array_parallelism": workers} if workers else {}), **(slurm or {})}
+        return SlurmPool(slurm_config(study, opts), study.name)
     return LocalPool(build_slots(study.devices, study.trials_per_device), workers)
 
 
@@ -205,29 +216,49 @@ class Session:
     started: float = field(default_factory=time.time)
     #: the run-time packing check of a local pool on GPUs (None: nothing to check)
     packing: PackingGuard | None = None
+    #: the study file (the source of the runs' dataset inputs; its leading comment describes the experiment)
+    source: str | None = None
+    #: ``--detach`` (Slurm): submit every trial, print the job ids and return without waiting
+    detach: bool = False
 
 
 def run_study(
     path: str | Path, tracking_uri: str | None = None, dry_run: bool = False, workers: int | None = None,
     report: bool = True, backend: str = "local", address: str | None = None, live: bool | None = None,
+    slurm: dict[str, Any] | None = None, detach: bool = False,
 ) -> int:
-    """Run (or resume) a whole study; 0 if every trial finished, 1 if any finally failed."""
+    """Run (or resume) a whole study; 0 if every trial finished, 1 if any finally failed.
+
+    With ``backend="slurm"`` (``slurm``: the ``--slurm-*`` options), trials pending or running in
+    Slurm (found by the comment their jobs carry) are neither resubmitted nor marked stale;
+    ``detach`` submits the rest and returns 0 without waiting for them."""
     study = load_study(path)
-    trials = expand(study)
+    if detach and backend != "slurm":
+        raise HarnessError("--detach needs --backend slurm")
+    if slurm and backend != "slurm":
+        raise HarnessError(f"{'--slurm-' + next(iter(slurm)).replace('_', '-')} needs --backend slurm")
+    if backend == "slurm":  # bad options and a missing Slurm or partition stop us before anything is created
+        cfg = slurm_config(study, slurm)
+        check_slurm(cfg)
+        # the jobs train where the runner may have no GPU: their precision comes from slurm.gpus_per_task
+        trials = expand(study, precision=job_precision(study, cfg))
+    else:
+        trials = expand(study)
     splits = build_splits(study)
     tracker = Tracker(tracking_uri)
     exp_id = tracker.experiment(study.name, create=not dry_run)
     done = finished_keys(tracker, exp_id)
     if dry_run:
-        plan = "Ray places the trials" if backend == "ray" else make_pool(study, backend, workers, address).describe()
-        if backend != "ray":
+        plan = "Ray places the trials" if backend == "ray" else \
+            make_pool(study, backend, workers, address, slurm).describe()
+        if backend == "local":
             check_packing_before(study, tracker, exp_id, {t.key for t in trials},
                                  gpu_total_mb(build_slots(study.devices, study.trials_per_device)))
         print_table(trials, done, plan)
         return 0
     assert exp_id is not None
     todo = [t for t in trials if t.key not in done]
-    pool = make_pool(study, backend, workers, address)
+    pool = make_pool(study, backend, workers, address, slurm)
     try:
         gpus = isinstance(pool, LocalPool) and any(sl.parent_device.startswith("cuda") for sl in pool.slots)
         if gpus and _deterministic_anywhere(study):  # before this process starts CUDA (teachers, memory sizes)
@@ -239,16 +270,23 @@ def run_study(
                   "http://<mlflow server> (see docs/cluster.md)", file=sys.stderr)
         pool.warm()
         check_not_running(tracker, exp_id, study.name)
+        in_slurm = active_trials(study.name) if isinstance(pool, SlurmPool) else {}
+        todo = [t for t in todo if t.key not in in_slurm]  # never a second job for a pending or running trial
         stale = mark_stale(tracker, exp_id, {t.key for t in todo})
-        print(f"study {study.name}: {len(trials)} trials, {len(trials) - len(todo)} already finished"
+        print(f"study {study.name}: {len(trials)} trials, {len(trials) - len(todo) - len(in_slurm)} already finished"
+              f"{f', {len(in_slurm)} pending or running in Slurm' if in_slurm else ''}"
               f"{f', {stale} stale runs marked KILLED' if stale else ''}; tracking at {tracker.uri}")
         print(f"pool: {pool.describe()}")
         session = Session(study, tracker, exp_id, pool, keys=[t.key for t in trials],
-                          packing=PackingGuard(study.trials_per_device, totals) if totals else None)
+                          packing=PackingGuard(study.trials_per_device, totals) if totals else None, source=str(path),
+                          detach=detach)
         with _sigterm_as_interrupt():
             failed = execute(session, todo, splits, backend, live)
     finally:
         pool.close()
+    if detach:
+        finish_detached(session, len(trials), todo, len(in_slurm))
+        return 0
     summarise(session, len(trials), todo, failed)
     if report and not failed:
         try:
@@ -256,27 +294,44 @@ def run_study(
         except ImportError:
             pass
         else:
-            print(f"report written to {build_report(study.name, tracking_uri=tracker.uri)}")
+            out = build_report(study.name, tracking_uri=tracker.uri)
+            print(f"report written to {out}{log_report(tracker.uri, study.name, out)}")
+    print_browse(tracker.uri, exp_id)
     return 1 if failed else 0
+
+
+def print_browse(uri: str, experiment_id: str) -> None:
+    """Where to see the student trials in MLflow's UI ("Model training", the study's shared view)."""
+    url, command = runs_url(uri, experiment_id)
+    if command:
+        print(f"browse the trials: {command}, then open {url}")
+    else:
+        print(f"browse the trials: {url}")
 
 
 def execute(session: Session, todo: list[Trial], splits: dict, backend: str, live: bool | None) -> list[tuple[Trial, str]]:
     """The parent run, the teacher stage, then the trials; returns the trials that failed."""
     s = session
-    s.parent = s.tracker.start(s.experiment_id, f"study/{time.strftime('%Y%m%d-%H%M%S')}", {
-        f"{TAG}kind": "study", f"{TAG}study": s.study.name, f"{TAG}host": platform.node(),
+    describe_experiment(s)
+    now = time.time()
+    s.parent = s.tracker.start(s.experiment_id, study_run_name(now), {
+        f"{TAG}kind": KIND_STUDY, f"{TAG}study": s.study.name, f"{TAG}host": platform.node(),
+        f"{TAG}run": f"study/{time.strftime('%Y%m%d-%H%M%S', time.localtime(now))}",
         f"{TAG}runner_pid": os.getpid(), f"{TAG}backend": backend, f"{TAG}pool": s.pool.describe(),
         **s.provenance, **version_tags(),
-    })
+    }, {k: v for k, v in s.study.model_dump(mode="json").items() if not (k in ("search", "slurm") and v is None)})
     try:
         s.tracker.log_text(s.parent, dump_study(s.study), "study.yaml")
         s.tracker.log_text(s.parent, json.dumps(s.keys, indent=0), TRIAL_KEYS_ARTIFACT)
+        s.tracker.log_inputs(s.parent, [study_split_dataset(s.study, sp.name, s.source) for sp in s.study.splits])
         files = teacher_stage(s, todo, splits)
         env = deterministic_env(s.study.train.deterministic)  # in the worker before it starts CUDA
         if isinstance(s.pool, RayPool):  # nodes without this file system get the teachers with the jobs
             s.context = WorkerContext.capture(teacher_files(files), env=env)
         else:  # a standby worker opens the store and loads the data while the slot's trial runs
             s.context = WorkerContext.capture(warm=((warm_trial_worker, (s.tracker.uri, s.study)),), env=env)
+        if s.detach:
+            return submit_detached(s, todo)
         with make_progress(len(todo), s.pool.limit, live) as progress:
             return run_trials(s, todo, progress)
     except BaseException as e:
@@ -287,20 +342,46 @@ def execute(session: Session, todo: list[Trial], splits: dict, backend: str, liv
         raise
 
 
+def describe_experiment(s: Session) -> None:
+    """The experiment's description, its tags from the study, "Model training" as its kind and the
+    shared view of its student trials (:func:`harness.tracking.experiment_text`)."""
+    try:
+        comment = leading_comment(Path(s.source).read_text()) if s.source else ""
+    except OSError:
+        comment = ""
+    s.tracker.set_experiment_tags(s.experiment_id, experiment_text(s.study, comment)[1])
+
+
 def teacher_stage(s: Session, todo: list[Trial], splits: dict) -> list[Path]:
     """Train (or load) the teachers of every split with trials to run, once per teacher seed those
     trials use (``teacher_seeds``), with their outputs on the pool (the training images) and their
-    routing statistics, so workers only load them. Returns their cache files."""
+    routing statistics, so workers only load them. Teachers not yet in the store are logged under
+    a ``teacher_stage`` run of this invocation. Returns their cache files. On Slurm, each split's
+    teachers are one job instead, and the trials' array waits for them (no files here)."""
+    if isinstance(s.pool, SlurmPool):
+        names = list(dict.fromkeys(t.split for t in todo))
+        seeds = {name: tuple(teacher_seeds_of(s.study, [t.seed for t in todo if t.split == name])) for name in names}
+        jobs = [(name, TeacherJob(s.study, name, seeds[name], s.tracker.uri, s.experiment_id, s.parent))
+                for name in names]
+        for (name, _), job_id in zip(jobs, s.pool.submit_teachers(jobs, run_teacher_job, WorkerContext.capture())):
+            print(f"teachers of {name}: Slurm job {job_id}")
+        return []
     files: list[Path] = []
-    for name in dict.fromkeys(t.split for t in todo):  # only splits with trials to run
-        for seed in teacher_seeds_of(s.study, [t.seed for t in todo if t.split == name]):
-            recs = prepare_teachers(s.study, splits[name], s.tracker, s.experiment_id,
-                                    device=s.pool.teacher_device, seed=seed)
-            files += cache_files(recs, splits[name], s.study.cache_dir)
-            accs = ", ".join(f"{r.metrics.get('test/union_acc_best', float('nan')):.3f}" for r in recs)
-            which = f" (teacher seed {seed})" if seed is not None else ""
-            print(f"teachers of {name}{which}: {'cached' if all(r.cached for r in recs) else 'trained'} "
-                  f"(test acc {accs})")
+    stage = TeacherStage(s.tracker, s.experiment_id, s.parent, {f"{TAG}study": s.study.name})
+    try:
+        for name in dict.fromkeys(t.split for t in todo):  # only splits with trials to run
+            for seed in teacher_seeds_of(s.study, [t.seed for t in todo if t.split == name]):
+                recs = prepare_teachers(s.study, splits[name], s.tracker, s.experiment_id,
+                                        device=s.pool.teacher_device, seed=seed, parent=stage)
+                files += cache_files(recs, splits[name], s.study.cache_dir)
+                accs = ", ".join(f"{r.metrics.get('test/union_acc_best', float('nan')):.3f}" for r in recs)
+                which = f" (teacher seed {seed})" if seed is not None else ""
+                print(f"teachers of {name}{which}: {'cached' if all(r.cached for r in recs) else 'trained'} "
+                      f"(own-task test acc {accs})")
+    except BaseException as e:
+        stage.finish("KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+    stage.finish()
     return files
 
 
@@ -339,9 +420,45 @@ def run_trials(s: Session, todo: list[Trial], progress: Progress) -> list[tuple[
         for run_id in s.pool.stop():
             s.tracker.finish_if_running(run_id, "KILLED", {f"{TAG}failure": "interrupted: the study was stopped",
                                                            f"{TAG}failure_kind": "interrupted",
-                                                           f"{TAG}end": f"{time.time():.3f}"})
+                                                           f"{TAG}end": utc_iso(time.time())})
         raise
     return failed
+
+
+def submit_detached(s: Session, todo: list[Trial]) -> list[tuple[Trial, str]]:
+    """``--detach``: open every trial's run and send the trials as one job array, then leave them
+    to Slurm (nothing is cancelled when the runner exits)."""
+    run_ids = []
+    try:
+        for trial in todo:
+            run_ids.append(submit(s, trial, 0)[0])
+        assert isinstance(s.pool, SlurmPool)
+        sub = s.pool.flush()
+    except BaseException:
+        s.pool.stop()
+        for run_id in run_ids:
+            s.tracker.finish_if_running(run_id, "KILLED", {f"{TAG}failure": "interrupted: the submission was stopped",
+                                                           f"{TAG}failure_kind": "interrupted"})
+        raise
+    s.pool.detach()
+    if sub is not None:
+        print(f"trials: Slurm job array {sub.job_id} ({len(sub.keys)} tasks, {s.pool.limit} at a time)")
+    return []
+
+
+def finish_detached(s: Session, n_trials: int, todo: list[Trial], n_in_slurm: int) -> None:
+    """The parent run of a ``--detach`` submission ends FINISHED with what it submitted; the trials
+    report to MLflow themselves."""
+    jobs = ",".join(sub.job_id for sub in s.pool.submissions) if isinstance(s.pool, SlurmPool) else ""
+    s.tracker.set_tags(s.parent, {f"{TAG}detached": "true", f"{TAG}slurm_jobs": jobs})
+    s.tracker.log_metrics(s.parent, {"trials_total": n_trials, "trials_submitted": len(todo),
+                                     "trials_in_slurm": n_in_slurm,
+                                     "trials_skipped": n_trials - len(todo) - n_in_slurm})
+    s.tracker.finish(s.parent, "FINISHED")
+    print(f"submitted {len(todo)} trials ({n_in_slurm} already in Slurm, "
+          f"{n_trials - len(todo) - n_in_slurm} finished before): Slurm jobs {jobs or 'none'}")
+    print(f"follow them with: harness status {s.source or s.study.name}; rerun the same command to resubmit "
+          "what failed")
 
 
 def learn_packing(s: Session, slot: Slot | None, result: dict[str, float], progress: Progress) -> None:
@@ -358,7 +475,7 @@ def learn_packing(s: Session, slot: Slot | None, result: dict[str, float], progr
 def submit(s: Session, trial: Trial, attempt: int) -> tuple[str, Slot | None]:
     """Open the attempt's run here (RUNNING), then hand the trial to a worker."""
     run_id = open_trial_run(s.tracker, s.experiment_id, s.study, trial, parent_run_id=s.parent,
-                            extra_tags={f"{TAG}attempt": attempt, **s.provenance})
+                            extra_tags={f"{TAG}attempt": attempt, **s.provenance}, source=s.source)
     try:
         slot = s.pool.submit(run_id, run_trial_job, TrialJob(s.study, trial, run_id, s.tracker.uri), s.context)
     except BaseException as e:
@@ -378,7 +495,7 @@ def finished_result(tracker: Tracker, run_id: str) -> dict[str, float] | None:
 def settle_failure(tracker: Tracker, run_id: str, error: str, kind: str) -> str:
     """The reason a run failed: the worker's own (it tagged the run), else the pool's (the worker
     died before it could), in which case the run is marked FAILED here."""
-    tags = {f"{TAG}failure": error, f"{TAG}failure_kind": kind or "exception", f"{TAG}end": f"{time.time():.3f}"}
+    tags = {f"{TAG}failure": error, f"{TAG}failure_kind": kind or "exception", f"{TAG}end": utc_iso(time.time())}
     if tracker.finish_if_running(run_id, "FAILED", tags):
         return error
     return tracker.run(run_id).data.tags.get(f"{TAG}failure", error)

@@ -83,7 +83,11 @@ def storage_for(spec: str) -> Any:
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
-    path = Path(spec)
+    # Absolute: Optuna's lock is a symlink ``<journal>.lock -> <journal path as given>``; a relative
+    # path makes it dangle, and a lock left by a killed process (SIGKILL inside a write) is then
+    # never recognised as stale: the next search spins on it at 100% CPU instead of forcing it
+    # open after Optuna's 30 s grace period.
+    path = Path(spec).resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     return JournalStorage(JournalFileBackend(str(path)))
 
@@ -589,8 +593,17 @@ def default_storage(study: StudyConfig) -> str:
 def tune(
     path: str | Path, storage: str | None = None, workers: int | None = None, tracking_uri: str | None = None,
     trials: int | None = None, out: str | Path | None = None, stale_after: float = 300.0, report: bool = True,
+    backend: str = "local", slurm: dict[str, Any] | None = None,
 ) -> int:
-    """Run (or resume, or join) the study's search; 0 when every tuned method has a best trial."""
+    """Run (or resume, or join) the study's search; 0 when every tuned method has a best trial.
+
+    ``backend="slurm"``: ``workers`` Slurm jobs join the search instead (:func:`tune_on_slurm`)."""
+    if backend == "slurm":
+        return tune_on_slurm(path, storage, workers, tracking_uri, trials, out, stale_after, report, slurm)
+    if backend != "local":
+        raise HarnessError(f"--backend must be local or slurm, got {backend!r}")
+    if slurm:
+        raise HarnessError(f"{'--slurm-' + next(iter(slurm)).replace('_', '-')} needs --backend slurm")
     study = load_study(path)
     plan = SearchPlan(study)
     make_sampler(plan.search.sampler, plan.search.sampler.seed)  # option errors before anything is created
@@ -649,6 +662,96 @@ def tune(
         print(f"no complete trial for {', '.join(missing)}: no tuned study written")
         return 1
     write_tuned(plan, search.studies, best, out_path, str(path), storage_spec)  # type: ignore[arg-type]
+    print(f"tuned study written to {out_path}")
+    if report:
+        try:
+            from harness.report.build import build_report
+        except ImportError:
+            pass
+        else:
+            print(f"report written to {build_report(study.name, tracking_uri=tracker.uri)}")
+    return 0
+
+
+# -- searches on Slurm -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class TuneWorker:
+    """What one Slurm job of a search runs: :func:`tune` on one slot, joining the shared storage."""
+
+    path: str
+    storage: str
+    tracking_uri: str
+    trials: int | None
+    out: str
+    stale_after: float
+
+
+def run_tune_worker(job: TuneWorker, slot: Slot) -> int:
+    """Job side: this job's own search loop, one trial at a time, on the shared storage (the
+    stale-trial rules hold between jobs as between invocations: same host and process gone, or
+    no heartbeat for ``stale_after`` seconds); its exit code."""
+    return tune(job.path, storage=job.storage, workers=1, tracking_uri=job.tracking_uri, trials=job.trials,
+                out=job.out, stale_after=job.stale_after, report=False)
+
+
+def shared_storage(spec: str) -> str:
+    """A storage every node reaches at the same name: a journal path made absolute (it must be
+    on a shared file system), an RDB URL as is (a relative ``sqlite:///`` file resolves in the
+    runner's directory, where the jobs run)."""
+    return spec if "://" in spec else str(Path(spec).resolve())
+
+
+def tune_on_slurm(
+    path: str | Path, storage: str | None, workers: int | None, tracking_uri: str | None, trials: int | None,
+    out: str | Path | None, stale_after: float, report: bool, slurm: dict[str, Any] | None,
+) -> int:
+    """``harness tune --backend slurm --workers N``: each split's teachers as a job, then N jobs
+    (one array) that each run the search loop of :func:`tune` on the same Optuna storage until
+    the budget is spent; then the tuned study (written by the last job to finish) and the
+    report. 0 when every job ended with every tuned method's best trial."""
+    from harness.config import slurm_config
+    from harness.scheduler import SlurmPool, TeacherJob, check_slurm, run_teacher_job
+    from harness.trial import teacher_seeds_of
+
+    study = load_study(path)
+    plan = SearchPlan(study)
+    make_sampler(plan.search.sampler, plan.search.sampler.seed)  # option errors before anything is created
+    make_pruner(plan.search.pruner, study.train.epochs)
+    cfg = slurm_config(study, slurm)
+    check_slurm(cfg)
+    n = workers or 1
+    storage_spec = shared_storage(storage or default_storage(study))
+    open_storage(storage_spec)  # a bad --storage is an error before any job or MLflow store exists
+    out_path = (Path(out) if out else Path(path).with_name(f"{study.name}.tuned.yaml")).resolve()
+    tracker = Tracker(tracking_uri)
+    exp = tracker.experiment(study.name)
+    assert exp is not None
+    pool = SlurmPool(cfg.model_copy(update={"array_parallelism": n}), study.name, check=False)
+    ctx = WorkerContext.capture()
+    started = time.time()
+    try:
+        teachers = [(name, TeacherJob(study, name, tuple(teacher_seeds_of(study, plan.seeds)), tracker.uri, exp))
+                    for name in plan.splits]
+        for (name, _), job_id in zip(teachers, pool.submit_teachers(teachers, run_teacher_job, ctx)):
+            print(f"teachers of {name}: Slurm job {job_id}")
+        job = TuneWorker(str(Path(path).resolve()), storage_spec, tracker.uri, trials, str(out_path), stale_after)
+        for i in range(n):
+            pool.submit(f"worker {i}", run_tune_worker, job, ctx)
+        sub = pool.flush()
+        assert sub is not None
+        print(f"search {study.name}: {n} Slurm jobs (array {sub.job_id}) on storage {storage_spec}; "
+              f"tracking at {tracker.uri}")
+        codes: list[int] = []
+        with _sigterm_as_interrupt():
+            while len(codes) < n:
+                for o in pool.wait(timeout=5.0):
+                    codes.append(o.result if o.ok else 1)
+                    print(f"{o.key}: {'done' if o.ok else o.error}" + (f" (exit code {o.result})" if o.ok else ""))
+    finally:
+        pool.close()  # cancels what still runs (Ctrl-C)
+    if any(codes) or not out_path.exists() or out_path.stat().st_mtime < started:
+        print("the search is not complete: no tuned study from these jobs")
+        return 1
     print(f"tuned study written to {out_path}")
     if report:
         try:

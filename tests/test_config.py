@@ -293,3 +293,61 @@ def test_impossible_partition_k_is_one_line(tmp_path):
     assert str(e.value) == (
         "splits[1].partition.k: 11 tasks from the 10 classes of data set 'digits' (k must be at most the number of classes)"
     )
+
+
+# ---------------------------------------------------------------- the slurm: block (--backend slurm)
+
+
+def test_slurm_block_parses_dumps_and_command_line_wins():
+    from harness.config import slurm_config
+
+    s = parse_study({**copy.deepcopy(TINY), "slurm": {"partition": "gpu", "gpus_per_task": 1, "mem_gb": 16,
+                                                      "setup": ["module load cuda"], "extra": {"qos": "high"}}})
+    assert s.slurm.partition == "gpu" and s.slurm.cpus_per_task == 1 and s.slurm.time_min == 60
+    assert parse_study(yaml.safe_load(dump_study(s))) == s
+    assert "slurm" not in yaml.safe_load(dump_study(parse_study(copy.deepcopy(TINY))))  # no block: dumps as before
+    cfg = slurm_config(s, {"partition": "a100", "time_min": 30, "extra": {"account": "lab", "qos": "low"}})
+    assert (cfg.partition, cfg.time_min, cfg.gpus_per_task, cfg.mem_gb) == ("a100", 30, 1, 16.0)
+    assert cfg.extra == {"qos": "low", "account": "lab"} and cfg.setup == ["module load cuda"]
+    assert slurm_config(parse_study(copy.deepcopy(TINY))).array_parallelism == 64  # no block: the defaults
+    assert expand(s) == expand(parse_study(copy.deepcopy(TINY)))  # never part of a trial key
+
+
+@pytest.mark.parametrize("block, expected", [
+    ({"mem_gb": 0}, "slurm.mem_gb: Input should be greater than 0"),
+    ({"cpus_per_task": 0}, "slurm.cpus_per_task: Input should be greater than or equal to 1"),
+    ({"gpus": 1}, "slurm.gpus: unknown field"),
+    ({"partition": "gpu a100"}, "slurm.partition: 'gpu a100' is not a partition name"),
+    ({"setup": ["module load x\nrm -rf /"]}, "slurm.setup: line 0 holds a line break"),
+    ({"extra": {"job_name": "x"}}, "slurm.extra: job_name: set by the harness itself; remove it"),
+    ({"extra": {"time": "10"}}, "slurm.extra: time: give it as slurm.time_min"),
+    ({"extra": {"exclusive": False}}, "slurm.extra: exclusive: false is no sbatch option"),
+    ({"extra": {"--qos": "x"}}, "slurm.extra: '--qos' is not an sbatch option name"),
+])
+def test_bad_slurm_block_one_line_naming_the_field(block, expected):
+    with pytest.raises(HarnessError) as e:
+        parse_study({**copy.deepcopy(TINY), "slurm": block}, "s.yaml")
+    assert str(e.value).startswith(f"s.yaml: {expected}") and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--backend", "slurm", "--slurm-mem-gb", "0"], "--slurm-mem-gb: Input should be greater than 0"),
+    (["--backend", "slurm", "--slurm-time-min", "0"], "--slurm-time-min: Input should be greater than or equal to 1"),
+    (["--backend", "slurm", "--slurm-extra", "qos"], "--slurm-extra: expected KEY=VALUE, got 'qos'"),
+    (["--backend", "slurm", "--slurm-extra", "array=0-3"], "--slurm-extra: array: set by the harness itself"),
+    (["--slurm-partition", "gpu"], "--slurm-partition needs --backend slurm"),
+    (["--detach"], "--detach needs --backend slurm"),
+])
+def test_bad_slurm_option_exit_2_before_anything_is_created(tmp_path, monkeypatch, capsys, argv, expected):
+    from harness.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.setenv("HARNESS_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({**copy.deepcopy(TINY), "slurm": {"mem_gb": 4}}))
+    capsys.readouterr()
+    assert main(["run-study", str(path), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"harness: error: {expected}") and "\n" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.yaml"]  # no store, no cache, no job folder

@@ -158,6 +158,7 @@ def test_seed_precision_and_results_version_change_the_key(monkeypatch: pytest.M
     ("max_retries", 2),
     ("cache_dir", "/tmp/elsewhere"),
     ("search", {"space": {"methods.kd.T": {"type": "float", "low": 0.5, "high": 4.0}}, "trials": 3}),
+    ("slurm", {"partition": "gpu", "gpus_per_task": 1, "time_min": 30, "setup": ["module load cuda"]}),
 ])
 def test_fields_left_out_of_the_key_do_not_change_it(field: str, value: Any) -> None:
     if field == "devices":

@@ -4,6 +4,7 @@ isolation and retries, resume after SIGKILL (no duplicate, no lost trial), the R
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import tests.plugins_for_tests  # noqa: F401  (registers the test methods here; 
 from harness.cli import main
 from harness.methods.base import Batch, Params, register
 from harness.runner import run_study
-from harness.tracking import TAG
+from harness.tracking import TAG, tag_seconds
 from tests.plugins_for_tests import _KD
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -142,7 +143,7 @@ def finished_by_key(runs: list[Any]) -> dict[str, list[Any]]:
 
 
 def intervals(runs: list[Any]) -> list[tuple[float, float, str, str]]:
-    return sorted((float(r.data.tags[f"{TAG}start"]), float(r.data.tags[f"{TAG}end"]), r.data.tags[f"{TAG}slot"],
+    return sorted((tag_seconds(r.data.tags[f"{TAG}start"]), tag_seconds(r.data.tags[f"{TAG}end"]), r.data.tags[f"{TAG}slot"],
                    r.data.tags[f"{TAG}pid"]) for r in runs)
 
 
@@ -202,7 +203,8 @@ def test_two_workers_overlap_and_match_one_worker(env: dict[str, Any], sequentia
         assert tags["mlflow.parentRunId"] == parent.info.run_id
         assert tags[f"{TAG}attempt"] == "0" and tags[f"{TAG}device"] == "cpu" and tags[f"{TAG}slot"].startswith("cpu#")
         assert {f"{TAG}git_commit", f"{TAG}torch_version", f"{TAG}mlflow_version", f"{TAG}version"} <= set(tags)
-        assert float(tags[f"{TAG}start"]) < float(tags[f"{TAG}end"])
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", tags[f"{TAG}start"])  # ISO-8601 UTC
+        assert tag_seconds(tags[f"{TAG}start"]) < tag_seconds(tags[f"{TAG}end"])
         assert [m.step for m in client.get_metric_history(r.info.run_id, "loss/total")] == [1, 2, 3]
         assert r.data.metrics["peak_rss_mb"] > 10
         assert "cuda_max_allocated_mb" not in r.data.metrics and "gpu_peak_mb" not in r.data.metrics

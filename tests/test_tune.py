@@ -465,3 +465,20 @@ def test_a_storage_that_cannot_be_opened_is_one_line_and_creates_nothing(isolate
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"harness: error: --storage: cannot open '{storage}': ") and "\n" not in err
     assert not (isolated / "mlflow.db").exists() and not (isolated / "results").exists()
+
+
+def test_a_journal_lock_left_by_a_killed_search_can_be_found_stale(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Optuna's journal lock is a symlink to the journal path as given. With a relative path it
+    dangled, so a lock left by a search killed inside a write was never seen as stale (its age is
+    read through the link) and the next search spun on it at 100% CPU, forever."""
+    monkeypatch.chdir(tmp_path)
+    storage = storage_for("results/x/tune.journal")
+    lock, lock_file = storage._backend._lock, tmp_path / "results/x/tune.journal.lock"
+    assert lock.acquire()
+    try:  # what a SIGKILL between acquire and release leaves behind
+        assert lock_file.is_symlink()
+        assert lock_file.exists(), f"the lock points nowhere: {os.readlink(lock_file)}"
+        assert os.stat(lock_file).st_mtime == os.stat(tmp_path / "results/x/tune.journal").st_mtime
+    finally:
+        lock.release()
+    assert not lock_file.is_symlink()

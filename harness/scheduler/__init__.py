@@ -16,6 +16,8 @@ Two pools share one small interface (``limit``, ``has_room``, ``submit``, ``wait
   crashes (SIGKILL, segfault, the OOM killer) is reported as such while the pool goes on.
 - :class:`RayPool`: the same jobs as Ray tasks with ``num_gpus`` per trial (fractional for
   packing), so Ray places them on a cluster.
+- :class:`SlurmPool`: the same jobs as Slurm jobs through submitit, the trials of a submission
+  as one job array, each split's teachers as a job first (:mod:`._slurm`).
 
 Packing is checked on numbers (:mod:`._packing`): ``trials_per_device`` trials of a known peak
 ``gpu_peak_mb`` must fit in the GPU's memory (the runner refuses to start otherwise), and a peak
@@ -28,11 +30,15 @@ The scheduler never imports a method.
 from harness.scheduler._local import PRELOAD, LocalPool
 from harness.scheduler._packing import CUDA_CONTEXT_MB, Packing, PackingGuard, check_packing, trials_that_fit
 from harness.scheduler._ray import RayPool
+from harness.scheduler._slurm import (
+    SlurmPool, TeacherJob, active_trials, check_slurm, job_precision, run_teacher_job, sacct, squeue, trial_key_of,
+)
 from harness.scheduler._slots import Slot, build_slots, cpu_cores, describe_slots, gpu_total_mb, visible_gpus
 from harness.scheduler._worker import Outcome, TrialJob, WorkerContext, enter_worker, run_trial_job, warm_trial_worker
 
 __all__ = [
-    "CUDA_CONTEXT_MB", "PRELOAD", "LocalPool", "Outcome", "Packing", "PackingGuard", "RayPool", "Slot", "TrialJob",
-    "WorkerContext", "build_slots", "check_packing", "cpu_cores", "describe_slots", "enter_worker", "gpu_total_mb",
-    "run_trial_job", "trials_that_fit", "visible_gpus", "warm_trial_worker",
+    "CUDA_CONTEXT_MB", "PRELOAD", "LocalPool", "Outcome", "Packing", "PackingGuard", "RayPool", "Slot", "SlurmPool",
+    "TeacherJob", "TrialJob", "WorkerContext", "active_trials", "build_slots", "check_slurm", "check_packing", "cpu_cores",
+    "describe_slots", "enter_worker", "gpu_total_mb", "job_precision", "run_teacher_job", "run_trial_job", "sacct",
+    "squeue", "trial_key_of", "trials_that_fit", "visible_gpus", "warm_trial_worker",
 ]
