@@ -664,13 +664,17 @@ def tune(
     write_tuned(plan, search.studies, best, out_path, str(path), storage_spec)  # type: ignore[arg-type]
     print(f"tuned study written to {out_path}")
     if report:
-        try:
-            from harness.report.build import build_report
-        except ImportError:
-            pass
-        else:
-            print(f"report written to {build_report(study.name, tracking_uri=tracker.uri)}")
+        _print_report(study.name, tracker.uri)
     return 0
+
+
+def _print_report(name: str, uri: str) -> None:
+    """Build the study's report (its tuning section included) when the report extra is importable."""
+    try:
+        from harness.report.build import build_report
+    except ImportError:
+        return
+    print(f"report written to {build_report(name, tracking_uri=uri)}")
 
 
 # -- searches on Slurm -----------------------------------------------------------------------
@@ -754,10 +758,5 @@ def tune_on_slurm(
         return 1
     print(f"tuned study written to {out_path}")
     if report:
-        try:
-            from harness.report.build import build_report
-        except ImportError:
-            pass
-        else:
-            print(f"report written to {build_report(study.name, tracking_uri=tracker.uri)}")
+        _print_report(study.name, tracker.uri)
     return 0
