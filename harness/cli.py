@@ -7,8 +7,6 @@ Every user error (bad study file, unknown method, missing data root, ...) is pri
 from __future__ import annotations
 
 import argparse
-import logging
-import os
 import sys
 from harness.errors import HarnessError
 
@@ -291,15 +289,37 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _storage_fault(e: BaseException, tracking_uri: str | None) -> HarnessError | None:
+    """The one line for a full, read-only or unwritable file system (:func:`harness.files.storage_fault`):
+    SQLite's words name the tracking store's file, an ``OSError`` its own path."""
+    from harness.files import fault_errno, storage_fault
+
+    found = fault_errno(e)
+    if found is None:
+        return None
+    if found[1] is None:  # no path of its own: the tracking store said it
+        from harness.tracking import resolve_uri, store_path
+
+        uri = resolve_uri(tracking_uri)
+        return storage_fault(e, "tracking store", store_path(uri) or uri)
+    return storage_fault(e)
+
+
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    from harness.console import quiet
+
+    quiet()
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except HarnessError as e:
         print(f"harness: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # a file system that refuses (full, read-only): one line too
+        fault = _storage_fault(e, getattr(args, "tracking_uri", None))
+        if fault is None:
+            raise
+        print(f"harness: error: {fault}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("harness: interrupted", file=sys.stderr)

@@ -42,6 +42,7 @@ from urllib.parse import urlparse
 
 from harness.config import StudyConfig, dump_study, load_study, slurm_config
 from harness.errors import HarnessError
+from harness.files import reason_fault, refused
 from harness.grid import Trial, build_splits, expand
 from harness.methods.base import get_method
 from harness.progress import Progress, make_progress
@@ -49,10 +50,10 @@ from harness.scheduler import (
     LocalPool, PackingGuard, RayPool, Slot, SlurmPool, TeacherJob, TrialJob, WorkerContext, active_trials, build_slots,
     check_packing, check_slurm, gpu_total_mb, job_precision, run_teacher_job, run_trial_job, warm_trial_worker,
 )
-from harness.teachers import cache_files, cached_outputs
+from harness.teachers import cache_files
 from harness.tracking import (
     KIND_STUDY, TAG, TRIAL_KEYS_ARTIFACT, Tracker, experiment_text, git_tags, leading_comment, log_report, runs_url,
-    study_run_name, utc_iso, version_tags,
+    store_path, study_run_name, utc_iso, version_tags,
 )
 from harness.train import deterministic_env, ensure_cublas_workspace
 from harness.trial import TeacherStage, open_trial_run, prepare_teachers, study_split_dataset, teacher_seeds_of
@@ -409,6 +410,8 @@ def run_trials(s: Session, todo: list[Trial], progress: Progress) -> list[tuple[
                     learn_packing(s, out.slot, result, progress)
                     continue
                 reason = settle_failure(s.tracker, out.key, out.error, out.kind)
+                if refused(reason):  # a full or read-only disk fails every next trial too: one line, exit 2
+                    raise reason_fault(f"trial {trial.run_name}", reason, store_path(s.tracker.uri) or s.tracker.uri)
                 retry = attempt < s.study.max_retries
                 if retry:
                     queue.append((trial, attempt + 1))

@@ -36,6 +36,7 @@ from torch import Tensor
 
 from harness.config import DatasetConfig, Recipe, TeacherConfig, TrainConfig
 from harness.data.splits import PartData, SplitData
+from harness.files import save_torch, sweep_temporaries
 from harness.methods.base import SplitInfo, TeacherSet
 from harness.methods.supervised import SupervisedCE
 from harness.models import Net, build_model
@@ -132,11 +133,17 @@ def _load(path: Path, net: Net) -> dict[str, Any] | None:
     return meta
 
 
+_swept: set[Path] = set()
+
+
 def _save_atomic(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """Into the cache atomically (:func:`harness.files.save_torch`): a full or read-only cache is
+    one line naming the entry, and no temporary stays. The first write to a cache folder in this
+    process removes the temporaries that dead writers left there."""
+    if path.parent not in _swept:
+        _swept.add(path.parent)
+        sweep_temporaries(path.parent)
+    save_torch(path, obj, "teacher cache entry")
 
 
 def train_teacher(data: SplitData, cfg: TeacherConfig, device: str = "cpu") -> tuple[Net, dict, list]:

@@ -331,11 +331,28 @@ def leading_comment(text: str) -> str:
 
 #: Store errors that go away when retried a little later (several processes writing one file).
 _TRANSIENT = ("database is locked", "database table is locked", "database is busy")
+#: A concurrent writer inserted the same row first (two trials logging one dataset input, two
+#: processes setting one tag): every write :func:`_retry` wraps is an upsert, so the retry finds
+#: the row and succeeds (sqlite, PostgreSQL and MySQL wording, and MLflow's own).
+_CONFLICT = ("unique constraint failed", "integrityerror", "duplicate key value", "duplicate entry",
+             "already exists")
+#: a conflict is retried at most this many times (a second try normally succeeds)
+CONFLICT_RETRIES = 5
 
 
 def _transient(e: Exception) -> bool:
     """A locked SQLite store (the runner and its workers write to one file) is worth a retry."""
     return any(m in str(e).lower() for m in _TRANSIENT)
+
+
+def _conflict(e: Exception) -> bool:
+    """Another process wrote the same row first (:data:`_CONFLICT`)."""
+    return any(m in str(e).lower() for m in _CONFLICT)
+
+
+def store_path(uri: str) -> str | None:
+    """The file of a ``sqlite:///`` tracking store (None for a server or another database)."""
+    return uri[len("sqlite:///"):].split("?")[0] if uri.startswith("sqlite:///") else None
 
 
 @contextlib.contextmanager
@@ -345,7 +362,7 @@ def _opening(uri: str) -> Iterator[None]:
     opened under an exclusive ``flock``, an existing one under a shared one, which waits for a
     creator but not for other readers. (SQLite's own locks are POSIX record locks, independent
     of ``flock``.)"""
-    path = uri[len("sqlite:///"):].split("?")[0] if uri.startswith("sqlite:///") else ""
+    path = store_path(uri)
     if not path or fcntl is None:
         yield
         return
@@ -361,8 +378,11 @@ def _opening(uri: str) -> Iterator[None]:
 
 def _retry(fn: F) -> F:
     """Retry ``fn`` on a transient store error, with exponential back-off and jitter (about 25 s of
-    waiting in all, on top of SQLite's own 20 s busy timeout per attempt). Wrap only calls that
-    are safe to repeat: one MLflow request each."""
+    waiting in all, on top of SQLite's own 20 s busy timeout per attempt), and on a conflict with
+    a concurrent writer of the same row (:data:`_CONFLICT`, at most ``CONFLICT_RETRIES`` tries).
+    Wrap only calls that are safe to repeat and idempotent: one MLflow request each, whose second
+    try after a concurrent writer's identical insert is a no-op (tags, params, dataset inputs).
+    Anything else still raises, and fails the trial with its reason."""
 
     @functools.wraps(fn)
     def wrapper(*a: Any, **kw: Any) -> Any:
@@ -370,7 +390,8 @@ def _retry(fn: F) -> F:
             try:
                 return fn(*a, **kw)
             except Exception as e:  # MlflowException wraps sqlalchemy's OperationalError
-                if not _transient(e) or attempt == RETRIES - 1:
+                conflict = not _transient(e) and _conflict(e)
+                if not (_transient(e) or conflict) or attempt == (CONFLICT_RETRIES if conflict else RETRIES) - 1:
                     raise
                 time.sleep(0.05 * 2 ** min(attempt, 6) * (0.5 + random.random()))
         raise AssertionError("unreachable")

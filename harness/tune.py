@@ -635,9 +635,10 @@ def tune(
             f"{TAG}host": platform.node(), f"{TAG}runner_pid": os.getpid(), f"{TAG}pool": pool.describe(),
             **search.provenance, **version_tags(),
         })
-        from harness.trial import prepare_teachers, teacher_seeds_of
+        from harness.trial import prepare_teachers, study_split_dataset, teacher_seeds_of
 
-        try:
+        try:  # the splits' dataset inputs before any trial logs them (concurrent writers: tracking._retry)
+            tracker.log_inputs(search.parent, [study_split_dataset(study, n, str(path)) for n in plan.splits])
             for name in plan.splits:
                 for seed in teacher_seeds_of(study, plan.seeds):  # one set, or one per seed (per_seed)
                     prepare_teachers(study, splits[name], tracker, exp, device=pool.teacher_device, seed=seed)

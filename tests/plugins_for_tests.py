@@ -8,7 +8,10 @@ targets are pickled by reference, so they live in an importable module too.
 - ``test_kill``: the worker kills its own process with SIGKILL;
 - ``test_flaky``: raises on the first attempt (no ``marker`` file yet), then behaves like KD;
 - ``test_sleep``: sleeps ``seconds`` when built, then behaves like KD (a slow trial);
-- ``test_kill_once``: kills its worker on the first attempt (no ``marker`` file yet), then KD.
+- ``test_kill_once``: kills its worker on the first attempt (no ``marker`` file yet), then KD;
+- ``test_hold``: the first ``free`` trials to start go on like KD, every later one holds (sleeps)
+  until the file ``<gate>/open`` exists: a state such as "two finished, two running" that lasts
+  until the test has seen it, however fast or slow the machine.
 """
 
 from __future__ import annotations
@@ -108,6 +111,31 @@ class KillsItsWorkerOnce(_KD):
             marker.write_text("killed once")
             os.kill(os.getpid(), signal.SIGKILL)
         return super().loss_terms(batch)
+
+
+class HoldParams(Params):
+    gate: str
+    free: int = Field(2, ge=0)
+
+
+@register("test_hold")
+class HoldsAfterTheFirst(_KD):
+    ParamsModel = HoldParams
+    description = "test: the first `free` trials to start go on, later ones wait for <gate>/open"
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        gate = Path(self.params.gate)
+        gate.mkdir(parents=True, exist_ok=True)
+        ticket = 0
+        while True:  # the start order, claimed atomically across worker processes
+            try:
+                os.close(os.open(gate / f"ticket{ticket}", os.O_CREAT | os.O_EXCL))
+                break
+            except FileExistsError:
+                ticket += 1
+        while ticket >= self.params.free and not (gate / "open").exists():
+            time.sleep(0.1)
 
 
 # --------------------------------------------------------------------------- pool targets

@@ -7,14 +7,9 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
-import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -27,6 +22,9 @@ import pytest
 from harness.cli import main
 from harness.tracking import VIEW_KEY, Tracker, headline
 from tests.conftest import isolated_dir, write_study
+from tests.mlflow_server import http_get as _get
+from tests.mlflow_server import mlflow_server as _server
+from tests.mlflow_server import wait_ready as _wait_ready
 
 STUDY = "browse"
 #: the student trials: kd's default (named by its rule, the study has a routing axis) and one rule, two seeds
@@ -45,60 +43,12 @@ class Served:
     runs: list[dict[str, Any]]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get(url: str, timeout: float = 10.0) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-
-
 def _api(base: str, endpoint: str, body: dict[str, Any] | None = None, **query: str) -> dict[str, Any]:
     url = f"{base}/api/2.0/mlflow/{endpoint}" + (f"?{urllib.parse.urlencode(query)}" if query else "")
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=10) as r:
         return json.loads(r.read())
-
-
-@contextlib.contextmanager
-def _server(uri: str, cwd: Path) -> Iterator[tuple[str, subprocess.Popen]]:
-    """``mlflow server`` on 127.0.0.1 (a free port, one worker) over ``uri``; stopped on exit."""
-    port = _free_port()
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1",
-           "--port", str(port), "--workers", "1"]
-    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.DEVNULL, stderr=open(cwd / "server.log", "wb"),
-                            start_new_session=True,  # no telemetry, no job workers (7 processes that import mlflow)
-                            env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true",
-                                 "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
-    try:
-        yield f"http://127.0.0.1:{port}", proc
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
-def _wait_ready(base: str, proc: subprocess.Popen, cwd: Path, deadline: float = 90.0) -> None:
-    end = time.time() + deadline
-    while time.time() < end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited: {(cwd / 'server.log').read_text()[-2000:]}")
-        with contextlib.suppress(OSError):
-            if _get(f"{base}/health", timeout=2)[0] == 200:
-                return
-        time.sleep(0.3)
-    raise RuntimeError("mlflow server did not answer in time")
 
 
 @pytest.fixture(scope="module")

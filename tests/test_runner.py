@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -23,6 +22,7 @@ from harness.methods.base import Batch, Params, register
 from harness.runner import run_study
 from harness.tracking import TAG, tag_seconds
 from tests.plugins_for_tests import _KD
+from tests.waiting import bound, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 SCORE = "test/union_acc"
@@ -248,16 +248,6 @@ def test_failing_trials_do_not_stop_the_others(env: dict[str, Any], capsys: pyte
     assert "FAILED 2x5/test_kill/seed0" in out and study_runs(env["uri"], "failures")[0].info.status == "FAILED"
 
 
-def _wait_for(cond: Any, timeout: float, what: str) -> Any:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -269,7 +259,8 @@ def _alive(pid: int) -> bool:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="checks worker processes through /proc")
 def test_sigkill_mid_study_then_resume_finishes_only_the_missing(env: dict[str, Any], capsys: pytest.CaptureFixture) -> None:
     seeds = list(range(5))  # killed after two finished and two started: one never started
-    path = write_study(env, "killed", {"test_sleep": {"seconds": 1.5}}, seeds)
+    gate = env["dir"] / "killed-gate"  # trials 3 and 4 to start hold until it opens: the state waits for us
+    path = write_study(env, "killed", {"test_hold": {"gate": str(gate), "free": 2}}, seeds)
     cmd = [sys.executable, "-m", "harness.cli", "run-study", str(path), "--tracking-uri", env["uri"],
            "--workers", "2", "--no-report"]
     proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
@@ -279,11 +270,11 @@ def test_sigkill_mid_study_then_resume_finishes_only_the_missing(env: dict[str, 
             runs = trial_runs(env["uri"], "killed")
             statuses = [r.info.status for r in runs]
             running = [r for r in runs if r.info.status == "RUNNING" and f"{TAG}pid" in r.data.tags]
-            return runs if statuses.count("FINISHED") >= 2 and running else None
+            return runs if statuses.count("FINISHED") == 2 and len(running) == 2 else None
 
-        _wait_for(midway, 120, "two finished trials and one running")
+        wait_for("two finished trials and two held running", midway, proc=proc)
         proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
+        proc.wait(bound(60))
     finally:
         proc.kill()
     before = trial_runs(env["uri"], "killed")
@@ -292,7 +283,8 @@ def test_sigkill_mid_study_then_resume_finishes_only_the_missing(env: dict[str, 
     assert finished_before and running_before and len(finished_before) < len(seeds)
     # Its workers die with it: nothing is left to finish a run that the resume will redo.
     pids = [int(r.data.tags[f"{TAG}pid"]) for r in running_before if f"{TAG}pid" in r.data.tags]
-    _wait_for(lambda: not any(_alive(p) for p in pids), 10, f"workers {pids} to die with the runner")
+    wait_for(f"workers {pids} to die with the runner", lambda: not any(_alive(p) for p in pids), timeout=60)
+    (gate / "open").touch()  # only now (a held orphan would hold on): the resume's trials go on
 
     assert run_study(path, env["uri"], workers=2, report=False, live=False) == 0
     out = capsys.readouterr().out
@@ -436,7 +428,7 @@ def test_workers_without_the_runners_files_get_every_teacher_cache_file(env: dic
         run_id = open_trial_run(tracker, exp, study, trial)
         pool.submit(run_id, run_trial_job, TrialJob(study, trial, run_id, tracker.uri), ctx)
         outs: list[Any] = []
-        _wait_for(lambda: outs.extend(pool.wait(1.0)) or outs, 120, "the trial")
+        wait_for("the trial", lambda: outs.extend(pool.wait(1.0)) or outs)
     finally:
         pool.close()
     assert outs[0].ok, outs[0].error

@@ -14,7 +14,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from mlflow.tracking import MlflowClient
 
 from harness.cli import main
 from tests.conftest import isolated_dir, write_study
+from tests.waiting import bound, wait_for
 
 pytestmark = pytest.mark.slurm
 
@@ -87,14 +87,8 @@ def _queue(study: str) -> list[tuple[str, str]]:
     return [tuple(line.split("|")) for line in out.splitlines() if line]
 
 
-def _until(what: str, check, timeout: float = 150.0, every: float = 0.3):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        got = check()
-        if got:
-            return got
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+def _until(what: str, check, timeout: float = 300.0, every: float = 0.3):
+    return wait_for(what, check, timeout=timeout, every=every)
 
 
 def _comparison(tmp: Path) -> pd.DataFrame:
@@ -132,7 +126,7 @@ def test_slurm_gives_the_local_table(cluster, cache, tmp_path_factory):
                              text=True, timeout=60, check=True).stdout.split()
         return sorted(j.split("|")[1] for j in out) == expected
 
-    _until("sacct to show each task's comment: the trial key", comments, timeout=60)
+    _until("sacct to show each task's comment: the trial key", comments)
 
 
 @pytest.mark.parametrize("argv, expected", [
@@ -179,7 +173,7 @@ def test_detach_status_rerun_requeue(cluster, cache, tmp_path_factory, capsys):
             out = capsys.readouterr().out
             return "1 failed" in out and re.search(rf"failed .* attempt 0: Slurm job {first}_1 CANCELLED by", out)
 
-        _until("status to show the cancelled trial as failed", cancelled_shows, timeout=60, every=1.0)
+        _until("status to show the cancelled trial as failed", cancelled_shows, timeout=300, every=1.0)
         assert main(["run-study", study, "--backend", "slurm", "--detach"]) == 0
         out = capsys.readouterr().out
         assert "1 pending or running in Slurm, 1 stale runs marked KILLED" in out and "submitted 1 trials" in out
@@ -191,7 +185,7 @@ def test_detach_status_rerun_requeue(cluster, cache, tmp_path_factory, capsys):
         victim = _until("a trial running in Slurm", running)[0]
         job = victim.data.tags["harness.slurm_job"]
         subprocess.run(["scontrol", "requeue", job], check=True, timeout=60)  # what a preemption does
-        _until("the requeued job to be pending", lambda: (job, "PENDING") in _queue("det"), timeout=60)
+        _until("the requeued job to be pending", lambda: (job, "PENDING") in _queue("det"))
         subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, timeout=60)
         _until("the study's jobs to end", lambda: not _queue("det"))
         assert main(["status", study]) == 0
@@ -236,8 +230,8 @@ def test_scancel_and_sigkill_fail_with_slurms_reason_then_retry(cluster, cache, 
                         hit[t["harness.trial_key"]] = "killed"
             return len(hit) == 2
 
-        _until("both trials running", strike, timeout=120)
-        out, _ = runner.communicate(timeout=180)
+        _until("both trials running", strike)
+        out, _ = runner.communicate(timeout=bound(300))
     finally:
         if runner.poll() is None:
             runner.kill()

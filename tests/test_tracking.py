@@ -14,6 +14,7 @@ from harness import tracking
 from harness.scheduler import LocalPool, WorkerContext, build_slots
 from harness.tracking import TAG, Tracker, flatten
 from tests import plugins_for_tests as plug
+from tests.waiting import wait_for
 
 
 @pytest.fixture(scope="module")
@@ -114,10 +115,8 @@ def test_concurrent_workers_lose_no_metric(tracker: Tracker) -> None:
     ctx = WorkerContext.capture()
     for i in range(n_workers):
         pool.submit(f"w{i}", plug.log_epochs, (tracker.uri, exp, f"w{i}", epochs, n_metrics), ctx)
-    outcomes, deadline = [], time.time() + 120
-    while len(outcomes) < n_workers:
-        outcomes += pool.wait(1.0)
-        assert time.time() < deadline
+    outcomes: list = []
+    wait_for("every worker's outcome", lambda: outcomes.extend(pool.wait(1.0)) or len(outcomes) == n_workers, every=0)
     assert [o.error for o in outcomes if not o.ok] == []
     runs = tracker.find(exp, {f"{TAG}kind": "stress"})
     assert len(runs) == n_workers and {r.info.status for r in runs} == {"FINISHED"}
@@ -138,10 +137,8 @@ def test_processes_creating_one_new_store_at_once_all_succeed() -> None:
         ctx, at = WorkerContext.capture(), time.time() + 1.0
         for i in range(4):
             pool.submit(f"p{i}", plug.open_store, (uri, at, False), ctx)
-        outcomes, deadline = [], time.time() + 120
-        while len(outcomes) < 4:
-            outcomes += pool.wait(1.0)
-            assert time.time() < deadline
+        outcomes: list = []
+        wait_for("every process's outcome", lambda: outcomes.extend(pool.wait(1.0)) or len(outcomes) == 4, every=0)
         assert [o.error for o in outcomes if not o.ok] == []
         assert len({o.result for o in outcomes}) == 1
 

@@ -23,6 +23,7 @@ from harness.scheduler import Slot
 from harness.tracking import Tracker
 from harness.tune import DEFAULT, OWNER, RETRY_OF, SURPLUS, TuneJob, counted, run_tune_job, storage_for
 from tests.conftest import TINY, isolated_dir, write_study
+from tests.waiting import bound, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 SEARCH = {
@@ -277,22 +278,11 @@ def _run_tune(tmp: Path, study: Path, timeout: float = 300) -> tuple[int, str]:
                              "--no-report"], cwd=tmp, env=_env(tmp), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
-        out = proc.communicate(timeout=timeout)[0]
+        out = proc.communicate(timeout=bound(timeout))[0]
     except subprocess.TimeoutExpired:
         proc.send_signal(signal.SIGABRT)
         raise AssertionError(f"harness tune hung:\n{proc.communicate()[0]}") from None
     return proc.returncode, out
-
-
-def _wait_for(pred, timeout: float, proc=None) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if pred():
-            return
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"process ended early: {proc.stdout.read() if proc.stdout else ''}")
-        time.sleep(0.2)
-    raise AssertionError("timed out")
 
 
 def test_a_killed_search_resumes_with_its_stale_trials_rerun(isolated):
@@ -311,7 +301,7 @@ def test_a_killed_search_resumes_with_its_stale_trials_rerun(isolated):
         return TrialState.COMPLETE in states and TrialState.RUNNING in states
 
     try:
-        _wait_for(one_done_one_running, 240, proc)
+        wait_for("one trial complete and one running", one_done_one_running, proc=proc)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
@@ -342,7 +332,7 @@ def test_two_processes_share_one_journal_without_lost_or_duplicated_trials(isola
     cmd = [sys.executable, "-m", "harness.cli", "tune", str(study), "--no-report", "--workers", "1"]
     procs = [subprocess.Popen(cmd, cwd=isolated, env=_env(isolated), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for _ in range(2)]
-    outs = [p.communicate(timeout=300)[0] for p in procs]
+    outs = [p.communicate(timeout=bound())[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs
     trials = _trials(str(isolated / "results/tiny/tune.journal"), "tiny/kd")
     done = counted(trials)
@@ -432,9 +422,9 @@ def test_stopping_the_search_fails_the_running_trials_and_queues_them_for_the_ne
         except (KeyError, FileNotFoundError):
             return False
 
-    _wait_for(running, 240, proc)
+    wait_for("a running trial", running, proc=proc)
     proc.send_signal(signal.SIGTERM)
-    out = proc.communicate(timeout=120)[0]
+    out = proc.communicate(timeout=bound(120))[0]
     assert proc.returncode == 130, out
     trials = _trials(journal, "tiny/test_sleep")
     failed = [t for t in trials if t.state == TrialState.FAIL]

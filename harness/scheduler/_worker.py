@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from harness.console import quiet
+from harness.files import write_atomic
 from harness.scheduler._slots import Slot
 
 if TYPE_CHECKING:
@@ -64,6 +66,7 @@ def enter_worker(ctx: WorkerContext, slot: Slot) -> None:
     if os.path.isdir(ctx.cwd):
         os.chdir(ctx.cwd)
     os.environ.update(ctx.env)
+    quiet()
     sys.path.extend(p for p in ctx.sys_path if p not in sys.path)
     if slot.visible is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = slot.visible  # before anything initialises CUDA
@@ -81,10 +84,7 @@ def enter_worker(ctx: WorkerContext, slot: Slot) -> None:
     for rel, blob in ctx.files.items():
         path = Path(rel)
         if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-            tmp.write_bytes(blob)
-            os.replace(tmp, path)
+            write_atomic(path, blob, "shipped cache file")
 
 
 def error_text(e: BaseException) -> str:
