@@ -87,6 +87,15 @@ def _queue(study: str) -> list[tuple[str, str]]:
     return [tuple(line.split("|")) for line in out.splitlines() if line]
 
 
+def _job_story(tmp: Path, study: str, job: str) -> str:
+    """What Slurm recorded of ``job`` and the end of its logs: the message of a failed check."""
+    acct = subprocess.run(["sacct", "-D", "-P", "-j", job.split("_")[0], "-o", "JobID,State,ExitCode,Reason,Start,End"],
+                          capture_output=True, text=True, timeout=60, check=False).stdout
+    logs = sorted((tmp / ".harness_slurm" / study).glob(f"{job}_*log.*"))
+    tails = "".join(f"\n--- {f.name}\n" + "\n".join(f.read_text(errors="replace").splitlines()[-15:]) for f in logs)
+    return f"sacct:\n{acct}{tails}"
+
+
 def _until(what: str, check, timeout: float = 300.0, every: float = 0.3):
     return wait_for(what, check, timeout=timeout, every=every)
 
@@ -189,7 +198,8 @@ def test_detach_status_rerun_requeue(cluster, cache, tmp_path_factory, capsys):
         subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, timeout=60)
         _until("the study's jobs to end", lambda: not _queue("det"))
         assert main(["status", study]) == 0
-        assert "2 trials: 2 finished, 0 running, 0 pending, 0 failed" in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert "2 trials: 2 finished, 0 running, 0 pending, 0 failed" in out, out + _job_story(tmp, "det", job)
         runs = _trial_runs(tmp, "det")
         by_key: dict[str, list] = {}
         for r in runs:
