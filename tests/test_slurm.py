@@ -21,6 +21,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
+import tests.plugins_for_tests  # noqa: F401  (registers test_hold here; the jobs use HARNESS_PLUGINS)
 from harness.cli import main
 from tests.conftest import isolated_dir, write_study
 from tests.waiting import bound, wait_for
@@ -163,7 +164,14 @@ def test_detach_status_rerun_requeue(cluster, cache, tmp_path_factory, capsys):
     tmp = tmp_path_factory.mktemp("detach")
     with isolated_dir(tmp) as mp:
         mp.setenv("HARNESS_CACHE", str(cache))
-        study = str(write_study(tmp / "det.yaml", name="det", **{**SMALL, "train": {"epochs": 8, "batch_size": 128}}))
+        # the requeue must land while the victim trains, never at its end: the test_hold trial holds
+        # (in training's set-up) until the gate opens, which happens only once Slurm has requeued it
+        gate = tmp / "gate"
+        mp.setenv("HARNESS_PLUGINS", "tests.plugins_for_tests")  # in the jobs too (sbatch exports the env)
+        mp.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+        study = str(write_study(tmp / "det.yaml", name="det", **{
+            **SMALL, "methods": {"test_hold": {"gate": str(gate), "free": 0}, "teachers": {}},
+            "train": {"epochs": 8, "batch_size": 128}}))
         capsys.readouterr()
         assert main(["run-study", study, "--backend", "slurm", "--detach"]) == 0
         first = re.search(r"trials: Slurm job array (\d+) \(2 tasks", capsys.readouterr().out).group(1)
@@ -188,13 +196,15 @@ def test_detach_status_rerun_requeue(cluster, cache, tmp_path_factory, capsys):
         assert "1 pending or running in Slurm, 1 stale runs marked KILLED" in out and "submitted 1 trials" in out
         subprocess.run(["scontrol", "release", f"{first}_0"], check=True, timeout=60)
 
-        def running():
-            return [r for r in _trial_runs(tmp, "det") if r.info.status == "RUNNING" and "harness.pid" in r.data.tags]
+        def held():  # its run is RUNNING and its process has claimed a ticket: it waits at the gate
+            return [r for r in _trial_runs(tmp, "det") if r.info.status == "RUNNING" and "harness.pid" in r.data.tags
+                    and r.data.tags["harness.method"] == "test_hold" and list(gate.glob("ticket*"))]
 
-        victim = _until("a trial running in Slurm", running)[0]
+        victim = _until("the test_hold trial running (held) in Slurm", held)[0]
         job = victim.data.tags["harness.slurm_job"]
         subprocess.run(["scontrol", "requeue", job], check=True, timeout=60)  # what a preemption does
         _until("the requeued job to be pending", lambda: (job, "PENDING") in _queue("det"))
+        (gate / "open").touch()  # its next start goes on
         subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, timeout=60)
         _until("the study's jobs to end", lambda: not _queue("det"))
         assert main(["status", study]) == 0
@@ -301,3 +311,27 @@ def test_job_comments_states_and_reasons_read_as_slurm_writes_them():
         "Slurm job 4_1 CANCELLED by 0: the split's teachers' job did not succeed"
     assert ended_text(JobInfo("4", "NODE_FAIL", node="gpu7"), "4") == "Slurm job 4 NODE_FAIL: node gpu7 failed"
     assert ended_text(None, "4").startswith("Slurm job 4 left the queue without a result")
+
+
+def test_a_requeued_start_clears_the_result_an_interrupted_start_left_half_written(tmp_path, monkeypatch):
+    """SIGTERM while submitit saved the first start's result leaves ``<result>.save_tmp``; submitit
+    refuses to save over it, so the requeued start would end FAILED (exit code 1) after its work."""
+    from harness.scheduler._slurm import _clear_interrupted_result
+
+    env = {"SUBMITIT_EXECUTOR": "slurm", "SUBMITIT_FOLDER": str(tmp_path), "SLURM_ARRAY_JOB_ID": "70",
+           "SLURM_ARRAY_TASK_ID": "1", "SLURM_JOB_ID": "71", "SLURM_PROCID": "0"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    left = tmp_path / "70_1_0_result.pkl.save_tmp"
+    left.write_bytes(b"half a pickle")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")  # a first start never has one of its own to clear
+    _clear_interrupted_result()
+    assert left.exists()
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    _clear_interrupted_result()
+    assert not left.exists()
+    from submitit.core.utils import temporary_save_path
+
+    with temporary_save_path(tmp_path / "70_1_0_result.pkl") as tmp:  # what the new start's save does
+        tmp.write_bytes(b"result")
+    assert (tmp_path / "70_1_0_result.pkl").read_bytes() == b"result"

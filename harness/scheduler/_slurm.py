@@ -305,12 +305,29 @@ def _exit_on_term(signum: int, frame: Any) -> None:
     os._exit(128 + signum)
 
 
+def _clear_interrupted_result() -> None:
+    """A start of a requeued job: remove the result file an earlier start of this job left half
+    written (SIGTERM while submitit saved its result). submitit saves through
+    ``<result>.save_tmp`` and refuses to start over one that exists ("A temporary saved file
+    already exists"), so the new start would end FAILED with exit code 1 after doing its work."""
+    if int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) == 0:
+        return
+    try:
+        from submitit import JobEnvironment
+
+        result = JobEnvironment().paths.result_pickle
+    except Exception:  # not under submitit (a test calling this directly): nothing of ours to clear
+        return
+    result.with_suffix(result.suffix + ".save_tmp").unlink(missing_ok=True)
+
+
 def _slurm_main(target: Target, payload: Any, ctx: WorkerContext, threads: int | None, gpus: int) -> Any:
     """Entry point of a Slurm job (submitit runs it in the job's process): the local worker's
     set-up for a slot of ``threads`` torch threads (None: this process's cores) on the job's
     GPU (``cuda:0``, Slurm sets ``CUDA_VISIBLE_DEVICES``) or CPU, then ``target(payload, slot)``."""
     signal.signal(signal.SIGTERM, _exit_on_term)
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # submitit's "time limit near" signal: the limit's SIGTERM ends us
+    _clear_interrupted_result()
     full, _, _ = this_job()
     device = "cuda:0" if gpus else "cpu"
     slot = Slot(f"slurm {full}@{platform.node()}", device, None, threads or cpu_cores(), device)
