@@ -21,6 +21,8 @@ at ``lr_mult_head`` x, the CFL block at ``lr_mult_cfl`` x (reference: 1x, 10x, 1
 KamalEngine's ``CFL_FCBlock``): a = Linear(d, c) ReLU, E = Linear(c, c) ReLU Linear(c, c),
 dec_k = Linear(c, d_k) ReLU Linear(d_k, d_k), same L. ``maps`` with a net that has no feature map
 (``mlp``) falls back to ``pooled`` with a warning; ``CFL.space`` and ``run_tags()`` say which ran.
+The runner says it once per split in its plan (:meth:`CFL.plan_note`) and its workers do not
+repeat the warning (:class:`harness.console.NotedWarning`).
 
 Precision (harness.precision): the blocks a, E, dec run under the trial's autocast; KD and MMD^2
 run in float32 outside it (harness.losses), MSE in float32 by autocast's own op lists.
@@ -29,7 +31,7 @@ run in float32 outside it (harness.losses), MSE in float32 by autocast's own op 
 from __future__ import annotations
 
 import warnings
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -37,8 +39,12 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from harness import losses
+from harness.console import NotedWarning
 from harness.methods.base import Batch, Method, Params, register
-from harness.models import GlobalAvgPool, Net
+from harness.models import GlobalAvgPool, Net, build_model
+
+if TYPE_CHECKING:
+    from harness.config import ModelSpec
 
 
 class CFLParams(Params):
@@ -92,6 +98,18 @@ def pool_tail(net: Net) -> nn.Sequential | None:
     return None
 
 
+def missing_maps(student: Net, teachers: Sequence[Net]) -> str:
+    """Why ``space: maps`` cannot run on these nets (``teacher 1 (MLP) has no conv feature map``),
+    "" when it can: the student and every teacher need a feature map (:func:`map_channels`), the
+    student also the pooling after it (:func:`pool_tail`)."""
+    names = ["the student"] + [f"teacher {k}" for k in range(len(teachers))]
+    lacking = [f"{n} ({type(net).__name__})" for n, net in zip(names, (student, *teachers))
+               if map_channels(net) is None or (net is student and pool_tail(student) is None)]
+    if not lacking:
+        return ""
+    return f"{', '.join(lacking)} {'has' if len(lacking) == 1 else 'have'} no conv feature map"
+
+
 def resize_map(f: Tensor, size: torch.Size | tuple[int, int]) -> Tensor:
     """A teacher map brought to the student's H x W: adaptive average pooling (exact region means
     when shrinking, replication when growing); unchanged when the sizes agree."""
@@ -114,20 +132,14 @@ class CFL(Method):
         self.space: str = params.space
         self.fallback: str = ""
         if params.space == "maps":
-            nets = (student, *teachers.nets)
-            channels = [map_channels(n) for n in nets]
             self._tail = (pool_tail(student),)  # a tuple: the student's own modules, not registered twice
-            names = ["the student"] + [f"teacher {k}" for k in range(len(teachers))]
-            lacking = [f"{n} ({type(net).__name__})" for n, net, ch in zip(names, nets, channels)
-                       if ch is None or (net is student and self._tail[0] is None)]
-            if lacking:
+            self.fallback = missing_maps(student, teachers.nets)
+            if self.fallback:  # the runner's plan said it once (plan_note); its workers ignore NotedWarning
                 self.space = "pooled"
-                verb = "has" if len(lacking) == 1 else "have"
-                self.fallback = f"{', '.join(lacking)} {verb} no conv feature map"
                 warnings.warn(f"methods.cfl.space: maps needs conv feature maps, but {self.fallback}: "
-                              "cfl runs in the pooled space", stacklevel=2)
+                              "cfl runs in the pooled space", NotedWarning, stacklevel=2)
         if self.space == "maps":
-            c_s, c_t = channels[0], channels[1:]
+            c_s, *c_t = [map_channels(n) for n in (student, *teachers.nets)]
             self.a_t = nn.ModuleList(
                 nn.Sequential(nn.Conv2d(ch, 2 * c, 1, bias=False), nn.ReLU()) for ch in c_t
             )
@@ -147,6 +159,22 @@ class CFL(Method):
             self.dec = nn.ModuleList(
                 nn.Sequential(nn.Linear(c, d), nn.ReLU(), nn.Linear(d, d)) for d in teachers.feature_dims
             )
+
+    @classmethod
+    def plan_note(cls, params: Params, student: "ModelSpec", teachers: Sequence["ModelSpec"],
+                  in_shape: tuple[int, int, int], split: str) -> str | None:
+        """``cfl runs in the pooled space in split 2x5 (teacher 1 (MLP) has no conv feature map)``
+        when ``space: maps`` will fall back (:func:`missing_maps` on the nets built on the meta
+        device: no memory, no weights); None otherwise."""
+        if getattr(params, "space", "maps") != "maps":
+            return None
+        try:
+            with torch.device("meta"):
+                nets = [build_model(m.arch, in_shape, 2, **m.options()) for m in (student, *teachers)]
+            why = missing_maps(nets[0], nets[1:])
+        except Exception:  # a net that cannot run on the meta device: the trial's run tags say what ran
+            return None
+        return f"cfl runs in the pooled space in split {split} ({why})" if why else None
 
     def run_tags(self) -> dict[str, str]:
         """What a trial should record: the space that ran (and why, after a fallback)."""

@@ -1,4 +1,4 @@
-"""Command line: ``harness run-study | tune | status | report | leaderboard | bench | methods | data download``.
+"""Command line: ``harness run-study | tune | status | report | export | leaderboard | bench | methods | data download``.
 
 Every user error (bad study file, unknown method, missing data root, ...) is printed as one line
 ``harness: error: ...`` with exit code 2 and no traceback.
@@ -83,26 +83,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return run_bench(device=args.device, workers=args.workers, as_json=args.json, quick=args.quick)
 
 
-def _study_keys(text: str, source: str, precision: str | None = None) -> list[str]:
-    """The trial keys of a study file's text, at ``precision`` if given (else the one this
-    machine's devices give); expanding imports torch: here, not in the report."""
-    import inspect
+def study_keys(text: str, source: str, precision: str | None = None) -> list[str]:
+    """:func:`harness.grid.study_keys`, imported only when a study file is expanded (torch): the
+    report of a study name never imports torch."""
+    from harness.grid import study_keys as keys
 
-    import yaml
-
-    from harness.config import parse_study
-    from harness.grid import expand
-
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise HarnessError(f"{source}: not valid YAML ({str(e).splitlines()[0]})") from None
-    study = parse_study(data, source)
-    if precision is None:
-        return [t.key for t in expand(study)]
-    if "precision" not in inspect.signature(expand).parameters:
-        raise HarnessError("--precision: this version of the harness has no precision in its trial keys")
-    return [t.key for t in expand(study, precision=precision)]  # type: ignore[call-arg]
+    return keys(text, source, precision)
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -112,12 +98,55 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from harness.report.frames import resolve_study
 
     _, text = resolve_study(args.study)  # a missing or broken study file: one line, exit 2
-    keys = _study_keys(text, args.study, args.precision) if text is not None else None
+    keys = study_keys(text, args.study, args.precision) if text is not None else None
     out = build_report(args.study, tracking_uri=args.tracking_uri, out_dir=args.out, keys=keys,
-                       expand=lambda t: _study_keys(t, "study.yaml logged by the latest study run", args.precision))
+                       expand=lambda t: study_keys(t, "study.yaml logged by the latest study run", args.precision))
+    from harness.report.reproduce import committed_line
     from harness.tracking import log_report
 
     print(f"report written to {out}{log_report(args.tracking_uri, resolve_study(args.study)[0], out)}")
+    if (line := committed_line(out)) is not None:  # over a committed report: does it reproduce?
+        print(line)
+    return 0
+
+
+PARQUET_ENGINES = ("pyarrow", "fastparquet")
+
+
+def _parquet_engine() -> str:
+    """The first Parquet engine pandas can use; one line naming what to install when there is none."""
+    import importlib
+
+    for name in PARQUET_ENGINES:
+        try:
+            importlib.import_module(name)
+            return name
+        except ImportError:
+            continue
+    raise HarnessError("export: --format parquet needs pyarrow or fastparquet: pip install pyarrow "
+                       "(or use --format csv)")
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    """``harness.results.trials`` (``--curves``: ``curves``) of a study, written to one CSV or
+    Parquet file; the format is ``--format``, else the file's suffix (``.parquet``/``.pq``), else CSV."""
+    from pathlib import Path
+
+    fmt = args.format or ("parquet" if Path(args.out).suffix.lower() in (".parquet", ".pq") else "csv")
+    engine = _parquet_engine() if fmt == "parquet" else None  # before the store is read
+    from harness import results
+    from harness.files import write_atomic
+
+    read = results.curves if args.curves else results.trials
+    try:
+        df = read(args.study, tracking_uri=args.tracking_uri, scope=args.scope, precision=args.precision)
+    except HarnessError as e:
+        raise HarnessError(f"export: {e}") from None
+    data = df.to_parquet(None, engine=engine, index=False) if engine else df.to_csv(index=False)
+    write_atomic(args.out, data, what="export")
+    name = df["study"].iloc[0] if len(df) else args.study
+    what = "curve rows (run, metric, epoch)" if args.curves else "trials"
+    print(f"{len(df)} {what} of study '{name}' (scope {args.scope}) written to {args.out} ({fmt})")
     return 0
 
 
@@ -130,10 +159,10 @@ def _cmd_leaderboard(args: argparse.Namespace) -> int:
     for study in args.study:
         _, text = resolve(study)  # a missing or broken study file: one line, exit 2
         if text is not None:
-            keys[study] = _study_keys(text, study)
+            keys[study] = study_keys(text, study)
     board = build_leaderboard(args.study, tracking_uri=args.tracking_uri, out_dir=args.out, normalise=args.normalise,
                               reps=args.reps, keys=keys,
-                              expand=lambda t: _study_keys(t, "study.yaml logged by the latest study run"))
+                              expand=lambda t: study_keys(t, "study.yaml logged by the latest study run"))
     for line in board.left_out:
         print(f"harness: note: {line.replace('`', '')}", file=sys.stderr)
     print(f"leaderboard written to {board.out}")
@@ -252,6 +281,22 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with a study file: the precision its trials ran at (default: the one this machine's "
                           "devices give; a study run on GPUs with train.amp ran at bf16)")
     rep.set_defaults(func=_cmd_report)
+
+    ex = sub.add_parser("export", help="a study's trials (one row per finished trial run: metrics and params) or, "
+                                       "with --curves, its per-epoch metrics, to CSV or Parquet for notebooks")
+    ex.add_argument("study", help="study name or study file, as for report (the same runs as its tables)")
+    ex.add_argument("--out", required=True, metavar="FILE", help="file to write (replaced if it exists)")
+    ex.add_argument("--format", choices=("csv", "parquet"), default=None,
+                    help="default: parquet for a .parquet/.pq FILE, else csv (parquet needs pyarrow or fastparquet)")
+    ex.add_argument("--curves", action="store_true",
+                    help="per-epoch metrics, long form (one row per run, metric and epoch) instead of the trials")
+    ex.add_argument("--scope", choices=("study", "all"), default="study",
+                    help="study: the runs of the report's tables (default); all: every finished trial run of the "
+                         "experiment, e.g. of earlier versions of the study file (column in_report)")
+    ex.add_argument("--tracking-uri")
+    ex.add_argument("--precision", choices=("fp32", "bf16"), default=None,
+                    help="with a study file: the precision its trials ran at (as for report)")
+    ex.set_defaults(func=_cmd_export)
 
     lb = sub.add_parser("leaderboard", help="one table over several studies: normalised scores per split, IQM and "
                                             "mean with stratified bootstrap CIs, ranks, P(cka > other), profiles")

@@ -226,6 +226,22 @@ def expand(study: StudyConfig, precision: str | None = None) -> list[Trial]:
     return trials
 
 
+def study_keys(text: str, source: str, precision: str | None = None) -> list[str]:
+    """The trial keys of a study file's text (``source`` names it in errors), at ``precision``
+    (``fp32``/``bf16``) if given, else the one this machine's devices give: how ``harness report
+    FILE``, the leaderboard and :mod:`harness.results` scope a study by its file (this imports
+    torch; the report itself never does)."""
+    import yaml
+
+    from harness.config import parse_study
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise HarnessError(f"{source}: not valid YAML ({str(e).splitlines()[0]})") from None
+    return [t.key for t in expand(parse_study(data, source), precision=precision)]
+
+
 def build_splits(study: StudyConfig) -> dict[str, SplitData]:
     """Load and check every split's data (class ranges, shapes) before anything is created;
     ``dataset.download: true`` fetches the data set first (here, in the main process, once)."""

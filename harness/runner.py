@@ -8,9 +8,11 @@ Order of a study invocation:
    experiment, cache entry or run behind;
 2. resume: a trial whose key already has a FINISHED run is skipped; every other trial is redone
    (its last run FAILED or KILLED); RUNNING runs of those keys (left by a killed study) are
-   marked KILLED;
+   marked KILLED; the plan is printed: the counts, the pool and what a method says once
+   (:func:`plan_notes`, e.g. cfl's pooled space), not from every trial;
 3. the experiment's description, tags and shared view of its trials, a parent run for this
-   invocation (kind ``study``, the study as params and ``study.yaml``), then the teacher stage:
+   invocation (kind ``study``, the study as params, ``study.yaml`` resolved and
+   ``study_source.yaml`` as written), then the teacher stage:
    each split's teachers (one set, or one per seed with ``teacher_seeds: per_seed``) are trained
    or loaded once, here, with their routing statistics and outputs, so workers only load them
    from the cache (teachers new to the store are logged under a ``teacher_stage`` run);
@@ -278,6 +280,8 @@ def run_study(
               f"{f', {len(in_slurm)} pending or running in Slurm' if in_slurm else ''}"
               f"{f', {stale} stale runs marked KILLED' if stale else ''}; tracking at {tracker.uri}")
         print(f"pool: {pool.describe()}")
+        for note in plan_notes(study, todo, splits):
+            print(f"note: {note}")
         session = Session(study, tracker, exp_id, pool, keys=[t.key for t in trials],
                           packing=PackingGuard(study.trials_per_device, totals) if totals else None, source=str(path),
                           detach=detach)
@@ -295,10 +299,35 @@ def run_study(
         except ImportError:
             pass
         else:
+            from harness.report.reproduce import committed_line
+
             out = build_report(study.name, tracking_uri=tracker.uri)
             print(f"report written to {out}{log_report(tracker.uri, study.name, out)}")
+            if (line := committed_line(out)) is not None:  # over a committed report: does it reproduce?
+                print(line)
     print_browse(tracker.uri, exp_id)
     return 1 if failed else 0
+
+
+def plan_notes(study: StudyConfig, trials: list[Trial], splits: dict) -> list[str]:
+    """What the methods of these trials say once, before any of them starts
+    (:meth:`harness.methods.base.Method.plan_note`), each note once: e.g. ``cfl runs in the pooled
+    space in split 2x5 (teacher 1 (MLP) has no conv feature map)``, which its workers then do not
+    warn about."""
+    notes: dict[str, None] = {}
+    asked: set[tuple[str, str, str]] = set()
+    for t in trials:
+        params = json.dumps(t.params, sort_keys=True, default=str)
+        if (t.method, t.split, params) in asked:
+            continue
+        asked.add((t.method, t.split, params))
+        cls = get_method(t.method)
+        split = next(sp for sp in study.splits if sp.name == t.split)
+        note = cls.plan_note(cls.parse_params(t.params, f"methods.{t.method}"), study.student,
+                             study.teachers_for(split), splits[t.split].in_shape, t.split)
+        if note:
+            notes[note] = None
+    return list(notes)
 
 
 def print_browse(uri: str, experiment_id: str) -> None:
@@ -323,6 +352,8 @@ def execute(session: Session, todo: list[Trial], splits: dict, backend: str, liv
     }, {k: v for k, v in s.study.model_dump(mode="json").items() if not (k in ("search", "slurm") and v is None)})
     try:
         s.tracker.log_text(s.parent, dump_study(s.study), "study.yaml")
+        if (text := source_text(s)) is not None:  # as written, comments kept: the report's appendix
+            s.tracker.log_text(s.parent, text, "study_source.yaml")
         s.tracker.log_text(s.parent, json.dumps(s.keys, indent=0), TRIAL_KEYS_ARTIFACT)
         s.tracker.log_inputs(s.parent, [study_split_dataset(s.study, sp.name, s.source) for sp in s.study.splits])
         files = teacher_stage(s, todo, splits)
@@ -343,13 +374,18 @@ def execute(session: Session, todo: list[Trial], splits: dict, backend: str, liv
         raise
 
 
+def source_text(s: Session) -> str | None:
+    """The study file as written (None when there is none, or it cannot be read any more)."""
+    try:
+        return Path(s.source).read_text() if s.source else None
+    except OSError:
+        return None
+
+
 def describe_experiment(s: Session) -> None:
     """The experiment's description, its tags from the study, "Model training" as its kind and the
     shared view of its student trials (:func:`harness.tracking.experiment_text`)."""
-    try:
-        comment = leading_comment(Path(s.source).read_text()) if s.source else ""
-    except OSError:
-        comment = ""
+    comment = leading_comment(source_text(s) or "")
     s.tracker.set_experiment_tags(s.experiment_id, experiment_text(s.study, comment)[1])
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from harness.errors import HarnessError
 from harness.scheduler._slurm import JobInfo, active_trials, ended_text, sacct, squeue
-from harness.tracking import TAG, TRIAL_KEYS_ARTIFACT, Tracker
+from harness.tracking import TAG, TRIAL_KEYS_ARTIFACT, Tracker, missing_store, resolve_uri
 
 _BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 STATES = ("finished", "running", "pending", "failed", "not started")
@@ -90,14 +90,15 @@ def _slurm_view(study: str, running: dict[str, str]) -> tuple[dict[str, JobInfo]
 def trial_states(study: str, tracking_uri: str | None = None) -> tuple[str, list[TrialState], str]:
     """(study name, one state per trial, a note) for a study file or name."""
     name, path = _study_name(study)
-    tracker = Tracker(tracking_uri)
-    exp = tracker.experiment(name, create=False)
-    runs = tracker.find(exp, {f"{TAG}kind": "trial"}) if exp is not None else []
+    uri = resolve_uri(tracking_uri)
+    tracker = Tracker(uri) if not missing_store(uri) else None  # a status creates no store
+    exp = tracker.experiment(name, create=False) if tracker is not None else None
+    runs = tracker.find(exp, {f"{TAG}kind": "trial"}) if tracker is not None and exp is not None else []
     by_key: dict[str, list] = {}
     for r in sorted(runs, key=lambda r: r.info.start_time or 0):
         by_key.setdefault(r.data.tags.get(f"{TAG}trial_key", ""), []).append(r)
     names: dict[str, str] = {}
-    keys = _logged_keys(tracker, exp) if exp is not None else None
+    keys = _logged_keys(tracker, exp) if tracker is not None and exp is not None else None
     if path is not None:
         from harness.config import load_study
         from harness.grid import expand
@@ -107,7 +108,7 @@ def trial_states(study: str, tracking_uri: str | None = None) -> tuple[str, list
         keys = keys if keys is not None else [t.key for t in trials]
     if keys is None:
         if exp is None:
-            raise HarnessError(f"status: no experiment {name!r} in {tracker.uri}")
+            raise HarnessError(f"status: no experiment {name!r} in {uri}")
         keys = list(by_key)
     running = {key: rs[-1].data.tags[f"{TAG}slurm_job"] for key, rs in by_key.items()
                if rs[-1].info.status == "RUNNING" and rs[-1].data.tags.get(f"{TAG}slurm_job")}

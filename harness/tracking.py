@@ -14,8 +14,9 @@ Schema (the reports and the runner rely on it; the README's MLflow section is th
   3way``, ``cka-intra · s1 · 2x5``, ``teacher 0 · 2x5``; the older full name is the tag
   ``harness.run`` (``3way/kd:mahalanobis/z/routed/seed0``);
 - tags ``harness.study``, ``harness.split``, ``harness.method``, ``harness.variant`` (``full`` or
-  ``-intra`` ...), ``harness.config`` (``method:variant`` as displayed, what group-by averages
-  over seeds; in a study with a routing axis the default variant is named by its rule:
+  ``-intra`` ...), ``harness.config`` (what group-by averages over seeds: ``method:variant``,
+  ``kd:full``, ``kd:mahalanobis/z/routed``; an ablation as its run name says it, ``cka-intra``; in
+  a study with a routing axis the default variant is named by its rule:
   ``kd:confidence/none/concat (default)``), ``harness.seed``, ``harness.trial_key``,
   ``harness.kind`` (``study``, ``teacher_stage``, ``teacher`` or ``trial``),
   ``harness.uses_labels``; teachers add ``harness.task``,
@@ -51,7 +52,8 @@ Schema (the reports and the runner rely on it; the README's MLflow section is th
   checkout), ``harness.git_dirty``, ``harness.version`` and ``harness.<package>_version`` for
   torch, mlflow, numpy and python;
 - a study run has the tags ``harness.host``, ``harness.runner_pid``, ``harness.backend``; the
-  artifacts ``study.yaml`` (the resolved study) and ``trial_keys.json`` (the keys of the whole
+  artifacts ``study.yaml`` (the resolved study), ``study_source.yaml`` (the study file as
+  written, comments kept) and ``trial_keys.json`` (the keys of the whole
   study as run, which scope its report); ``harness report`` adds ``report/`` (report.md, its
   figures and tables) and sets its description to the report's headline tables
   (:func:`attach_report`); its trials point to it with ``mlflow.parentRunId``.
@@ -162,9 +164,13 @@ def variant_label(method: str, variant: str, default_rule: str | None = None) ->
 
 
 def config_tag(method: str, variant: str, default_rule: str | None = None) -> str:
-    """``harness.config``: ``method:variant`` as displayed (``kd:full``, ``cka:-intra``,
-    ``kd:mahalanobis/z/routed``, ``kd:confidence/none/concat (default)``): the runs MLflow's
-    group-by should average over seeds (group by ``harness.split`` too when a study has several)."""
+    """``harness.config``: ``method:variant`` (``kd:full``, ``kd:mahalanobis/z/routed``,
+    ``kd:confidence/none/concat (default)``), an ablation as its run name and the report's rows
+    say it (``cka-intra``): the runs MLflow's group-by should average over seeds (group by
+    ``harness.split`` too when a study has several). Older runs keep ``cka:-intra``; the report
+    groups by ``harness.method``/``harness.variant``, never by this tag."""
+    if variant.startswith("-"):
+        return f"{method}{variant}"
     shown = f"{default_rule} (default)" if variant in ("", "full") and default_rule else (variant or "full")
     return f"{method}:{shown}"
 
@@ -353,6 +359,14 @@ def _conflict(e: Exception) -> bool:
 def store_path(uri: str) -> str | None:
     """The file of a ``sqlite:///`` tracking store (None for a server or another database)."""
     return uri[len("sqlite:///"):].split("?")[0] if uri.startswith("sqlite:///") else None
+
+
+def missing_store(uri: str) -> str | None:
+    """The file of a ``sqlite:///`` tracking store that does not exist (opening it, even to read,
+    would create an empty store there), else None: it exists, or the store is a server or another
+    database. Commands that only read (``report``, ``status``) look here first and create nothing."""
+    path = store_path(uri)
+    return path if path and not os.path.exists(path) else None
 
 
 @contextlib.contextmanager

@@ -159,7 +159,7 @@ def test_the_report_is_an_artifact_of_the_study_run_and_its_description(served: 
     (study,) = _kind(served, "study")
     rid = study["info"]["run_id"]
     top = {f["path"] for f in _api(served.base, "artifacts/list", run_id=rid)["files"]}
-    assert {"study.yaml", "trial_keys.json", "report"} <= top
+    assert {"study.yaml", "study_source.yaml", "trial_keys.json", "report"} <= top
     inside = {f["path"] for f in _api(served.base, "artifacts/list", run_id=rid, path="report")["files"]}
     assert {"report/report.md", "report/comparison.csv", "report/accuracy.png"} <= inside
     status, body = _get(f"{served.base}/get-artifact?" + urllib.parse.urlencode(

@@ -169,9 +169,13 @@ def test_run_names_put_what_differs_first_and_config_tags_group_seeds() -> None:
         "kd · confidence/none/concat (default) · s0 · 2x5"
     assert tracking.teacher_run_name("2x5", 0) == "teacher 0 · 2x5"
     assert tracking.teacher_run_name("2x5", 1, seed=3) == "teacher 1 · s3 · 2x5"
-    assert [tracking.config_tag("kd", v) for v in ("full", "-intra", "wide")] == ["kd:full", "kd:-intra", "kd:wide"]
+    assert [tracking.config_tag("kd", v) for v in ("full", "-intra", "wide")] == ["kd:full", "kd-intra", "kd:wide"]
     assert tracking.config_tag("kd", "full", "confidence/none/concat") == "kd:confidence/none/concat (default)"
-    assert tracking.config_tag("kd", "-intra", "confidence/none/concat") == "kd:-intra"  # an ablation says itself
+    assert tracking.config_tag("kd", "-intra", "confidence/none/concat") == "kd-intra"  # an ablation says itself
+    # an ablation reads as in its run name and the report's rows
+    assert tracking.config_tag("cka", "-task") == "cka-task" == tracking.row_label("cka", "-task")
+    assert tracking.trial_run_name("2x5", "cka", "-task", 0).startswith(tracking.config_tag("cka", "-task") + " · ")
+    assert tracking.config_tag("cka", "-intra+inter") == "cka-intra+inter"
 
 
 def test_times_are_iso_utc_and_older_unix_seconds_still_read() -> None:

@@ -17,7 +17,7 @@ import itertools
 import os
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
-from typing import Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -27,6 +27,9 @@ from harness.errors import HarnessError
 from harness.models import Net
 from harness.registry import Registry
 from harness.routing import RoutingConfig, TeacherStats, route
+
+if TYPE_CHECKING:
+    from harness.config import ModelSpec
 
 
 class Params(BaseModel):
@@ -137,6 +140,15 @@ class Method(nn.Module):
         """Tags the trial records on its run (e.g. which form of the method really ran); none by
         default."""
         return {}
+
+    @classmethod
+    def plan_note(cls, params: Params, student: "ModelSpec", teachers: Sequence["ModelSpec"],
+                  in_shape: tuple[int, int, int], split: str) -> str | None:
+        """One line the runner prints once in its plan, before the trials of this method on
+        ``split`` start (``note: ...``), from the study's configs alone: e.g. a form of the method
+        that these nets force (cfl in the pooled space), which every trial would otherwise warn
+        about. None (the default): nothing to say."""
+        return None
 
     def param_groups(self, base_lr: float) -> list[dict[str, Any]] | None:
         """Optimiser parameter groups, e.g. ``[{"params": [...], "lr": base_lr}, {"params": [...],

@@ -6,7 +6,9 @@ this package imports torch (the report runs where only the store is available).
 Modules: :mod:`.frames` (MLflow -> pandas), :mod:`.stats` (mean ± std, paired tests, bootstrap),
 :mod:`.tables` (comparison/ablation frames, Markdown and LaTeX), :mod:`.plots` (PNG figures),
 :mod:`.tuning` (the Optuna searches of ``harness tune``: summary, best vs default parameters,
-fANOVA importances, ``tuning.csv`` and figures), :mod:`.build` (the report folder).
+fANOVA importances, ``tuning.csv`` and figures), :mod:`.appendix` (the study file as written
+and what the defaults filled in), :mod:`.build` (the report folder), :mod:`.reproduce` (whether
+a rebuild reproduces the report committed in git).
 """
 
 from harness.report.build import build_report

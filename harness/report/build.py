@@ -27,7 +27,7 @@ import pandas as pd
 from harness.errors import HarnessError
 from typing import Collection
 
-from harness.report import decomposition, disclosure, plots, scaling, stats
+from harness.report import appendix, decomposition, disclosure, plots, scaling, stats
 from harness.report.frames import KeyExpander, StudyData, load_study, row_label
 from harness.report.paths import redact_paths, show_uri
 from harness.report.tuning import TuningData, load_tuning, param_importances, tuning_frame, tuning_markdown
@@ -418,8 +418,10 @@ def _short(value: object, n: int = 60) -> str:
 
 def _config_section(data: StudyData) -> list[str]:
     md = ["## Study configuration\n"]
-    if data.study_yaml:
-        return md + ["The study file:\n", "```yaml\n" + redact_paths(data.study_yaml).rstrip() + "\n```\n"]
+    resolved = data.study_resolved if data.study_source else data.study_resolved or data.study_yaml
+    study = appendix.study_section(data.study_source, resolved)
+    if study:
+        return md + study
     p = data.params
     common = [c for c in p.columns if p[c].nunique() == 1 and c not in SKIP_PARAMS]
     body = "\n".join(f"{c}: {_short(p[c].dropna().iloc[0], 200)}" for c in common) or "(none)"

@@ -149,14 +149,22 @@ def seed_std_sentence(data: StudyData) -> str:
 
 
 def routing_sentence(comp: pd.DataFrame, split: str) -> list[str]:
-    """One sentence when routing caps the split (best ensemble far below the weakest teacher)."""
+    """One sentence when routing caps the split: the best ensemble far below the weakest teacher,
+    or only the default rule's (then the sentence names the best rule's ensemble too)."""
     caps = routing_caps(comp)
     if split not in caps:
         return []
-    ens, own = caps[split]
-    return [f"Routing caps this split: the best claiming-teacher ensemble reaches {100 * ens:.1f}% union accuracy, "
-            f"{100 * (own - ens):.1f} points below the weakest teacher on its own task ({100 * own:.1f}%; flagged "
-            f"when more than {100 * ROUTING_GAP:.0f} points below). Every label-free method learns from the teacher "
+    cap = caps[split]
+    gap = (f"{100 * (cap.own - cap.ensemble):.1f} points below the weakest teacher on its own task "
+           f"({100 * cap.own:.1f}%; flagged when more than {100 * ROUTING_GAP:.0f} points below)")
+    if cap.default_only:
+        return [f"Routing caps this split under the default rule: its claiming-teacher ensemble reaches "
+                f"{100 * cap.ensemble:.1f}% union accuracy, {gap}. Every label-free method that routes by the "
+                "default rule learns from the teacher that claims each image, so routing bounds them here; the best "
+                f"ensemble of this split reaches {100 * cap.best:.1f}% (`{cap.best_row}`; claim rules are compared "
+                "with the `routing:` axis of the study file).\n"]
+    return [f"Routing caps this split: the best claiming-teacher ensemble reaches {100 * cap.ensemble:.1f}% union "
+            f"accuracy, {gap}. Every label-free method learns from the teacher "
             "that claims each image, so routing bounds them here: compare claim rules with the `routing:` axis of "
             "the study file.\n"]
 

@@ -50,7 +50,7 @@ from mlflow.tracking import MlflowClient
 
 from harness.errors import HarnessError
 from harness.tracking import (  # noqa: F401
-    KIND_TEACHER, TAG, TRIAL_KEYS_ARTIFACT, bestval, flatten, resolve_uri, row_label,
+    KIND_TEACHER, TAG, TRIAL_KEYS_ARTIFACT, bestval, flatten, missing_store, resolve_uri, row_label,
 )
 
 KEYS = ["split", "method", "variant", "seed"]
@@ -66,6 +66,8 @@ INFO_COLUMNS = ["run_id", "run_name", "status", "start_time", "end_time", "split
                 "deterministic", "pool"]  # harness.deterministic: "true"/"false" as the trial read it back, "" if
 # older; harness.pool: what the student learned from, "train" or "transfer:<dataset>:<fraction>", "" if older
 STUDY_ARTIFACT = "study.yaml"
+#: the study file as written (comments kept) beside the resolved ``study.yaml``; older runners logged only the latter
+SOURCE_ARTIFACT = "study_source.yaml"
 #: a study file's text -> its trial keys (``harness.grid.expand``; the CLI supplies it)
 KeyExpander = Callable[[str], Sequence[str]]
 REFERENCE_METHOD = "teachers"  # the reference rows (claiming-teacher ensemble), seed-independent
@@ -136,11 +138,17 @@ class StudyData:
     teachers: pd.DataFrame
     history: pd.DataFrame
     params: pd.DataFrame
+    #: the study file: as written when known (given, or logged as ``study_source.yaml``), else the
+    #: resolved ``study.yaml`` of the latest study run
     study_yaml: str | None = None
     #: the study's trial keys (None: not scoped), where they came from, and why not when None
     keys: frozenset[str] | None = None
     scope: str = ""
     others: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=INFO_COLUMNS))
+    #: the study file as written (None: not known, e.g. a store of an older runner) and the
+    #: resolved study the latest study run logged (every default filled in; None: not logged)
+    study_source: str | None = None
+    study_resolved: str | None = None
 
     @property
     def study(self) -> dict[str, Any]:
@@ -186,7 +194,7 @@ def resolve_study(study: str) -> tuple[str, str | None]:
     return name, text
 
 
-def _search(client: MlflowClient, experiment_id: str, kind: str) -> list:
+def search_runs(client: MlflowClient, experiment_id: str, kind: str) -> list:
     runs, token = [], None
     while True:
         page = client.search_runs(
@@ -206,7 +214,7 @@ def to_int(value: str | None) -> int:
         return -1
 
 
-def _info(run: Any) -> dict[str, Any]:
+def run_info(run: Any) -> dict[str, Any]:
     tags = run.data.tags
     return {
         "run_id": run.info.run_id,
@@ -235,7 +243,7 @@ def _latest(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     return order.drop_duplicates(keys, keep="last").reset_index(drop=True)
 
 
-def _with_metrics(rows: pd.DataFrame, runs: dict[str, Any], final_only: bool, kind: str) -> pd.DataFrame:
+def with_metrics(rows: pd.DataFrame, runs: dict[str, Any], final_only: bool, kind: str) -> pd.DataFrame:
     metrics = [
         {k: v for k, v in current_metrics(runs[rid].data.metrics, kind).items() if is_final(k) or not final_only}
         for rid in rows["run_id"]
@@ -245,7 +253,7 @@ def _with_metrics(rows: pd.DataFrame, runs: dict[str, Any], final_only: bool, ki
     return pd.concat([rows, mf], axis=1)
 
 
-def _history(client: MlflowClient, trials: pd.DataFrame, runs: dict[str, Any]) -> pd.DataFrame:
+def metric_history(client: MlflowClient, trials: pd.DataFrame, runs: dict[str, Any]) -> pd.DataFrame:
     records = []
     for row in trials.itertuples(index=False):
         for key in sorted(k for k in runs[row.run_id].data.metrics if not is_final(k)):
@@ -293,10 +301,12 @@ def local_artifacts(uri: str, run: Any) -> Path | None:
     return moved if moved.is_dir() else None
 
 
-def _logged_study(client: MlflowClient, experiment_id: str, uri: str = "") -> tuple[str | None, list[str] | None]:
-    """(``study.yaml``, ``trial_keys.json``) of the latest study run that logged either (the
-    runner logs both; older runners only the first); (None, None) when no study run did."""
-    runs = sorted(_search(client, experiment_id, "study"), key=lambda r: (r.info.start_time or 0, r.info.run_id))
+def _logged_study(client: MlflowClient, experiment_id: str,
+                  uri: str = "") -> tuple[str | None, list[str] | None, str | None]:
+    """(``study.yaml``, ``trial_keys.json``, ``study_source.yaml``) of the latest study run that
+    logged either of the first two (the runner logs all three; older runners only the first, or
+    the first two); Nones when no study run did."""
+    runs = sorted(search_runs(client, experiment_id, "study"), key=lambda r: (r.info.start_time or 0, r.info.run_id))
     for run in reversed(runs):
         try:
             moved = local_artifacts(uri, run)
@@ -309,16 +319,18 @@ def _logged_study(client: MlflowClient, experiment_id: str, uri: str = "") -> tu
                     fetch = lambda name: Path(client.download_artifacts(run.info.run_id, name, tmp))  # noqa: E731
                 if not names & {STUDY_ARTIFACT, TRIAL_KEYS_ARTIFACT}:
                     continue
-                text = keys = None
+                text = keys = source = None
                 if STUDY_ARTIFACT in names:
                     text = fetch(STUDY_ARTIFACT).read_text()
                 if TRIAL_KEYS_ARTIFACT in names:
                     raw = json.loads(fetch(TRIAL_KEYS_ARTIFACT).read_text())
                     keys = [str(k) for k in raw] if isinstance(raw, list) else None
-                return text, keys
+                if SOURCE_ARTIFACT in names:
+                    source = fetch(SOURCE_ARTIFACT).read_text()
+                return text, keys, source
         except Exception:  # an unreachable artifact store must not break the report
             continue
-    return None, None
+    return None, None, None
 
 
 def _scope(keys: Collection[str] | None, given_text: str | None, logged_text: str | None,
@@ -407,14 +419,16 @@ def load_study(study: str, tracking_uri: str | None = None, history: bool = True
     and ``params`` are empty: an experiment that holds only the searches of ``harness tune``)."""
     name, text = resolve_study(study)
     uri = resolve_uri(tracking_uri)
+    if missing_store(uri):  # opening it would create an empty store: a report only reads
+        raise HarnessError(f"report: no experiment '{name}' in {uri} (no tracking store there)")
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(name)
     if exp is None or exp.lifecycle_stage == "deleted":
         raise HarnessError(f"report: no experiment '{name}' in {uri}")
-    logged_text, logged_keys = _logged_study(client, exp.experiment_id, uri)
+    logged_text, logged_keys, logged_source = _logged_study(client, exp.experiment_id, uri)
     scope_keys, scope = _scope(keys, text, logged_text, logged_keys, expand)
-    trial_runs = {r.info.run_id: r for r in _search(client, exp.experiment_id, "trial")}
-    every = pd.DataFrame([_info(r) for r in trial_runs.values()], columns=INFO_COLUMNS)
+    trial_runs = {r.info.run_id: r for r in search_runs(client, exp.experiment_id, "trial")}
+    every = pd.DataFrame([run_info(r) for r in trial_runs.values()], columns=INFO_COLUMNS)
     every = every.sort_values(KEYS + ["start_time", "run_id"], kind="stable").reset_index(drop=True)
     inside = every["trial_key"].isin(scope_keys) if scope_keys is not None else pd.Series(True, index=every.index)
     attempts = every[inside].reset_index(drop=True)
@@ -423,11 +437,11 @@ def load_study(study: str, tracking_uri: str | None = None, history: bool = True
     if finished.empty and not allow_empty:
         extra = f" ({len(others)} trial runs of other configurations)" if len(others) else ""
         raise HarnessError(f"report: experiment '{name}' has no finished trial runs in {uri}{extra}")
-    trials = _with_metrics(_latest(finished, KEYS), trial_runs, final_only=True, kind="trial")
+    trials = with_metrics(_latest(finished, KEYS), trial_runs, final_only=True, kind="trial")
 
-    teacher_runs = {r.info.run_id: r for r in _search(client, exp.experiment_id, "teacher")}
+    teacher_runs = {r.info.run_id: r for r in search_runs(client, exp.experiment_id, "teacher")}
     trows = pd.DataFrame(
-        [{**_info(r), "task": to_int(r.data.tags.get(f"{TAG}task")),
+        [{**run_info(r), "task": to_int(r.data.tags.get(f"{TAG}task")),
           "teacher_key": r.data.tags.get(f"{TAG}teacher_key", ""),
           "teacher_digest": r.data.tags.get(f"{TAG}teacher_digest", "")} for r in teacher_runs.values()],
         columns=INFO_COLUMNS + ["task", "teacher_key", "teacher_digest"],
@@ -438,12 +452,13 @@ def load_study(study: str, tracking_uri: str | None = None, history: bool = True
     else:
         trows = _scoped_teachers(
             trows, teacher_runs, [(s, trial_runs[r]) for s, r in zip(trials["split"], trials["run_id"])])
-    teachers = _with_metrics(trows, teacher_runs, final_only=False, kind=KIND_TEACHER)
+    teachers = with_metrics(trows, teacher_runs, final_only=False, kind=KIND_TEACHER)
 
-    hist = _history(client, trials, trial_runs) if history else pd.DataFrame(
+    hist = metric_history(client, trials, trial_runs) if history else pd.DataFrame(
         columns=["split", "method", "variant", "label", "seed", "run_id", "metric", "step", "value"])
     params = pd.DataFrame([canonical_params(trial_runs[r].data.params) for r in trials["run_id"]],
                           index=trials["run_id"])
     params = params[sorted(params.columns)]
+    source = text or logged_source
     return StudyData(name, uri, exp.experiment_id, trials, attempts, teachers, hist, params,
-                     text or logged_text, scope_keys, scope, others)
+                     source or logged_text, scope_keys, scope, others, source, logged_text)

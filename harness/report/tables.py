@@ -10,8 +10,7 @@ ablation table, which compares each with its method's ``full`` run over matching
 
 from __future__ import annotations
 
-import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import pandas as pd
 
@@ -398,23 +397,50 @@ def ablation_display(abl: pd.DataFrame, split: str, method: str, metric: str, ki
     return df.rename(columns=ABLATION_HEADS) if f.tex else df
 
 
-def routing_caps(comp: pd.DataFrame) -> dict[str, tuple[float, float]]:
-    """Splits capped by routing: {split: (best ensemble union acc., weakest teacher's own-task acc.)}
-    where the best claiming-teacher ensemble (the ``teachers`` reference row's union accuracy, or
-    any row's ``diag/ensemble_union_acc``) is more than :data:`ROUTING_GAP` below the lowest
-    teacher row (each teacher on its own task)."""
+class RoutingCap(NamedTuple):
+    """A split where routing caps the label-free methods: the ensemble that is capped (the best one
+    when every rule is; else the default rule's), the weakest teacher on its own task, and the best
+    claiming-teacher ensemble with the row it belongs to."""
+
+    ensemble: float
+    own: float
+    best: float
+    best_row: str
+
+    @property
+    def default_only(self) -> bool:
+        """Only the default rule is capped: another rule's ensemble is within :data:`ROUTING_GAP`."""
+        return self.best >= self.own - ROUTING_GAP
+
+
+def routing_caps(comp: pd.DataFrame) -> dict[str, RoutingCap]:
+    """Splits capped by routing: a claiming-teacher ensemble (the ``teachers`` reference rows'
+    union accuracy, or a row's ``diag/ensemble_union_acc``) more than :data:`ROUTING_GAP` below
+    the lowest teacher row (each teacher on its own task). Checked for the best ensemble (over
+    every routing rule of the study) and for the default rule's (the ``full`` reference row, else
+    the best ``full`` row's diagnostic): a split is capped when either is."""
     out = {}
     for split, sub in comp.groupby("split", sort=False):
         teach = sub[sub["kind"] == "teacher"]
         own = [r[f"test/task_acc/{r['row'][7:]}.mean"] for _, r in teach.iterrows()
                if f"test/task_acc/{r['row'][7:]}.mean" in sub]
-        ens = list(sub.loc[sub["kind"] == "reference", f"{PRIMARY}.mean"]) if f"{PRIMARY}.mean" in sub else []
-        if "diag/ensemble_union_acc.mean" in sub:
-            ens += list(sub.loc[sub["kind"] != "teacher", "diag/ensemble_union_acc.mean"])
+        # (accuracy, row, the default rule's, a reference row)
+        ens: list[tuple[float, str, bool, bool]] = []
+        for col, kinds in ((f"{PRIMARY}.mean", ("reference",)),
+                           ("diag/ensemble_union_acc.mean", ("reference", "method"))):
+            if col in sub:
+                rows = sub[sub["kind"].isin(kinds)]
+                ens += [(float(x), r, v in ("", "full"), k == "reference")
+                        for x, r, v, k in zip(rows[col], rows["row"], rows["variant"], rows["kind"]) if not pd.isna(x)]
         own = [float(x) for x in own if not pd.isna(x)]
-        ens = [float(x) for x in ens if not pd.isna(x)]
-        if own and ens and max(ens) < min(own) - ROUTING_GAP:
-            out[str(split)] = (max(ens), min(own))
+        if not own or not ens:
+            continue
+        best = max(ens, key=lambda e: e[0])
+        default = max([e for e in ens if e[2] and e[3]] or [e for e in ens if e[2]] or [best], key=lambda e: e[0])
+        weakest = min(own)
+        capped = best if best[0] < weakest - ROUTING_GAP else default
+        if capped[0] < weakest - ROUTING_GAP:
+            out[str(split)] = RoutingCap(capped[0], weakest, best[0], best[1])
     return out
 
 

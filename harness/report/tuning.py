@@ -31,7 +31,7 @@ from typing import Any, NamedTuple
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from harness.report.frames import PROVENANCE, _search, to_int
+from harness.report.frames import PROVENANCE, search_runs, to_int
 from harness.report.paths import show_uri
 from harness.report.tables import Fmt, markdown
 from harness.tracking import TAG
@@ -128,7 +128,7 @@ def load_tuning(tracking_uri: str, experiment_id: str, curves: bool = True) -> T
     A trial logged by several runs (a resumed or repeated search) keeps one: a finished state
     before RUNNING, then the latest end time (then start time, then run id)."""
     client = MlflowClient(tracking_uri)
-    rows = [_row(r) for r in _search(client, experiment_id, TRIAL_KIND)]
+    rows = [_row(r) for r in search_runs(client, experiment_id, TRIAL_KIND)]
     runs = pd.DataFrame(rows, columns=COLUMNS)
     runs["terminal"] = runs["state"] != "RUNNING"
     order = runs.sort_values(["optuna_study", "number", "terminal", "end_time", "start_time", "run_id"],
@@ -140,7 +140,7 @@ def load_tuning(tracking_uri: str, experiment_id: str, curves: bool = True) -> T
         [{"run_id": r.info.run_id, "start_time": int(r.info.start_time or 0),
           "storage": r.data.tags.get(f"{TAG}storage", ""),
           "optuna_studies": r.data.tags.get(f"{TAG}optuna_studies", "")}
-         for r in _search(client, experiment_id, SEARCH_KIND)],
+         for r in search_runs(client, experiment_id, SEARCH_KIND)],
         columns=["run_id", "start_time", "storage", "optuna_studies"],
     ).sort_values(["start_time", "run_id"], kind="stable").reset_index(drop=True)
     records = []

@@ -296,6 +296,35 @@ def test_maps_with_an_mlp_falls_back_to_pooled_and_says_so():
     assert _conv_method().run_tags() == {"harness.cfl_space": "maps"}
 
 
+def test_the_fallback_is_said_once_in_the_plan_from_the_configs_alone():
+    """``CFL.plan_note``: the runner's one line per split (nets built on the meta device), and the
+    trial's warning is a ``NotedWarning`` the console filter of the runner and its workers drops."""
+    import warnings
+
+    from harness.config import ModelSpec
+    from harness.console import NotedWarning, quiet
+
+    cfl = get_method("cfl")
+    cnn, mlp = ModelSpec(arch="cnn", width=4), ModelSpec(arch="mlp", hidden=7)
+    maps, pooled = cfl.parse_params({}, "methods.cfl"), cfl.parse_params({"space": "pooled"}, "methods.cfl")
+    assert cfl.plan_note(maps, cnn, [cnn, mlp], SHAPE, "2x5") == \
+        "cfl runs in the pooled space in split 2x5 (teacher 1 (MLP) has no conv feature map)"
+    assert cfl.plan_note(maps, mlp, [mlp, mlp], SHAPE, "3way") == ("cfl runs in the pooled space in split 3way "
+                                                                  "(the student (MLP), teacher 0 (MLP), teacher 1 "
+                                                                  "(MLP) have no conv feature map)")
+    assert cfl.plan_note(maps, cnn, [cnn, cnn], SHAPE, "2x5") is None
+    assert cfl.plan_note(pooled, cnn, [cnn, mlp], SHAPE, "2x5") is None
+    assert get_method("kd").plan_note(get_method("kd").parse_params({}, "methods.kd"), cnn, [mlp], SHAPE, "2x5") is None
+    teachers = [build_model("cnn", SHAPE, 3, width=4), build_model("mlp", SHAPE, 2, hidden=7)]
+    with pytest.warns(NotedWarning, match="teacher 1 \\(MLP\\)"):
+        _cfl(build_model("cnn", SHAPE, sum(SIZES), width=3), teachers)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        quiet()  # what the CLI and every worker call first
+        _cfl(build_model("cnn", SHAPE, sum(SIZES), width=3), teachers)
+    assert seen == []
+
+
 def test_unknown_space_is_a_one_line_error_naming_the_field():
     from harness.errors import HarnessError
 

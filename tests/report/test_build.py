@@ -123,6 +123,30 @@ def test_report_command_errors_are_one_line(store_uri: str, capsys: pytest.Captu
     assert err == f"harness: error: report: no experiment 'nope' in {store_uri}"
 
 
+def test_report_and_status_of_an_unknown_study_create_no_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """No tracking store yet: ``report``/``status`` of a study name say so in one line (exit 2)
+    and leave no file behind (MLflow creates an empty sqlite store when one is opened)."""
+    from harness.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    assert main(["report", "nosuch"]) == 2
+    assert capsys.readouterr().err == (f"harness: error: report: no experiment 'nosuch' in sqlite:///{tmp_path}/"
+                                       "mlflow.db (no tracking store there)\n")
+    assert main(["status", "nosuch"]) == 2
+    assert capsys.readouterr().err == \
+        f"harness: error: status: no experiment 'nosuch' in sqlite:///{tmp_path}/mlflow.db\n"
+    assert not (tmp_path / "mlflow.db").exists() and list(tmp_path.iterdir()) == []
+    from tests.conftest import write_study
+
+    study = write_study(tmp_path.parent / f"{tmp_path.name}-study.yaml", name="nosuch")
+    assert main(["status", str(study)]) == 0  # a study file: every trial not started (kd, scratch: 2 seeds)
+    assert capsys.readouterr().out.startswith("study nosuch: 5 trials: 0 finished, 0 running, 0 pending, 0 failed, "
+                                              "5 not started\n")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_sparse_study_with_only_failures_and_a_logged_study_file(store_uri: str, tmp_path: Path) -> None:
     """No teachers, no history, no ablations, a method whose every seed failed, one seed missing,
     and the study file logged as an artifact of the study run (then shown in report.md, without the

@@ -90,6 +90,28 @@ def test_unknown_experiment_and_no_finished_trials(store_uri: str) -> None:
         load_study("broken", uri)
 
 
+def test_missing_store_is_one_line_and_is_not_created(tmp_path: Path) -> None:
+    """A report only reads: a store that does not exist is not created by looking into it."""
+    with pytest.raises(HarnessError, match=r"^report: no experiment 'nope' in sqlite:///.*\(no tracking store there"):
+        load_study("nope", f"sqlite:///{tmp_path}/mlflow.db")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_older_and_todays_config_tags_fill_one_row(store_uri: str) -> None:
+    """``harness.config`` read ``cka:-intra`` before ablations were named as in their runs
+    (``cka-intra``); the report groups by ``harness.method``/``harness.variant``, so a store with
+    both forms still gives one row of two seeds."""
+    client = MlflowClient(store_uri)
+    exp = client.create_experiment("config-tags")
+    for seed, tag in ((0, "cka:-intra"), (1, "cka-intra")):
+        tags = {**store.trial_tags("2x5", "cka", "-intra", seed, False), "harness.config": tag}
+        store.log_run(client, exp, tags, {"test/union_acc": 0.8 + seed / 10})
+    data = load_study("config-tags", store_uri, history=False)
+    labels = [row_label(m, v) for m, v in zip(data.trials["method"], data.trials["variant"])]
+    assert labels == ["cka-intra", "cka-intra"] and sorted(data.trials["seed"]) == [0, 1]
+    assert data.trials["test/union_acc"].mean() == pytest.approx(0.85)
+
+
 def test_old_and_new_metric_names_give_the_same_report_numbers(store_uri: str, study_data, tmp_path) -> None:
     """The toy store logs the older names (teachers' ``test/acc``, trials' ``test/union_acc_best``);
     a copy with every metric renamed to today's (``test/own_task_acc``, ``test/union_acc_bestval``)

@@ -15,14 +15,15 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from harness.cli import _study_keys, main
+from harness.cli import main
+from harness.grid import study_keys
 from harness.report.build import BUILT_PREFIX, build_report
 from harness.report.frames import load_study
 from tests.conftest import TINY, isolated_dir, write_study
 from tests.report import store
 
 
-def test_toy_tables_use_only_the_study_keys(study_data) -> None:
+def test_toy_tables_use_only_thestudy_keys(study_data) -> None:
     """The toy store's runs of an earlier version (logged last, so the latest of their seeds)."""
     assert study_data.keys == frozenset(store.study_keys())
     assert study_data.scope == "`trial_keys.json` of the latest study run"
@@ -62,12 +63,12 @@ def test_an_older_store_is_scoped_by_expanding_its_study_file(store_uri: str, tm
     exp = client.create_experiment("old-store", artifact_location=(tmp_path / "artifacts").as_uri())
     text = yaml.safe_dump(_tiny("old-store"), sort_keys=False)
     client.log_text(store.log_run(client, exp, {"harness.kind": "study"}, {}), text, "study.yaml")
-    keys = _study_keys(text, "test")
+    keys = study_keys(text, "test")
     assert len(keys) == 2 and len(set(keys)) == 2
     _trial(client, exp, keys[0], 0, 0.80)
     _trial(client, exp, keys[1], 1, 0.82)
     _trial(client, exp, "edited", 0, 0.10)  # later: the latest run of 2x5/kd/seed0
-    scoped = load_study("old-store", store_uri, history=False, expand=lambda t: _study_keys(t, "logged"))
+    scoped = load_study("old-store", store_uri, history=False, expand=lambda t: study_keys(t, "logged"))
     assert scoped.trials["test/union_acc"].tolist() == pytest.approx([0.80, 0.82])
     assert scoped.scope.startswith("`study.yaml` of the latest study run (expanded")
     unscoped = load_study("old-store", store_uri, history=False)  # nothing to expand with: today's rule
@@ -87,8 +88,8 @@ def test_precision_is_part_of_the_keys(store_uri: str, tmp_path: Path, capsys: p
     client = MlflowClient(store_uri)
     exp = client.create_experiment("precision", artifact_location=(tmp_path / "artifacts").as_uri())
     text = yaml.safe_dump(_tiny("precision"), sort_keys=False)
-    keys = _study_keys(text, "test", "fp32")
-    assert keys == _study_keys(text, "test") and set(keys).isdisjoint(_study_keys(text, "test", "bf16"))
+    keys = study_keys(text, "test", "fp32")
+    assert keys == study_keys(text, "test") and set(keys).isdisjoint(study_keys(text, "test", "bf16"))
     _trial(client, exp, keys[0], 0, 0.80)
     f = tmp_path / "p.yaml"
     f.write_text(text)

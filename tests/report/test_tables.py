@@ -264,3 +264,43 @@ def test_orders_and_palette() -> None:
     b = plots.palette(["cka", "cka-intra", "kd"])
     assert a["cka"] == b["cka"] and a["kd"] == b["kd"] and a["cka-intra"] == b["cka-intra"]
     assert len(set(a.values())) == len(a)
+
+
+def _routing_frame(default: float, rule: float) -> pd.DataFrame:
+    """A split with teachers at 97% and 95% on their own tasks, the claiming ensemble of the default
+    rule (``teachers``, and ``kd``'s diagnostic) at ``default``, of one other rule at ``rule``."""
+    rows = [("teacher0", "teacher", "teacher", "task0", math.nan, 0.97, math.nan, math.nan),
+            ("teacher1", "teacher", "teacher", "task1", math.nan, math.nan, 0.95, math.nan),
+            ("teachers", "reference", "teachers", "full", default, math.nan, math.nan, default),
+            ("teachers:rmd/z/routed", "reference", "teachers", "rmd/z/routed", rule, math.nan, math.nan, rule),
+            ("kd", "method", "kd", "full", 0.69, math.nan, math.nan, default),
+            ("kd:rmd/z/routed", "method", "kd", "rmd/z/routed", 0.9, math.nan, math.nan, rule)]
+    return pd.DataFrame(rows, columns=["row", "kind", "method", "variant", "test/union_acc.mean",
+                                       "test/task_acc/0.mean", "test/task_acc/1.mean",
+                                       "diag/ensemble_union_acc.mean"]).assign(split="3way")
+
+
+def test_routing_caps_a_split_under_the_default_rule_though_another_rule_does_not() -> None:
+    from harness.report.disclosure import routing_sentence
+
+    comp = _routing_frame(default=0.714, rule=0.913)
+    cap = tables.routing_caps(comp)["3way"]
+    assert cap == (0.714, 0.95, 0.913, "teachers:rmd/z/routed") and cap.default_only
+    (text,) = routing_sentence(comp, "3way")
+    assert text.startswith("Routing caps this split under the default rule: its claiming-teacher ensemble reaches "
+                           "71.4% union accuracy, 23.6 points below the weakest teacher on its own task (95.0%; "
+                           "flagged when more than 10 points below).")
+    assert "the best ensemble of this split reaches 91.3% (`teachers:rmd/z/routed`;" in text
+    # without the reference rows, the default rule's ensemble is the diagnostic of the methods' default rows
+    (text,) = routing_sentence(comp[comp["kind"] != "reference"], "3way")
+    assert "under the default rule" in text and "71.4%" in text and "(`kd:rmd/z/routed`;" in text
+
+
+def test_routing_caps_names_the_best_rule_when_every_rule_is_capped_and_nothing_when_none_is() -> None:
+    from harness.report.disclosure import routing_sentence
+
+    (text,) = routing_sentence(_routing_frame(default=0.714, rule=0.8), "3way")
+    assert text.startswith("Routing caps this split: the best claiming-teacher ensemble reaches 80.0% union "
+                           "accuracy, 15.0 points below the weakest teacher on its own task (95.0%;")
+    assert tables.routing_caps(_routing_frame(default=0.9, rule=0.92)) == {}
+    assert routing_sentence(_routing_frame(default=0.9, rule=0.92), "3way") == []
