@@ -30,6 +30,10 @@ pytestmark = pytest.mark.slurm
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "slurm-local"
+#: the studies' names, unique to this test session: a second session on the same Slurm (a flake
+#: hunt beside the suite) neither sees nor cancels these jobs
+_RUN = f"-{os.getpid()}"
+CMP, DET, FAULTS, TN, REFUSED = (f"{s}{_RUN}" for s in ("cmp", "det", "faults", "tn", "refused"))
 SMALL = {"methods": {"kd": {}, "teachers": {}}, "seeds": [0]}
 
 
@@ -59,7 +63,7 @@ def slurm():
 def cluster(slurm):
     """The running Slurm; afterwards no job of this module's studies is left (a failed test's)."""
     yield
-    names = ",".join(f"harness:{s}{t}" for s in ("cmp", "det", "faults", "tn", "refused") for t in ("", ":teachers"))
+    names = ",".join(f"harness:{s}{t}" for s in (CMP, DET, FAULTS, TN, REFUSED) for t in ("", ":teachers"))
     subprocess.run(["scancel", "-n", names], capture_output=True, timeout=60)
 
 
@@ -102,7 +106,7 @@ def _until(what: str, check, timeout: float = 300.0, every: float = 0.3):
 
 
 def _comparison(tmp: Path) -> pd.DataFrame:
-    df = pd.read_csv(tmp / "results" / "cmp" / "comparison.csv")
+    df = pd.read_csv(tmp / "results" / CMP / "comparison.csv")
     cols = ["row"] + [c for c in df.columns if "acc" in c and c.endswith(".mean")]
     return df[cols].sort_values("row").reset_index(drop=True)
 
@@ -115,12 +119,12 @@ def test_slurm_gives_the_local_table(cluster, cache, tmp_path_factory):
         with isolated_dir(tmp) as mp:
             if tmp == remote:
                 mp.setenv("HARNESS_CACHE", str(cache))  # empty: the teachers' job trains them (later tests load them)
-            study = write_study(tmp / "cmp.yaml", name="cmp", **SMALL)
+            study = write_study(tmp / "cmp.yaml", name=CMP, **SMALL)
             assert main(["run-study", str(study), *args]) == 0
     a, b = _comparison(local), _comparison(remote)
     assert len(a) == 4 and a["test/union_acc.mean"].notna().sum() == 2  # kd, teachers; the two teacher rows
     pd.testing.assert_frame_equal(a, b, check_exact=True)
-    runs = _trial_runs(remote, "cmp")
+    runs = _trial_runs(remote, CMP)
     assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
     tags = [r.data.tags for r in runs]
     array = {t["harness.slurm_job_id"] for t in tags}
@@ -129,7 +133,7 @@ def test_slurm_gives_the_local_table(cluster, cache, tmp_path_factory):
     for t in tags:
         assert t["harness.slurm_job"] == f"{t['harness.slurm_job_id']}_{t['harness.slurm_array_index']}"
         assert t["harness.slot"].startswith(f"slurm {t['harness.slurm_job']}@")
-    job_id, expected = array.pop(), sorted(f"harness:cmp:{t['harness.trial_key']}" for t in tags)
+    job_id, expected = array.pop(), sorted(f"harness:{CMP}:{t['harness.trial_key']}" for t in tags)
 
     def comments():  # accounting records the end of a job a moment later
         out = subprocess.run(["sacct", "-X", "-P", "-n", "-j", job_id, "-o", "JobID,Comment"], capture_output=True,
@@ -150,11 +154,11 @@ def test_options_slurm_refuses_are_one_line_before_anything_is_created(cluster, 
                                                                         argv, expected):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
-    study = write_study(tmp_path / "s.yaml", name="refused", **SMALL)
+    study = write_study(tmp_path / "s.yaml", name=REFUSED, **SMALL)
     capsys.readouterr()
     assert main(["run-study", str(study), "--backend", "slurm", *argv]) == 2
     assert capsys.readouterr().err.strip() == f"harness: error: {expected}"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.yaml"] and not _queue("refused")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.yaml"] and not _queue(REFUSED)
 
 
 def test_detach_status_rerun_requeue(cluster, cache, tmp_path_factory, capsys):
@@ -169,7 +173,7 @@ def test_detach_status_rerun_requeue(cluster, cache, tmp_path_factory, capsys):
         gate = tmp / "gate"
         mp.setenv("HARNESS_PLUGINS", "tests.plugins_for_tests")  # in the jobs too (sbatch exports the env)
         mp.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-        study = str(write_study(tmp / "det.yaml", name="det", **{
+        study = str(write_study(tmp / "det.yaml", name=DET, **{
             **SMALL, "methods": {"test_hold": {"gate": str(gate), "free": 0}, "teachers": {}},
             "train": {"epochs": 8, "batch_size": 128}}))
         capsys.readouterr()
@@ -182,7 +186,7 @@ def test_detach_status_rerun_requeue(cluster, cache, tmp_path_factory, capsys):
         assert main(["run-study", study, "--backend", "slurm", "--detach"]) == 0
         out = capsys.readouterr().out
         assert "2 pending or running in Slurm" in out and "submitted 0 trials" in out
-        assert sorted(_queue("det")) == [(f"{first}_0", "PENDING"), (f"{first}_1", "PENDING")]  # no duplicate
+        assert sorted(_queue(DET)) == [(f"{first}_0", "PENDING"), (f"{first}_1", "PENDING")]  # no duplicate
         subprocess.run(["scancel", f"{first}_1"], check=True, timeout=60)  # dies while nobody watches
 
         def cancelled_shows():  # accounting records the cancelled task a moment later
@@ -197,20 +201,20 @@ def test_detach_status_rerun_requeue(cluster, cache, tmp_path_factory, capsys):
         subprocess.run(["scontrol", "release", f"{first}_0"], check=True, timeout=60)
 
         def held():  # its run is RUNNING and its process has claimed a ticket: it waits at the gate
-            return [r for r in _trial_runs(tmp, "det") if r.info.status == "RUNNING" and "harness.pid" in r.data.tags
+            return [r for r in _trial_runs(tmp, DET) if r.info.status == "RUNNING" and "harness.pid" in r.data.tags
                     and r.data.tags["harness.method"] == "test_hold" and list(gate.glob("ticket*"))]
 
         victim = _until("the test_hold trial running (held) in Slurm", held)[0]
         job = victim.data.tags["harness.slurm_job"]
         subprocess.run(["scontrol", "requeue", job], check=True, timeout=60)  # what a preemption does
-        _until("the requeued job to be pending", lambda: (job, "PENDING") in _queue("det"))
+        _until("the requeued job to be pending", lambda: (job, "PENDING") in _queue(DET))
         (gate / "open").touch()  # its next start goes on
         subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, timeout=60)
-        _until("the study's jobs to end", lambda: not _queue("det"))
+        _until("the study's jobs to end", lambda: not _queue(DET))
         assert main(["status", study]) == 0
         out = capsys.readouterr().out
-        assert "2 trials: 2 finished, 0 running, 0 pending, 0 failed" in out, out + _job_story(tmp, "det", job)
-        runs = _trial_runs(tmp, "det")
+        assert "2 trials: 2 finished, 0 running, 0 pending, 0 failed" in out, out + _job_story(tmp, DET, job)
+        runs = _trial_runs(tmp, DET)
         by_key: dict[str, list] = {}
         for r in runs:
             by_key.setdefault(r.data.tags["harness.trial_key"], []).append(r)
@@ -222,14 +226,14 @@ def test_detach_status_rerun_requeue(cluster, cache, tmp_path_factory, capsys):
         redone = next(r for r in requeued if r.info.status == "FINISHED").data.tags
         assert redone["harness.slurm_restarts"] == "1"
         assert main(["run-study", study, "--backend", "slurm", "--no-report"]) == 0  # nothing left to run
-        assert "2 already finished" in capsys.readouterr().out and len(_trial_runs(tmp, "det")) == 4
+        assert "2 already finished" in capsys.readouterr().out and len(_trial_runs(tmp, DET)) == 4
 
 
 def test_scancel_and_sigkill_fail_with_slurms_reason_then_retry(cluster, cache, tmp_path_factory):
     """One trial's job is cancelled, the other's process SIGKILLed: both attempts end FAILED with
     Slurm's reason (nothing hangs) and max_retries runs them again."""
     tmp = tmp_path_factory.mktemp("faults")
-    study = write_study(tmp / "faults.yaml", name="faults", methods={"kd": {}}, seeds=[0, 1], max_retries=1,
+    study = write_study(tmp / "faults.yaml", name=FAULTS, methods={"kd": {}}, seeds=[0, 1], max_retries=1,
                         train={"epochs": 8, "batch_size": 128})
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp}/mlflow.db", "HARNESS_CACHE": str(cache)}
     runner = subprocess.Popen([sys.executable, "-m", "harness.cli", "run-study", str(study), "--backend", "slurm",
@@ -239,7 +243,7 @@ def test_scancel_and_sigkill_fail_with_slurms_reason_then_retry(cluster, cache, 
         hit: dict[str, str] = {}
 
         def strike():
-            for r in _trial_runs(tmp, "faults"):
+            for r in _trial_runs(tmp, FAULTS):
                 t = r.data.tags
                 if r.info.status == "RUNNING" and "harness.pid" in t and t["harness.trial_key"] not in hit:
                     if not hit:
@@ -256,7 +260,7 @@ def test_scancel_and_sigkill_fail_with_slurms_reason_then_retry(cluster, cache, 
         if runner.poll() is None:
             runner.kill()
     assert runner.returncode == 0, out
-    runs = _trial_runs(tmp, "faults")
+    runs = _trial_runs(tmp, FAULTS)
     assert len(runs) == 4
     for key, how in hit.items():
         mine = sorted((r for r in runs if r.data.tags["harness.trial_key"] == key),
@@ -283,19 +287,19 @@ def test_two_slurm_jobs_share_one_search(cluster, cache, tmp_path_factory, capsy
               "sampler": {"type": "tpe", "seed": 0, "n_startup_trials": 3}, "pruner": {"type": "none"}}
     with isolated_dir(tmp) as mp:
         mp.setenv("HARNESS_CACHE", str(cache))
-        study = write_study(tmp / "tn.yaml", name="tn", methods={"kd": {}}, seeds=[0], search=search)
+        study = write_study(tmp / "tn.yaml", name=TN, methods={"kd": {}}, seeds=[0], search=search)
         capsys.readouterr()
         assert main(["tune", str(study), "--backend", "slurm", "--workers", "2", "--no-report"]) == 0
         out = capsys.readouterr().out
     assert re.search(r"2 Slurm jobs \(array \d+\)", out) and "worker 0: done" in out and "worker 1: done" in out
-    trials = optuna.load_study(study_name="tn/kd", storage=storage_for(str(tmp / "results/tn/tune.journal"))).trials
+    trials = optuna.load_study(study_name=f"{TN}/kd", storage=storage_for(str(tmp / "results" / TN / "tune.journal"))).trials
     assert [(t.number, t.state.name) for t in trials] == [(0, "COMPLETE"), (1, "COMPLETE")]
     client = _client(tmp)
-    exp = client.get_experiment_by_name("tn").experiment_id
+    exp = client.get_experiment_by_name(TN).experiment_id
     searches = client.search_runs([exp], "tags.`harness.kind` = 'search'")
     assert len(searches) == 2 and {r.info.status for r in searches} == {"FINISHED"}
     assert len({r.data.tags["harness.runner_pid"] for r in searches}) == 2  # one search loop per job
-    assert (tmp / "tn.tuned.yaml").is_file()
+    assert (tmp / f"{TN}.tuned.yaml").is_file()
 
 
 def test_job_comments_states_and_reasons_read_as_slurm_writes_them():
