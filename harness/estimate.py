@@ -566,7 +566,7 @@ def calibrate_teacher(data: "SplitData", k: int, cfg: Any, device: str, budget: 
     method = SupervisedCE(net, TeacherSet([]), SupervisedCE.ParamsModel(), SplitInfo(tuple(td.sizes), (0,)))
     recipe = TrainConfig.model_validate(cfg.model_dump(include=set(Recipe.model_fields)))
     method.to(device)
-    _gpu_setup(method, recipe, torch.device(device))  # as fit() does: channels_last, TF32, compile
+    _gpu_setup(method, recipe, torch.device(device))  # as fit() does: no TF32, channels_last, compile
     with determinism(recipe.deterministic, device):
         train = time_training(method, td.parts["train"], recipe, device, budget)
         method.eval()

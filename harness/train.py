@@ -254,7 +254,8 @@ def _device_of(module: torch.nn.Module) -> torch.device:
 
 def effective_precision(cfg: TrainConfig, device: str | torch.device) -> str:
     """``bf16`` when the loop really autocasts (``train.amp`` on a CUDA device with bf16), else
-    ``fp32``. Part of the trial key: the same study trains to other numbers at another precision."""
+    ``fp32`` (IEEE float32: the loop turns TF32 off, :func:`no_tf32`). Part of the trial key: the
+    same study trains to other numbers at another precision."""
     dev = torch.device(device)
     if dev.type != "cuda" or not cfg.amp:
         return "fp32"
@@ -267,13 +268,29 @@ def _autocast(device: torch.device, cfg: TrainConfig):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled) if enabled else contextlib.nullcontext()
 
 
+def no_tf32() -> None:
+    """``fp32`` means IEEE float32: TF32 off for cuBLAS matmuls and cuDNN convolutions (torch
+    turns it on for convolutions by default). A CPU trial and a GPU trial with the same key (the
+    key says ``fp32``) then do the same arithmetic up to summation order; a GPU that should be fast
+    trains in ``bf16`` (``train.amp``), which the key names. Independent of ``train.deterministic``,
+    which fixes the order of operations, not their precision."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
+def tf32_flags() -> dict[str, bool]:
+    """Whether TF32 is allowed now, read back from torch (what :func:`no_tf32` set)."""
+    return {"matmul": bool(torch.backends.cuda.matmul.allow_tf32), "cudnn": bool(torch.backends.cudnn.allow_tf32)}
+
+
 def _gpu_setup(method: Method, cfg: TrainConfig, device: torch.device) -> None:
-    """channels_last, TF32 matmuls and optional torch.compile (cudnn flags: :func:`determinism`)."""
+    """No TF32 (:func:`no_tf32`), channels_last and optional torch.compile (cudnn flags:
+    :func:`determinism`)."""
+    no_tf32()  # on every device: the flags are global, and a CPU trial reads them back the same
     if cfg.compile:  # compiles the feature extractor in place; the state dict keeps its keys
         method.student.features = torch.compile(method.student.features)  # type: ignore[method-assign]
     if device.type != "cuda":
         return
-    torch.backends.cuda.matmul.allow_tf32 = True
     method.student.to(memory_format=torch.channels_last)
     torch.cuda.reset_peak_memory_stats(device)
 

@@ -9,7 +9,7 @@ from harness.config import DatasetConfig, SplitConfig, TrainConfig
 from harness.data.splits import build_split
 from harness.methods.base import Batch, Method, SplitInfo, TeacherSet
 from harness.models import build_model
-from harness.train import NonFiniteLossError, evaluate, fit, opaque_ids
+from harness.train import NonFiniteLossError, effective_precision, evaluate, fit, opaque_ids, tf32_flags
 
 DATA = build_split(SplitConfig(name="s", tasks=[[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]), DatasetConfig(name="digits"))
 CFG = TrainConfig(epochs=2, batch_size=256)
@@ -277,6 +277,29 @@ def test_deterministic_training_sets_the_flags_while_it_trains_and_restores_them
     assert off.flags == (False, False, False) and res_off.deterministic is False  # no cudnn autotuning off CUDA
     # and deterministic kernels change no number on the CPU: the same losses and accuracies
     assert res_on.final == res_off.final and res_on.history[0]["loss/total"] == res_off.history[0]["loss/total"]
+
+
+class TF32Spy(Spy):
+    """Reads back, in every batch, whether TF32 is allowed while the method trains."""
+
+    def loss_terms(self, batch):
+        self.tf32 = tf32_flags()
+        return super().loss_terms(batch)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_fp32_training_runs_with_tf32_off_whatever_the_process_had(deterministic: bool):
+    """``fp32`` in a trial key means IEEE float32: the loop turns TF32 off for matmuls and
+    convolutions (read back inside the training step), deterministic or not."""
+    saved = tf32_flags()
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = True, True  # as a user may leave them
+    try:
+        spy = _make(TF32Spy)
+        fit(spy, DATA, TrainConfig(epochs=1, batch_size=256, deterministic=deterministic), seed=0)
+        assert spy.tf32 == {"matmul": False, "cudnn": False}
+        assert effective_precision(TrainConfig(amp=False), "cuda:0") == "fp32"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved["matmul"], saved["cudnn"]
 
 
 def test_determinism_on_cuda_sets_the_cublas_workspace_before_cuda_starts(monkeypatch: pytest.MonkeyPatch):
