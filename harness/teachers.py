@@ -133,16 +133,9 @@ def _load(path: Path, net: Net) -> dict[str, Any] | None:
     return meta
 
 
-_swept: set[Path] = set()
-
-
 def _save_atomic(path: Path, obj: Any) -> None:
     """Into the cache atomically (:func:`harness.files.save_torch`): a full or read-only cache is
-    one line naming the entry, and no temporary stays. The first write to a cache folder in this
-    process removes the temporaries that dead writers left there."""
-    if path.parent not in _swept:
-        _swept.add(path.parent)
-        sweep_temporaries(path.parent)
+    one line naming the entry, and no temporary stays."""
     save_torch(path, obj, "teacher cache entry")
 
 
@@ -203,6 +196,7 @@ def get_teachers(
     then their outputs on the pool (:func:`cached_outputs`: the transfer set when the split has
     one) and their routing statistics (own data, with the ``rmd`` background fitted on the pool)."""
     records = []
+    sweep_temporaries(cache_root(cache_dir) / "teachers")  # temporaries of writers that died (kill -9)
     for k, cfg in enumerate(cfgs):
         spec = teacher_spec(split, k, dataset, cfg)
         key = stable_hash(spec)

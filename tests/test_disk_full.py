@@ -6,6 +6,8 @@ tmpfs where one can be mounted (root, as in CI), else a fake writer that raises 
 from __future__ import annotations
 
 import errno
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -55,9 +57,13 @@ def test_a_full_cache_is_one_line_and_a_rerun_finishes(isolated: Path, capsys, m
         assert "no space left on its file system; free space there" in line
         assert not [p for p in cache.rglob("*") if ".tmp" in p.name]
         (fs.grow(16 * 1024) if fs else (isolated / "freed").touch())
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        stale = cache / "teachers" / f"outputs-x.pt.tmp-{files._host()}-{dead.pid}"  # a writer killed mid-write
+        stale.write_bytes(b"half")
         assert main(["run-study", str(study), "--no-report", "--workers", "1"]) == 0
         assert len(_finished(f"sqlite:///{isolated}/mlflow.db", "full")) == 4
-        assert not [p for p in cache.rglob("*") if ".tmp" in p.name]
+        assert not [p for p in cache.rglob("*") if ".tmp" in p.name]  # the dead writer's removed too
 
 
 def test_a_full_tracking_store_is_one_line_and_a_rerun_finishes(tmp_path: Path, capsys, monkeypatch) -> None:
