@@ -77,12 +77,13 @@ def save_torch(path: str | Path, obj: Any, what: str = "cache entry") -> None:
     write_atomic(path, buf.getbuffer(), what)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (another user's counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's live process
+    except OSError:  # PermissionError: another user's live process
         return True
     return True
 
@@ -104,7 +105,7 @@ def sweep_temporaries(folder: str | Path) -> list[Path]:
             continue
         mine = m.group("host") in (None, host)  # the older form carried no host: it was ours
         try:
-            stale = not _alive(int(m.group("pid"))) if mine else now - f.stat().st_mtime > OTHER_HOST_AFTER
+            stale = not process_alive(int(m.group("pid"))) if mine else now - f.stat().st_mtime > OTHER_HOST_AFTER
             if stale and int(m.group("pid")) != os.getpid():
                 f.unlink()
                 removed.append(f)

@@ -44,7 +44,7 @@ from urllib.parse import urlparse
 
 from harness.config import StudyConfig, dump_study, load_study, slurm_config
 from harness.errors import HarnessError
-from harness.files import reason_fault, refused
+from harness.files import process_alive, reason_fault, refused
 from harness.grid import Trial, build_splits, expand
 from harness.methods.base import get_method
 from harness.progress import Progress, make_progress
@@ -103,23 +103,13 @@ def _deterministic_anywhere(study: StudyConfig) -> bool:
     return study.train.deterministic or any(t.deterministic for t in teachers)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
-
-
 def check_not_running(tracker: Tracker, experiment_id: str, study: str) -> None:
     """HarnessError if another runner on this host is running this study now (its runs would be
     marked stale and its trials run twice)."""
     for r in tracker.find(experiment_id, {f"{TAG}kind": "study"}, ("RUNNING",)):
         tags = r.data.tags
         pid = int(tags.get(f"{TAG}runner_pid", "0") or 0)
-        if tags.get(f"{TAG}host") == platform.node() and pid and pid != os.getpid() and _alive(pid):
+        if tags.get(f"{TAG}host") == platform.node() and pid and pid != os.getpid() and process_alive(pid):
             raise HarnessError(f"study {study!r} is already being run by process {pid} on this host; "
                                "wait for it or stop it first")
 

@@ -54,7 +54,8 @@ from optuna.trial import FrozenTrial, TrialState
 from harness.config import StudyConfig, dump_study, load_study
 from harness.errors import HarnessError
 from harness.grid import Trial, build_splits, trial_key
-from harness.runner import _alive, _sigterm_as_interrupt
+from harness.files import process_alive
+from harness.runner import _sigterm_as_interrupt
 from harness.scheduler import PRELOAD, LocalPool, Outcome, Slot, WorkerContext, build_slots, warm_trial_worker
 from harness.search import PrunerConfig, SamplerConfig, SearchPlan
 from harness.tracking import TAG, Tracker, git_tags, version_tags
@@ -363,7 +364,7 @@ class Search:
                 owner = str(t.user_attrs.get(OWNER, ""))
                 o_host, _, o_pid = owner.rpartition(":")
                 beat = float(t.user_attrs.get(HEARTBEAT, t.datetime_start.timestamp() if t.datetime_start else 0))
-                dead_here = o_host == host and o_pid.isdigit() and int(o_pid) != pid and not _alive(int(o_pid))
+                dead_here = o_host == host and o_pid.isdigit() and int(o_pid) != pid and not process_alive(int(o_pid))
                 if not (dead_here or time.time() - beat > self.stale_after):
                     continue
                 why = f"stale: its process {owner or '?'} is gone" if dead_here else \
@@ -395,7 +396,7 @@ class Search:
             if t is None or t.state in (TrialState.RUNNING, TrialState.WAITING):
                 continue
             ended = t.datetime_complete.timestamp() if t.datetime_complete else 0.0
-            gone = (o_host == host and o_pid.isdigit() and not _alive(int(o_pid))) or time.time() - ended > self.stale_after
+            gone = (o_host == host and o_pid.isdigit() and not process_alive(int(o_pid))) or time.time() - ended > self.stale_after
             if not gone:
                 continue
             if t.state == TrialState.COMPLETE and t.value is not None:
