@@ -14,8 +14,10 @@ pooling when the sizes differ), h = ``c``::
 
 with MMD^2 of ``harness.losses.mmd2`` on the L2-normalised flattened maps [N, h*H*W]. The
 reference's KD is a soft cross-entropy, which is our KL plus the (constant) entropy of the target:
-same gradient. Optimiser groups (``param_groups``): student backbone at ``train.lr``, student head
-at ``lr_mult_head`` x, the CFL block at ``lr_mult_cfl`` x (reference: 1x, 10x, 10x).
+same gradient. Learning rates are the recipe's (``train.lr_mult``), as for every method: the CFL
+block (adapters, extractor, decoders) is what cfl owns (role ``method``, the default
+:meth:`~harness.methods.base.Method.param_roles`); the reference's rates (student backbone 1x,
+head 10x, CFL block 10x) are ``train: {lr_mult: {head: 10, method: 10}}``.
 
 ``space: pooled`` is the former computation on pooled penultimate vectors f (any architecture;
 KamalEngine's ``CFL_FCBlock``): a = Linear(d, c) ReLU, E = Linear(c, c) ReLU Linear(c, c),
@@ -40,8 +42,10 @@ from torch import Tensor, nn
 
 from harness import losses
 from harness.console import NotedWarning
+from harness.errors import HarnessError
 from harness.methods.base import Batch, Method, Params, register
 from harness.models import GlobalAvgPool, Net, build_model
+from harness.spaces import log_float
 
 if TYPE_CHECKING:
     from harness.config import ModelSpec
@@ -54,8 +58,6 @@ class CFLParams(Params):
     T: float = Field(1.0, gt=0)
     c: int = Field(128, ge=1, description="common width (maps: channels h; adapters give 2h)")
     space: Literal["maps", "pooled"] = Field("maps", description="conv feature maps or pooled vectors")
-    lr_mult_head: float = Field(10.0, gt=0, description="learning-rate multiplier of the head")
-    lr_mult_cfl: float = Field(10.0, gt=0, description="learning-rate multiplier of the CFL block")
 
 
 class ResBlock(nn.Module):
@@ -123,6 +125,9 @@ class CFL(Method):
     ParamsModel = CFLParams
     terms = {"kd": "w0", "mmd": "w1", "recon": "w2"}
     description = "Common Feature Learning (Luo et al. 2019): MMD + reconstruction + KD"
+    #: the MMD and reconstruction weights one decade either side of the reference's, and the
+    #: temperature (w0, the KD term, is the anchor)
+    search_space = {"w1": log_float(1.0, 100.0), "w2": log_float(1.0, 100.0), "T": log_float(0.5, 10.0)}
     params: CFLParams
 
     def __init__(self, student, teachers, params, split) -> None:
@@ -176,23 +181,18 @@ class CFL(Method):
             return None
         return f"cfl runs in the pooled space in split {split} ({why})" if why else None
 
+    @classmethod
+    def parse_params(cls, params: dict[str, Any], field: str) -> Params:
+        """As every method's, with a pointer for the former rate parameters (now the recipe's)."""
+        for name, role in (("lr_mult_head", "head"), ("lr_mult_cfl", "method")):
+            if name in params:
+                raise HarnessError(f"{field}.{name}: learning rates are the recipe's now: give train.lr_mult.{role} "
+                                   "(the reference's rates: train: {lr_mult: {head: 10, method: 10}})")
+        return super().parse_params(params, field)
+
     def run_tags(self) -> dict[str, str]:
         """What a trial should record: the space that ran (and why, after a fallback)."""
         return {"harness.cfl_space": self.space + (f" (fallback: {self.fallback})" if self.fallback else "")}
-
-    def param_groups(self, base_lr: float) -> list[dict[str, Any]] | None:
-        """Student backbone at ``base_lr``, its head at ``lr_mult_head`` x, the CFL block (adapters,
-        extractor, decoders) at ``lr_mult_cfl`` x (the reference's Adam groups); None (one group,
-        the loop's default) when both multipliers are 1."""
-        p = self.params
-        if p.lr_mult_head == 1.0 and p.lr_mult_cfl == 1.0:
-            return None
-        head = list(self.student.head.parameters())
-        in_head = {id(q) for q in head}
-        backbone = [q for q in self.student.parameters() if id(q) not in in_head]
-        block = [q for m in (self.a_s, self.a_t, self.extractor, self.dec) for q in m.parameters()]
-        return [{"params": backbone, "lr": base_lr}, {"params": head, "lr": p.lr_mult_head * base_lr},
-                {"params": block, "lr": p.lr_mult_cfl * base_lr}]
 
     def loss_terms(self, batch: Batch) -> dict[str, Tensor]:
         return self._maps_terms(batch) if self.space == "maps" else self._pooled_terms(batch)

@@ -18,7 +18,10 @@ to tell the teacher's embedding of the same image from those of other images, an
 
 neg(i): K = nce_k = 16,384 ids drawn uniformly from [0, N) with replacement (torch's global RNG,
 which the trial seeds; a draw may hit y_i, as in the official uniform sampler), shared by both
-directions; when N <= K + 1, every other row once instead (K = N - 1, no sampling). After the
+directions, whatever N (also N <= K + 1, as the reference draws). ``small_pool: every_row`` is
+the alternative for small pools: when N <= K + 1, every other row once instead (K = N - 1, no
+sampling; a different loss: fewer, distinct negatives). The run's tag ``harness.crd_negatives``
+says which form ran. After the
 loss, in training mode and without gradient, the rows of the batch move:
 M[y_i] <- normalize(m M[y_i] + (1 - m) v_i), m = nce_m = 0.5.
 
@@ -54,10 +57,11 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from baselines.kd import kd_term
+from baselines.kd import kd_term, kd_training_params
 from harness.methods.base import Batch, Method, Params, register
 from harness.precision import float32
 from harness.routing import RoutingConfig
+from harness.spaces import log_float
 
 __all__ = ["CRD", "CRDParams", "ContrastMemory", "Embed", "info_nce", "momentum_update", "nce_loss", "NCE_EPS"]
 
@@ -234,6 +238,9 @@ class CRDParams(Params):
         "bank", description="bank: NCE against a momentum memory of every image; batch: in-batch InfoNCE")
     feat_dim: int = Field(128, ge=1, description="embedding width d")
     nce_k: int = Field(16384, ge=1, description="negatives drawn per anchor from the memory")
+    small_pool: Literal["draw", "every_row"] = Field(
+        "draw", description="pools of at most nce_k + 1 images: draw nce_k negatives with replacement "
+        "(the reference), or use every other row once (K = pool - 1)")
     nce_t: float = Field(0.07, gt=0, description="temperature of the similarities")
     nce_m: float = Field(0.5, ge=0, lt=1, description="momentum of the memory update")
 
@@ -246,6 +253,9 @@ class CRD(Method):
     terms = {"kd": "w_kd", "crd": "w_crd"}
     ablations = {"kd": "w_kd", "crd": "w_crd"}
     description = "CRD (Tian et al. 2020): contrastive (NCE, memory bank) distillation from each teacher + KD"
+    #: the contrastive weight one decade either side of RepDistiller's, its temperature, and kd's
+    #: temperature (w_kd is the anchor)
+    search_space = {"w_crd": log_float(0.08, 8.0), "nce_t": log_float(0.02, 0.3), "T": log_float(0.5, 10.0)}
     params: CRDParams
 
     def __init__(self, student, teachers, params, split) -> None:
@@ -256,6 +266,20 @@ class CRD(Method):
         #: per teacher: the student's and the teacher's memory (None with ``negatives: batch``)
         self.memory = (nn.ModuleList(ContrastMemory(d) for _ in teachers.feature_dims)
                        if params.negatives == "bank" else None)
+
+    @classmethod
+    def training_params(cls, params: dict[str, Any]) -> dict[str, Any]:
+        return kd_training_params(params)  # the routing rule reaches training only through kd's term
+
+    def run_tags(self) -> dict[str, str]:
+        """Which negatives ran: ``drawn (K = nce_k)``, ``every other row (K = pool - 1)`` or ``batch``."""
+        p = self.params
+        if self.memory is None:
+            return {"harness.crd_negatives": "batch (in-batch InfoNCE)"}
+        pool = len(self.memory[0])
+        if p.small_pool == "every_row" and 0 < pool and pool - 1 <= p.nce_k:
+            return {"harness.crd_negatives": f"every other row (K = pool - 1 = {pool - 1})"}
+        return {"harness.crd_negatives": f"drawn with replacement (K = {p.nce_k}, pool {pool})"}
 
     def loss_terms(self, batch: Batch) -> dict[str, Tensor]:
         p = self.params
@@ -282,7 +306,8 @@ class CRD(Method):
         for mem, a_s, a_t in zip(self.memory, v_s, v_t):
             mem.grow(n_seen)
             n = len(mem)
-            neg = None if n - 1 <= p.nce_k else torch.randint(n, (len(ids), p.nce_k), device=ids.device)
+            every_row = p.small_pool == "every_row" and n - 1 <= p.nce_k
+            neg = None if every_row else torch.randint(n, (len(ids), p.nce_k), device=ids.device)
             loss_s, z_s = nce_loss(a_s, mem.teacher, ids, neg, p.nce_t, mem.z[0])
             loss_t, z_t = nce_loss(a_t, mem.student, ids, neg, p.nce_t, mem.z[1])
             if self.training:

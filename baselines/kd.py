@@ -9,6 +9,8 @@ its own slice (``harness.routing``).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from pydantic import Field
 from torch import Tensor
@@ -16,6 +18,7 @@ from torch import Tensor
 from harness import losses
 from harness.methods.base import Batch, Method, Params, register
 from harness.routing import RoutingConfig, target_logits
+from harness.spaces import log_float
 
 
 class KDParams(Params):
@@ -31,10 +34,26 @@ class KD(Method):
     ParamsModel = KDParams
     terms = {"kd": "w_kd"}
     description = "KL-only amalgamation onto concatenated teacher logits"
+    #: the temperature only: w_kd weighs the single term, so it is the learning rate's job
+    search_space = {"T": log_float(0.5, 10.0)}
     params: KDParams
 
     def loss_terms(self, batch: Batch) -> dict[str, Tensor]:
         return {"kd": kd_term(self, batch, self.student(batch.x), self.params.routing, self.params.T)}
+
+    @classmethod
+    def training_params(cls, params: dict[str, Any]) -> dict[str, Any]:
+        return kd_training_params(params)
+
+
+def kd_training_params(params: dict[str, Any]) -> dict[str, Any]:
+    """A KD-based method's parameters with the routing rule reduced to what training reads: with
+    ``concat`` targets the target is the concatenated logits whatever the rule (the rule then
+    only changes the diagnostics: pseudo-label accuracy, probe), so every such rule is one."""
+    rule = params.get("routing")
+    if isinstance(rule, dict) and rule.get("targets") == "concat":
+        return {**params, "routing": {"targets": "concat"}}
+    return params
 
 
 def kd_term(method: Method, batch: Batch, z_s: Tensor, rule: RoutingConfig, T: float) -> Tensor:

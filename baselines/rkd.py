@@ -27,15 +27,18 @@ Memory: the angle term holds N x N x d differences and N^3 cosines per side (bat
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor
 
-from baselines.kd import kd_term
+from baselines.kd import kd_term, kd_training_params
 from harness.methods.base import Batch, Method, Params, register
 from harness.precision import float32
 from harness.routing import RoutingConfig
+from harness.spaces import log_float
 
 __all__ = ["RKD", "RKDParams", "angle_relation", "distance_relation", "huber", "rkd_angle", "rkd_distance"]
 
@@ -58,17 +61,29 @@ def huber(a: Tensor, b: Tensor) -> Tensor:
     return F.smooth_l1_loss(a, b, reduction="mean", beta=1.0)
 
 
+#: the reference's floor on a distance between two images (RepDistiller ``RKDLoss.pdist``: squared
+#: distances clamped at 1e-12 before the square root): duplicated images are 1e-6 apart, not 0
+MIN_DISTANCE = 1e-6
+
+
 @float32
 def distance_relation(e: Tensor) -> Tensor:
-    """psi_D: [N, d] -> [N, N], psi_D_ij = ||e_i - e_j|| / mu, mu = mean of the non-zero distances.
+    """psi_D: [N, d] -> [N, N], psi_D_ij = max(||e_i - e_j||, 1e-6) / mu for i != j, psi_D_ii = 0,
+    mu = the mean of the N (N - 1) off-diagonal entries (before the division).
 
-    Distances are norms of the differences themselves (not |a|^2 + |b|^2 - 2 a.b), so close
-    points keep their digits and the diagonal is exactly 0. Without any non-zero distance (N < 2,
-    or all rows equal) mu is taken as 1 and psi_D = 0."""
+    As the reference (``pdist`` with ``eps = 1e-12`` on squared distances, then ``t_d[t_d > 0]``):
+    two equal rows (duplicated images) are ``MIN_DISTANCE`` apart and count in mu; the clamp
+    passes no gradient. Distances are norms of the differences themselves (not
+    |a|^2 + |b|^2 - 2 a.b), so close points keep their digits and the diagonal is exactly 0.
+    One row (no pair): psi_D = 0 (the reference's mean over no pair is NaN)."""
     _check_features("e", e)
+    n = e.shape[0]
     d = torch.cdist(e, e, compute_mode="donot_use_mm_for_euclid_dist")
-    mu = d.sum() / (d > 0).sum().clamp_min(1)  # zeros add nothing to the sum: mean of the non-zero ones
-    return d / torch.where(mu > 0, mu, torch.ones_like(mu))
+    if n < 2:
+        return torch.zeros_like(d)
+    off = ~torch.eye(n, dtype=torch.bool, device=e.device)
+    d = torch.where(off, d.clamp_min(MIN_DISTANCE), torch.zeros_like(d))
+    return d / (d.sum() / (n * (n - 1)))
 
 
 @float32
@@ -118,7 +133,13 @@ class RKD(Method):
     terms = {"kd": "w_kd", "dist": "w_dist", "angle": "w_angle"}
     ablations = {"kd": "w_kd", "dist": "w_dist", "angle": "w_angle"}
     description = "Relational KD (Park et al. 2019): distance + angle relations to each teacher + KD"
+    #: the relation weights one decade either side of the paper's, and kd's temperature (w_kd is the anchor)
+    search_space = {"w_dist": log_float(2.5, 250.0), "w_angle": log_float(5.0, 500.0), "T": log_float(0.5, 10.0)}
     params: RKDParams
+
+    @classmethod
+    def training_params(cls, params: dict[str, Any]) -> dict[str, Any]:
+        return kd_training_params(params)  # the routing rule reaches training only through kd's term
 
     def loss_terms(self, batch: Batch) -> dict[str, Tensor]:
         p = self.params

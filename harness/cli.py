@@ -53,6 +53,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 def _cmd_methods(args: argparse.Namespace) -> int:
     from harness.methods.base import discover
+    from harness.search import RECIPE_SPACES
+    from harness.spaces import describe
 
     reg = discover()
     for name in reg.names():
@@ -66,6 +68,12 @@ def _cmd_methods(args: argparse.Namespace) -> int:
         fields = cls.ParamsModel.model_fields
         if fields:
             print("  parameters: " + ", ".join(f"{k}={f.default!r}" for k, f in fields.items()))
+        if cls.trains:
+            space = "; ".join(f"{k}: {describe(d)} (default {fields[k].default!r})" if k in fields else
+                              f"{k}: {describe(d)} (not a parameter!)" for k, d in cls.search_space.items())
+            print(f"  search space: {space + ' + ' if space else ''}the recipe space")
+    print("recipe space (search.declared, per train.optimizer): " + "; ".join(
+        f"{opt}: " + ", ".join(f"{k}: {describe(d)}" for k, d in space.items()) for opt, space in RECIPE_SPACES.items()))
     return 0
 
 
@@ -161,10 +169,13 @@ def _cmd_leaderboard(args: argparse.Namespace) -> int:
         if text is not None:
             keys[study] = study_keys(text, study)
     board = build_leaderboard(args.study, tracking_uri=args.tracking_uri, out_dir=args.out, normalise=args.normalise,
-                              reps=args.reps, keys=keys,
+                              reps=args.reps, keys=keys, power=args.power, cap=args.max_tasks,
                               expand=lambda t: study_keys(t, "study.yaml logged by the latest study run"))
     for line in board.left_out:
         print(f"harness: note: {line.replace('`', '')}", file=sys.stderr)
+    for dup, kept in board.duplicates.items():
+        print(f"harness: note: {dup} is {kept} under a second name (same content): counted once, as {kept}",
+              file=sys.stderr)
     print(f"leaderboard written to {board.out}")
     return 0
 
@@ -179,6 +190,16 @@ def _cmd_data_download(args: argparse.Namespace) -> int:
     else:
         print(f"{args.dataset}: ready in {result.folder}")
     return 0
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, got {text}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -307,6 +328,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="divide each split's scores by the scratch student's mean (default), the teachers' oracle "
                          "ensemble (else their claiming ensemble), or nothing")
     lb.add_argument("--reps", type=_positive_int, default=2000, metavar="N", help="bootstrap replicates (default 2000)")
+    lb.add_argument("--power", type=_probability, default=0.8,
+                    help="for an inconclusive pair: the share of resampled leaderboards that must resolve it "
+                         "(default 0.8)")
+    lb.add_argument("--max-tasks", type=_positive_int, default=1000, metavar="N",
+                    help="the largest task count the tasks-needed estimate tries (default 1000)")
     lb.set_defaults(func=_cmd_leaderboard)
 
     b = sub.add_parser("bench", help="overhead, cache and makespan ratios measured in one run")

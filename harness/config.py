@@ -298,10 +298,24 @@ class SplitConfig(_Strict):
         return self
 
 
+class LrMult(_Strict):
+    """``train.lr_mult``: learning-rate multipliers per parameter role
+    (:meth:`harness.methods.base.Method.param_roles`). The student's body trains at ``train.lr``,
+    its classifier head at ``lr * head``, the modules the method owns (projectors, the CFL block,
+    CRD's embeddings) at ``lr * method``. Default 1 and 1: every method at one rate (parity);
+    ``{head: 10, method: 10}`` is CFL's reference setting."""
+
+    head: float = Field(1.0, gt=0, allow_inf_nan=False)
+    method: float = Field(1.0, gt=0, allow_inf_nan=False)
+
+
 class TrainConfig(Recipe):
     """The student's training recipe, shared by every method of the study."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: per-role learning-rate multipliers (:class:`LrMult`); the student's only (teachers train one group)
+    lr_mult: LrMult = LrMult()
 
 
 #: sbatch options the harness sets itself: ``slurm.extra`` may not give them

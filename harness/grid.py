@@ -26,8 +26,11 @@ from harness.tracking import row_label
 #: number for an unchanged study file; every trial key changes with it, so runs of the old code
 #: no longer count as finished and a rerun recomputes them. Refactors that give bitwise the same
 #: results do not bump it. History: 1 = up to the trust review; 2 = log-space confidence routing
-#: with continuous tie-breaks, opaque batch ids, augmentation ops, digest-keyed teacher caches.
-RESULTS_VERSION = 2
+#: with continuous tie-breaks, opaque batch ids, augmentation ops, digest-keyed teacher caches;
+#: 3 = learning rates from ``train.lr_mult`` only (cfl's head and block no longer at 10x by
+#: default), ``mmd2``'s norms from the Gram diagonal, ``crd`` drawing its negatives also from small
+#: pools, ``rkd``'s 1e-6 floor on distances (each as the authors' code).
+RESULTS_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -67,8 +70,16 @@ def _check_model(spec: Any, field: str) -> None:
         raise HarnessError(f"{field}: {e}") from None
 
 
-def method_variants(study: StudyConfig) -> list[tuple[str, str, dict[str, Any]]]:
-    """(method, variant, resolved params) for every method and variant of the study."""
+def method_variants(study: StudyConfig, notes: list[str] | None = None) -> list[tuple[str, str, dict[str, Any]]]:
+    """(method, variant, resolved params) for every method and variant of the study.
+
+    A rule of the ``routing`` axis under which a method would train exactly like one of its
+    variants already listed (:meth:`~harness.methods.base.Method.training_params`: e.g. ``kd``
+    with ``concat`` targets, where the rule changes only diagnostics) is not a variant of that
+    method: it would compute the same numbers twice under two names. It is left out and said so
+    in ``notes`` (printed with the plan); the rule's claiming diagnostics are the ``teachers``
+    row of the same name. Written ``variants`` that train identically are refused
+    (:func:`_check_distinct`)."""
     out = []
     components: dict[str, set[str]] = {}
     for name, overrides in study.methods.items():
@@ -91,10 +102,19 @@ def method_variants(study: StudyConfig) -> list[tuple[str, str, dict[str, Any]]]
         if "routing" not in cls.ParamsModel.model_fields:
             continue
         own = cls.parse_params(overrides, f"methods.{mname}").model_dump(mode="json")
+        trains = {stable_hash(cls.training_params(own), 32): row_label(mname, "full")}
         for rule in study.routing:
             params = cls.parse_params({**overrides, "routing": rule}, "routing").model_dump(mode="json")
-            if params != own:
-                out.append((mname, rule, params))
+            if params == own:
+                continue
+            like = trains.setdefault(stable_hash(cls.training_params(params), 32), row_label(mname, rule))
+            if like != row_label(mname, rule):
+                if notes is not None:
+                    notes.append(f"{row_label(mname, rule)} not run: it would train exactly like {like} (with its "
+                                 f"targets the rule changes only {mname}'s diagnostics); the teachers row "
+                                 f"'{rule}' shows the rule's claiming accuracy")
+                continue
+            out.append((mname, rule, params))
     if study.routing and not any("routing" in get_method(m).ParamsModel.model_fields for m in study.methods):
         raise HarnessError("routing: no method in the study has a routing parameter")
     for mname, variants in study.variants.items():
@@ -167,17 +187,26 @@ def trial_key(
 
 
 def _check_distinct(variants: list[tuple[str, str, dict[str, Any]]]) -> None:
-    """Two variants of one method with the same resolved parameters would be one trial twice."""
-    seen: dict[tuple[str, str], str] = {}
+    """Two variants of one method with the same resolved parameters would be one trial twice; two
+    with the same *training* parameters (:meth:`~harness.methods.base.Method.training_params`)
+    would train the same student twice under two keys."""
+    seen: dict[tuple[str, str], tuple[str, dict[str, Any]]] = {}
     for method, variant, params in variants:
-        sig = (method, stable_hash(params, 32))
+        sig = (method, stable_hash(get_method(method).training_params(params), 32))
         if sig in seen:
-            a, b = row_label(method, seen[sig]), row_label(method, variant)
+            first, first_params = seen[sig]
+            a, b = row_label(method, first), row_label(method, variant)
+            if first_params == params:
+                raise HarnessError(
+                    f"methods.{method}: variants '{a}' and '{b}' resolve to the same parameters (the same "
+                    "trials); remove one, or make them differ"
+                )
+            differ = ", ".join(k for k in sorted(params) if params[k] != first_params.get(k))
             raise HarnessError(
-                f"methods.{method}: variants '{a}' and '{b}' resolve to the same parameters (the same "
-                "trials); remove one, or make them differ"
+                f"methods.{method}: variants '{a}' and '{b}' would train exactly alike (they differ only in "
+                f"{differ}, which does not change what {method} trains, only its diagnostics); remove one"
             )
-        seen[sig] = variant
+        seen[sig] = (variant, params)
 
 
 def _check_reference_bank(study: StudyConfig, variants: list[tuple[str, str, dict[str, Any]]]) -> None:

@@ -382,10 +382,12 @@ def mmd2(
         K(a, b) = sum_{sigma in sigmas} exp( -|a - b|^2 / (2 sigma^2) ),
         MMD^2(X, Y) = max(0, mean K(X, X) + mean K(Y, Y) - 2 mean K(X, Y)),
 
-    the means over all pairs, diagonal included (biased estimate). Squared distances are
-    computed as |a|^2 + |b|^2 - 2 a.b and clamped at 0, which removes negative round-off.
-    Note: in float32 that round-off is ~1e-7, comparable to 2 sigma^2 = 2e-6 for sigma = 0.001,
-    so that kernel's near-zero distances are only resolved in float64.
+    the means over all pairs, diagonal included (biased estimate). Squared distances come from
+    one Gram matrix G of the stacked rows [X; Y], as in the reference code:
+    |a - b|^2 = G_aa + G_bb - 2 G_ab, the norms read from G's diagonal, so a point's distance to
+    itself is exactly 0 in any precision (norms computed apart from G leave a round-off of ~1e-7
+    in float32, which the narrowest kernel, 2 sigma^2 = 2e-6, turns into a bias of about 1%);
+    negative round-off between distinct points is clamped at 0.
 
     Runs in float32 outside autocast (:mod:`harness.precision`): under bf16 the a.b of the
     squared distances keeps ~3 digits, which the 1/(2 sigma^2) of the small bandwidths (up to
@@ -416,11 +418,11 @@ def mmd2(
         [1.0 / (2.0 * s * s) for s in sigmas], dtype=xn.dtype, device=xn.device
     ).reshape(-1, 1, 1)
 
-    def kernel_mean(a: Tensor, b: Tensor) -> Tensor:
-        sq_a = (a * a).sum(dim=1, keepdim=True)
-        sq_b = (b * b).sum(dim=1, keepdim=True)
-        d2 = (sq_a + sq_b.T - 2.0 * (a @ b.T)).clamp_min(0.0)
-        return torch.exp(-gammas * d2.unsqueeze(0)).sum(dim=0).mean()
-
-    value = kernel_mean(xn, xn) + kernel_mean(yn, yn) - 2.0 * kernel_mean(xn, yn)
+    z = torch.cat([xn, yn])
+    gram = z @ z.T
+    sq = gram.diagonal()
+    d2 = (sq.unsqueeze(1) + sq.unsqueeze(0) - 2.0 * gram).clamp_min(0.0)
+    k = torch.exp(-gammas * d2.unsqueeze(0)).sum(dim=0)  # [N + M, N + M]
+    n = xn.shape[0]
+    value = k[:n, :n].mean() + k[n:, n:].mean() - 2.0 * k[:n, n:].mean()
     return value.clamp_min(0.0)

@@ -81,6 +81,11 @@ class Net(nn.Module):
         default for a plug-in net that does not override this)."""
         return None
 
+    def head_parameters(self) -> list[nn.Parameter]:
+        """The classifier's parameters (``head``: weight and bias): the ``head`` role of
+        ``train.lr_mult``; every other parameter of the net is its body."""
+        return list(self.head.parameters())
+
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x))
 

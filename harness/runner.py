@@ -45,7 +45,7 @@ from urllib.parse import urlparse
 from harness.config import StudyConfig, dump_study, load_study, slurm_config
 from harness.errors import HarnessError
 from harness.files import process_alive, reason_fault, refused
-from harness.grid import Trial, build_splits, expand
+from harness.grid import Trial, build_splits, expand, method_variants
 from harness.methods.base import get_method
 from harness.progress import Progress, make_progress
 from harness.scheduler import (
@@ -248,6 +248,8 @@ def run_study(
             check_packing_before(study, tracker, exp_id, {t.key for t in trials},
                                  gpu_total_mb(build_slots(study.devices, study.trials_per_device)))
         print_table(trials, done, plan)
+        for note in variant_notes(study):
+            print(f"note: {note}")
         return 0
     assert exp_id is not None
     todo = [t for t in trials if t.key not in done]
@@ -270,7 +272,7 @@ def run_study(
               f"{f', {len(in_slurm)} pending or running in Slurm' if in_slurm else ''}"
               f"{f', {stale} stale runs marked KILLED' if stale else ''}; tracking at {tracker.uri}")
         print(f"pool: {pool.describe()}")
-        for note in plan_notes(study, todo, splits):
+        for note in [*variant_notes(study), *plan_notes(study, todo, splits)]:
             print(f"note: {note}")
         session = Session(study, tracker, exp_id, pool, keys=[t.key for t in trials],
                           packing=PackingGuard(study.trials_per_device, totals) if totals else None, source=str(path),
@@ -297,6 +299,14 @@ def run_study(
                 print(line)
     print_browse(tracker.uri, exp_id)
     return 1 if failed else 0
+
+
+def variant_notes(study: StudyConfig) -> list[str]:
+    """What the grid left out of the study's variants and why (e.g. a routing rule under which
+    ``kd`` would train exactly like ``kd``: :func:`harness.grid.method_variants`)."""
+    notes: list[str] = []
+    method_variants(study, notes)
+    return notes
 
 
 def plan_notes(study: StudyConfig, trials: list[Trial], splits: dict) -> list[str]:

@@ -10,61 +10,47 @@ A search space maps *parameter paths* of the study to distributions::
         methods.cka.align:   {type: categorical, choices: [kl, cosine]}
         train.lr:            {type: float, low: 3.0e-4, high: 3.0e-3, log: true}
 
-Paths are ``methods.<method>.<param>``, ``train.<field>`` or ``student.<option>``. Each tuned
-method gets its own Optuna study; ``train.*`` and ``student.*`` are shared by every method of
-a study file, so they may be searched only when one method is tuned. The objective is the mean,
+Paths are ``methods.<method>.<param>``, ``train.<field>`` (nested fields dotted:
+``train.lr_mult.head``) or ``student.<option>``. Each tuned method gets its own Optuna study;
+``train.*`` and ``student.*`` are shared by every method of a study file, so they may be
+searched only when one method is tuned. The objective is the mean,
 over the search's splits and seeds, of the **validation** union accuracy (``val_last``: the
 last epoch's, ``val_best``: the best epoch's); the test split is never evaluated.
+
+Declared spaces: every method declares the space its author would search next to its parameter
+model (``Method.search_space``, :mod:`harness.spaces`), and :data:`RECIPE_SPACES` the recipe's.
+``search: {declared: true, methods: [kd]}`` searches ``kd``'s declared space plus the recipe space
+(:func:`declared_space`); entries of ``space`` then replace a declared path's distribution or add
+a path. The recipe space is shared like any ``train.*`` path: with several tuned methods it needs
+``recipe: false`` (the methods' own parameters only), since the tuned study file has one
+``train`` block.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
+from typing import TYPE_CHECKING, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from harness.errors import HarnessError
+from harness.spaces import (  # noqa: F401  (the distributions live in harness.spaces: re-exported)
+    CategoricalDist,
+    Dist,
+    Distribution,
+    FloatDist,
+    IntDist,
+    Scalar,
+    log_float,
+)
 
 if TYPE_CHECKING:
     import optuna
 
     from harness.config import StudyConfig
 
-Scalar = Union[None, bool, int, float, str]
-
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class FloatDist(_Strict):
-    """A float in [low, high], log-uniform with ``log``, on a grid with ``step``."""
-
-    type: Literal["float"]
-    low: float
-    high: float
-    log: bool = False
-    step: float | None = None
-
-
-class IntDist(_Strict):
-    """An integer in [low, high] (both included), log-uniform with ``log``."""
-
-    type: Literal["int"]
-    low: int
-    high: int
-    log: bool = False
-    step: int = 1
-
-
-class CategoricalDist(_Strict):
-    """One of ``choices`` (YAML scalars: strings, numbers, booleans, null)."""
-
-    type: Literal["categorical"]
-    choices: list[Scalar] = Field(min_length=1)
-
-
-Distribution = Annotated[Union[FloatDist, IntDist, CategoricalDist], Field(discriminator="type")]
 
 
 class SamplerConfig(BaseModel):
@@ -87,7 +73,15 @@ class PrunerConfig(BaseModel):
 class SearchConfig(_Strict):
     """The ``search:`` block (see the module docstring)."""
 
-    space: dict[str, Distribution] = Field(min_length=1)
+    #: tune each method over the space it declares (``Method.search_space``) and, with ``recipe``,
+    #: the recipe space (:data:`RECIPE_SPACES`); ``space`` entries then replace a declared path's
+    #: distribution or add a path, and ``space`` may be left out
+    declared: bool = False
+    #: with ``declared``: add the recipe space (``train.*``, shared by the study's methods, so only
+    #: when one method is tuned); false: the methods' own parameters only
+    recipe: bool = True
+    #: required (at least one path) unless ``declared``
+    space: dict[str, Distribution] = Field(None, validate_default=True)  # type: ignore[assignment]
     #: the methods to tune (default: every method named in a ``methods.<method>.*`` path)
     methods: list[str] | None = Field(None, min_length=1)
     trials: int = Field(20, ge=1)
@@ -100,10 +94,64 @@ class SearchConfig(_Strict):
     #: reruns of a configuration whose worker died (an interrupted or stale one is always rerun)
     retries: int = Field(1, ge=0)
 
+    @field_validator("space", mode="before")
+    @classmethod
+    def _space_given(cls, v: Any, info: ValidationInfo) -> Any:
+        declared = info.data.get("declared", False)
+        if v is None:
+            if not declared:
+                raise ValueError("Field required (or search.declared: true, the methods' declared spaces)")
+            return {}
+        if isinstance(v, dict) and not v and not declared:
+            raise ValueError("Dictionary should have at least 1 item (or search.declared: true, the methods' "
+                             "declared spaces)")
+        return v
 
-#: ``train`` fields that may be searched (``epochs`` is the pruner's step budget; the rest are
-#: hardware switches that do not change what is learnt)
-TUNABLE_TRAIN = ("batch_size", "optimizer", "lr", "weight_decay", "momentum", "scheduler", "augment")
+    @field_validator("recipe")
+    @classmethod
+    def _recipe_needs_declared(cls, v: bool, info: ValidationInfo) -> bool:
+        if not v and not info.data.get("declared", False):
+            raise ValueError("false only applies with search.declared: true")
+        return v
+
+
+#: ``train`` fields that may be searched, nested ones as dotted paths (``epochs`` is the pruner's
+#: step budget; the rest are hardware switches that do not change what is learnt)
+TUNABLE_TRAIN = ("batch_size", "optimizer", "lr", "weight_decay", "momentum", "scheduler", "augment",
+                 "lr_mult.head", "lr_mult.method")
+
+#: The recipe space of ``search.declared``, per optimiser (the study's ``train.optimizer``): the
+#: same for every method, so each gets the same budget over the same recipe; one order of
+#: magnitude either side of the usual rate (Adam 1e-3, SGD 0.05), and the classifier head's
+#: rate multiplier (``train.lr_mult.head``; CFL's reference uses 10).
+RECIPE_SPACES: dict[str, dict[str, Dist]] = {
+    "adam": {"train.lr": log_float(1e-4, 1e-2), "train.lr_mult.head": log_float(1.0, 30.0)},
+    "sgd": {"train.lr": log_float(5e-3, 0.5), "train.lr_mult.head": log_float(1.0, 30.0)},
+}
+#: the Adam recipe space (the studies' default optimiser)
+RECIPE_SPACE = RECIPE_SPACES["adam"]
+
+
+def declared_space(method: str, recipe: bool = True, optimizer: str = "adam") -> dict[str, Dist]:
+    """The search space ``method`` declares (``Method.search_space``), as study paths
+    ``methods.<method>.<param>``, followed, with ``recipe``, by the recipe space of ``optimizer``
+    (``train.*`` paths, :data:`RECIPE_SPACES`). Empty for a method that trains nothing."""
+    from harness.methods.base import get_method
+
+    cls = get_method(method)
+    if not cls.trains:
+        return {}
+    fields = cls.ParamsModel.model_fields
+    for param in cls.search_space:
+        if param not in fields:  # a method's own mistake: name the declaration
+            raise HarnessError(f"{cls.__name__}.search_space: '{method}' has no parameter '{param}' "
+                               f"(has: {', '.join(fields) or 'none'})")
+    out: dict[str, Dist] = {f"methods.{method}.{p}": d for p, d in cls.search_space.items()}
+    if recipe:
+        if optimizer not in RECIPE_SPACES:
+            raise HarnessError(f"no recipe space for optimizer '{optimizer}' (have: {', '.join(RECIPE_SPACES)})")
+        out.update(RECIPE_SPACES[optimizer])
+    return out
 
 
 def to_optuna(dist: FloatDist | IntDist | CategoricalDist) -> "optuna.distributions.BaseDistribution":
@@ -166,11 +214,15 @@ class SearchPlan:
                 raise HarnessError(f"search.space.{path}: tunable paths are methods.<method>.<param>, "
                                    "train.<field> or student.<option>")
         self.methods = self._methods()
+        #: what is searched, path -> distribution: ``search.space`` as written, or with
+        #: ``search.declared`` each tuned method's declared space (and the recipe's), with the
+        #: entries of ``search.space`` replacing or adding paths
+        self.space: dict[str, Dist] = self._space()
         self.paths: dict[str, list[str]] = {m: self._paths_of(m) for m in self.methods}
-        self.distributions = {p: self._check_dist(p, d) for p, d in self.search.space.items()}
+        self.distributions = {p: self._checked_dist(p, d) for p, d in self.space.items()}
         self.splits = self._splits()
         self.seeds = list(self.search.seeds or study.seeds)
-        for path in self.search.space:
+        for path in self.space:
             self._check_values(path)
 
     # -- validation -------------------------------------------------------------------------
@@ -180,7 +232,9 @@ class SearchPlan:
         named = [p.split(".")[1] for p in self.search.space if p.startswith("methods.") and p.count(".") >= 2]
         methods = list(self.search.methods or dict.fromkeys(named))
         if not methods:
-            raise HarnessError("search.methods: say which method to tune (the space names no methods.<method>.* path)")
+            raise HarnessError("search.methods: say which method to tune (the space names no methods.<method>.* path)"
+                               if self.search.space else "search.methods: say which method to tune (search.declared: "
+                               "true searches each listed method's declared space)")
         for i, m in enumerate(methods):
             if m not in self.study.methods:
                 raise HarnessError(f"search.methods[{i}]: '{m}' is not one of the study's methods "
@@ -192,7 +246,46 @@ class SearchPlan:
         return methods
 
     def _paths_of(self, method: str) -> list[str]:
-        return [p for p in self.search.space if not p.startswith("methods.") or p.split(".")[1] == method]
+        return [p for p in self.space if not p.startswith("methods.") or p.split(".")[1] == method]
+
+    def _space(self) -> dict[str, Dist]:
+        written: dict[str, Dist] = dict(self.search.space)
+        if not self.search.declared:
+            return written
+        recipe = self.search.recipe
+        if recipe and len(self.methods) > 1:
+            # a tuned study file has one train block: per-method recipe values cannot be written back
+            raise HarnessError("search.recipe: the recipe space (train.*) is shared by every method of the study "
+                               f"(one train block); tune one method per search (search.methods: [{self.methods[0]}]) "
+                               "or set search.recipe: false to search the methods' own parameters only")
+        space: dict[str, Dist] = {}
+        for m in self.methods:
+            space.update(declared_space(m, recipe, self.study.train.optimizer))
+        space.update(written)  # a declared path keeps its place with the written distribution
+        for i, m in enumerate(self.methods):
+            if not any(not p.startswith("methods.") or p.split(".")[1] == m for p in space):
+                raise HarnessError(f"search.methods[{i}]: '{m}' declares no search space of its own and "
+                                   "search.space names none of its parameters: nothing to tune")
+        return space
+
+    def _where(self, path: str) -> str:
+        """How an error names a path: the study file's entry, or the declaration it came from."""
+        if path in self.search.space:
+            return f"search.space.{path}"
+        if path.startswith("methods."):
+            from harness.methods.base import get_method
+
+            method = path.split(".")[1]
+            return f"search.declared: {path} (declared by {get_method(method).__name__}.search_space)"
+        return f"search.declared: {path} (the recipe space, harness.search.RECIPE_SPACES)"
+
+    def _checked_dist(self, path: str, dist: Any) -> Any:
+        try:
+            return self._check_dist(path, dist)
+        except HarnessError as e:
+            if path in self.search.space:
+                raise
+            raise HarnessError(str(e).replace(f"search.space.{path}", self._where(path), 1)) from None
 
     def _check_dist(self, path: str, dist: Any) -> Any:
         from harness.config import TrainConfig
@@ -213,8 +306,15 @@ class SearchPlan:
                                    f"(has: {', '.join(fields) or 'none'})")
         else:  # train or student (checked in __init__)
             if head == "train" and rest not in TUNABLE_TRAIN:
-                why = ("is the pruner's step budget" if rest == "epochs" else "is not a train field"
-                       if rest not in TrainConfig.model_fields else "does not change what is learnt")
+                nested = [f"train.{t}" for t in TUNABLE_TRAIN if t.startswith(f"{rest}.")]
+                if rest == "epochs":
+                    why = "is the pruner's step budget"
+                elif nested:
+                    why = f"is a mapping: search {' or '.join(nested)}"
+                elif rest in TrainConfig.model_fields:
+                    why = "does not change what is learnt"
+                else:
+                    why = "is not a train field"
                 raise HarnessError(f"{where}: train.{rest} {why}; tunable: {', '.join(TUNABLE_TRAIN)}")
             if head == "student" and rest not in model_options(self.study.student.arch):
                 raise HarnessError(f"{where}: '{rest}' is not an option of the student model "
@@ -238,17 +338,18 @@ class SearchPlan:
     def _check_values(self, path: str) -> None:
         """Every endpoint / choice must give a valid study; the study's own value must fit a
         categorical (it is the default trial)."""
-        dist = self.search.space[path]
+        dist = self.space[path]
+        where = self._where(path)
         method = path.split(".")[1] if path.startswith("methods.") else self.methods[0]
         for value in _endpoints(dist):
             try:
                 self.params_for(method, self.study_for(method, {path: value}))
             except HarnessError as e:
                 msg = str(e).split(": ", 2)[-1]
-                raise HarnessError(f"search.space.{path}: value {value!r}: {msg}") from None
+                raise HarnessError(f"{where}: value {value!r}: {msg}") from None
         default = self.defaults(method)[path]
         if isinstance(dist, CategoricalDist) and default not in dist.choices:
-            raise HarnessError(f"search.space.{path}: the study's own value {default!r} (the default trial) "
+            raise HarnessError(f"{where}: the study's own value {default!r} (the default trial) "
                                f"is not among the choices")
 
     # -- use --------------------------------------------------------------------------------

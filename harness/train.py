@@ -29,7 +29,7 @@ from torch import Tensor
 from harness.config import TrainConfig
 from harness.data.splits import PartData, SplitData
 from harness.data.stream import BatchLoader, LazyImages, in_chunks, is_lazy, on_device
-from harness.methods.base import Batch, Method
+from harness.methods.base import PARAM_ROLES, Batch, Method
 
 
 class NonFiniteLossError(RuntimeError):
@@ -73,16 +73,22 @@ def make_optimizer(params, cfg: TrainConfig) -> torch.optim.Optimizer:
 
 
 def method_optimizer(method: Method, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """The trial's optimiser: the method's :meth:`~harness.methods.base.Method.param_groups`
-    (per-part learning rates), else one group of all its trainable parameters at ``cfg.lr``.
-    ValueError when the groups do not hold each trainable parameter exactly once."""
-    groups = method.param_groups(cfg.lr)
-    if groups is None:
-        return make_optimizer(method.parameters(), cfg)
-    groups = [{**g, "params": list(g["params"])} for g in groups]
+    """The trial's optimiser: one parameter group per role of the method's
+    :meth:`~harness.methods.base.Method.param_roles` (in :data:`PARAM_ROLES` order, empty ones
+    left out, each group tagged ``"role"``), at ``lr_body = cfg.lr``, ``lr_head = cfg.lr *
+    cfg.lr_mult.head``, ``lr_method = cfg.lr * cfg.lr_mult.method``; weight decay and momentum
+    from ``cfg`` for every group. ValueError when the roles name an unknown role or do not hold
+    each trainable parameter exactly once."""
+    roles = method.param_roles()
+    unknown = sorted(set(roles) - set(PARAM_ROLES))
+    if unknown:
+        raise ValueError(f"{type(method).__name__}.param_roles: unknown role {unknown[0]!r} "
+                         f"(roles: {', '.join(PARAM_ROLES)})")
+    mult = {"body": 1.0, "head": cfg.lr_mult.head, "method": cfg.lr_mult.method}
+    groups = [{"params": list(roles.get(r, ())), "lr": cfg.lr * mult[r], "role": r} for r in PARAM_ROLES]
     listed = [id(p) for g in groups for p in g["params"] if p.requires_grad]
     if len(listed) != len(set(listed)) or set(listed) != {id(p) for p in method.parameters() if p.requires_grad}:
-        raise ValueError(f"{type(method).__name__}.param_groups must hold each trainable parameter exactly once")
+        raise ValueError(f"{type(method).__name__}.param_roles must hold each trainable parameter exactly once")
     return make_optimizer(groups, cfg)
 
 

@@ -363,6 +363,8 @@ def _train_and_measure(
             warnings.warn(f"could not log the last epochs of run {run_id}: {flush_error}", stacklevel=1)
         raise
     curves.flush()
+    if (after := method.run_tags()) != tags:  # what is known only once it ran (crd's pool size)
+        tracker.set_tags(run_id, after)
     final = {bestval(k): v for k, v in res.final.items()}  # test/union_acc_best -> test/union_acc_bestval
     final["pool_size"] = float(len(train_data.parts["train"]))
     if diagnose:

@@ -179,13 +179,14 @@ def public_uri(uri: str) -> str:
 def study_attrs(plan: SearchPlan, method: str, source: str, tracking_uri: str, experiment_id: str,
                 trials: int) -> dict[str, Any]:
     """The Optuna study's user attributes (JSON values): the study file (resolved YAML), the search
-    space as written, what the value is, and where the MLflow runs are."""
+    space searched (as written, or the declared one with the study's entries on top), what the
+    value is, and where the MLflow runs are."""
     search = plan.search
     return {
         "objective": search.objective, "objective_name": METRIC_NAMES[search.objective],
         "objective_description": objective_text(plan), "direction": "maximize",
         "method": method, "study": plan.study.name, "study_file": source, "study_yaml": dump_study(plan.study),
-        "search_space": {p: search.space[p].model_dump(mode="json", exclude_defaults=True) for p in plan.paths[method]},
+        "search_space": {p: plan.space[p].model_dump(mode="json", exclude_defaults=True) for p in plan.paths[method]},
         "trials": trials, "splits": list(plan.splits), "seeds": list(plan.seeds),
         "sampler": search.sampler.model_dump(mode="json"), "pruner": search.pruner.model_dump(mode="json"),
         "mlflow_tracking_uri": public_uri(tracking_uri), "mlflow_experiment": plan.study.name,

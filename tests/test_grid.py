@@ -53,8 +53,12 @@ def result_fields(study: StudyConfig) -> Iterator[tuple[str, Any]]:
     data = study.model_dump(mode="json")
     for f in ("name", "val_fraction", "image_size"):
         yield f"dataset.{f}", ("dataset", f)
-    for f in data["train"]:
-        yield f"train.{f}", ("train", f)
+    for f, v in data["train"].items():
+        if isinstance(v, dict):  # a nested field (lr_mult): each of its leaves
+            for q in v:
+                yield f"train.{f}.{q}", ("train", f, q)
+        else:
+            yield f"train.{f}", ("train", f)
     for f in data["student"]:
         if f != "arch":
             yield f"student.{f}", ("student", f)
@@ -99,6 +103,11 @@ def _edit(data: dict[str, Any], path: tuple, study: StudyConfig) -> dict[str, An
             t = {k: v for k, v in t.items() if k not in ("width", "hidden")}
         out["teachers"][path[1]] = t
         return out
+    if path[0] == "train" and len(path) == 3:
+        sub = dict(full["train"][path[1]])
+        sub[path[2]] = _other(sub[path[2]], path[2])
+        out["train"] = {**out["train"], path[1]: sub}
+        return out
     section, f = path
     current = full[section][f]
     out.setdefault(section, {})
@@ -129,7 +138,9 @@ def test_the_cases_cover_every_train_field_and_method_parameter() -> None:
     names = {n for n, _ in _cases()}
     from harness.config import TrainConfig
 
-    assert {f"train.{f}" for f in TrainConfig.model_fields} <= names
+    nested = {"lr_mult": ("head", "method")}
+    assert {f"train.{f}" for f in TrainConfig.model_fields if f not in nested} <= names
+    assert {f"train.{f}.{q}" for f, leaves in nested.items() for q in leaves} <= names
     assert {"methods.cka.w_intra", "methods.cka.tau", "methods.kd.T", "methods.cfl.w1",
             "methods.kd.routing.score"} <= names
 
@@ -221,11 +232,53 @@ def test_the_cli_rejects_duplicate_variants_with_one_line(tmp_path, monkeypatch,
     assert not (tmp_path / "m.db").exists()
 
 
+def test_a_routing_rule_that_trains_like_the_default_is_run_once_and_said_so(tmp_path, capsys) -> None:
+    # with concat targets kd, crd and rkd train on the concatenated logits whatever the rule: the
+    # rule changes only their diagnostics, so 'entropy/none/concat' would train exactly like the
+    # default (confidence/none/concat) under a second key. cka routes its pseudo-labels with it
+    # and the teachers row is evaluated under it: those keep the variant.
+    import yaml
+
+    from harness.cli import main
+    from harness.grid import method_variants
+
+    data = {**BASE, "methods": {"kd": {}, "crd": {}, "rkd": {}, "cka": {}, "teachers": {}},
+            "routing": ["entropy/none/concat", "entropy/none/routed"]}
+    notes: list[str] = []
+    variants = {(m, v) for m, v, _ in method_variants(parse_study(data), notes)}
+    for m in ("kd", "crd", "rkd"):
+        assert (m, "entropy/none/concat") not in variants and (m, "entropy/none/routed") in variants
+    assert {("cka", "entropy/none/concat"), ("teachers", "entropy/none/concat")} <= variants
+    assert notes == [f"{m}:entropy/none/concat not run: it would train exactly like {m} (with its targets the rule "
+                     f"changes only {m}'s diagnostics); the teachers row 'entropy/none/concat' shows the rule's "
+                     "claiming accuracy" for m in ("kd", "crd", "rkd")]
+    trials = expand(parse_study(data))
+    keys = [t.key for t in trials]
+    assert len(keys) == len(set(keys))
+    assert sum(t.method == "kd" for t in trials) == 2 * len(BASE["seeds"])  # kd and kd:entropy/none/routed
+    # the plan says it (dry run here; run-study prints the same notes before the trials start)
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["run-study", str(path), "--dry-run", "--tracking-uri", f"sqlite:///{tmp_path}/m.db"]) == 0
+    out = capsys.readouterr().out
+    assert "note: kd:entropy/none/concat not run: it would train exactly like kd" in out
+
+
+def test_written_variants_that_would_train_alike_are_refused() -> None:
+    data = {**BASE, "methods": {"kd": {}}, "variants": {"kd": {"maha": {"routing": "mahalanobis/z/concat"}}}}
+    with pytest.raises(HarnessError, match=r"^methods\.kd: variants 'kd' and 'kd:maha' would train exactly alike "
+                       r"\(they differ only in routing, which does not change what kd trains"):
+        expand(parse_study(data))
+    routed = {**data, "variants": {"kd": {"maha": {"routing": "mahalanobis/z/routed"}}}}
+    assert {t.variant for t in expand(parse_study(routed))} == {"full", "maha"}
+
+
 @pytest.mark.parametrize("rule", ["knn/none/concat", "max_logit/percentile/routed", "confidence+knn/z/concat"])
 def test_val_fraction_zero_with_a_validation_bank_rule_is_an_error(rule: str) -> None:
-    data = {**BASE, "dataset": {**BASE["dataset"], "val_fraction": 0.0}, "methods": {"kd": {}},
+    # cka routes with the rule whatever its targets (kd with concat targets would not run it)
+    data = {**BASE, "dataset": {**BASE["dataset"], "val_fraction": 0.0}, "methods": {"kd": {}, "cka": {}},
             "routing": [rule]}
-    with pytest.raises(HarnessError, match=r"dataset\.val_fraction: 0 leaves no validation images.*kd:"):
+    with pytest.raises(HarnessError, match=r"dataset\.val_fraction: 0 leaves no validation images.*(kd|cka):"):
         expand(parse_study(data))
     ok = {**data, "routing": ["mahalanobis/z/routed"]}
     assert expand(parse_study(ok))

@@ -27,6 +27,7 @@ from harness.errors import HarnessError
 from harness.models import Net
 from harness.registry import Registry
 from harness.routing import RoutingConfig, TeacherStats, route
+from harness.spaces import Dist
 
 if TYPE_CHECKING:
     from harness.config import ModelSpec
@@ -103,6 +104,10 @@ class TeacherSet(nn.Module):
         return len(self.nets)
 
 
+#: the roles of :meth:`Method.param_roles`, in the order of the optimiser's parameter groups
+PARAM_ROLES = ("body", "head", "method")
+
+
 class Method(nn.Module):
     """Base class. Subclasses set the class attributes and implement :meth:`loss_terms`."""
 
@@ -118,6 +123,11 @@ class Method(nn.Module):
     #: False when the result cannot depend on the seed (runs once per split, first seed).
     seeded: ClassVar[bool] = True
     description: ClassVar[str] = ""
+    #: the parameters worth tuning, as the method's author would search them: name of a
+    #: ``ParamsModel`` field -> distribution (:mod:`harness.spaces`; ranges include the default).
+    #: ``search: {declared: true}`` searches it, with the recipe space (``harness.search.RECIPE_SPACES``)
+    #: and the study's ``search.space`` entries on top; ``harness methods`` prints it.
+    search_space: ClassVar[dict[str, Dist]] = {}
 
     def __init__(self, student: Net, teachers: TeacherSet, params: Params, split: SplitInfo) -> None:
         super().__init__()
@@ -150,13 +160,22 @@ class Method(nn.Module):
         about. None (the default): nothing to say."""
         return None
 
-    def param_groups(self, base_lr: float) -> list[dict[str, Any]] | None:
-        """Optimiser parameter groups, e.g. ``[{"params": [...], "lr": base_lr}, {"params": [...],
-        "lr": 10 * base_lr}]``, when the method wants per-part learning rates; each trainable
-        parameter of the method in exactly one group (the loop checks); a group without ``lr``
-        gets ``base_lr``, weight decay and momentum come from ``train``. Default ``None``: one
-        group of all parameters at ``base_lr`` (``train.lr``)."""
-        return None
+    def param_roles(self) -> dict[str, list[nn.Parameter]]:
+        """Which parameter plays which role, for the per-role learning rates of ``train.lr_mult``
+        (:data:`PARAM_ROLES`; the loop, :func:`harness.train.method_optimizer`, sets the rates:
+        ``body`` at ``train.lr``, ``head`` at ``lr * lr_mult.head``, ``method`` at
+        ``lr * lr_mult.method``). A method declares roles, never rates.
+
+        Default: ``head`` = the student's classifier (:meth:`harness.models.Net.head_parameters`),
+        ``body`` = the rest of the student, ``method`` = every other parameter of the method that
+        is neither the student's nor the frozen teachers' (projectors, the CFL block, CRD's
+        embeddings). Override only where that is wrong for a method; each trainable parameter
+        must be in exactly one role (the loop checks), frozen ones are left out by the loop."""
+        head = self.student.head_parameters()
+        seen = {id(p) for p in head}
+        body = [p for p in self.student.parameters() if id(p) not in seen]
+        seen |= {id(p) for p in body} | {id(p) for p in self.teachers.parameters()}
+        return {"body": body, "head": head, "method": [p for p in self.parameters() if id(p) not in seen]}
 
     def predict(self, x: Tensor) -> Tensor:
         """Union logits used for evaluation (default: the student)."""
@@ -185,6 +204,14 @@ class Method(nn.Module):
         labels, k_star, conf = route([z.to(dev) for z in logits], [f.to(dev) for f in feats], self.teachers.stats,
                                      self.routing_rule(), self.split.offsets)
         return labels.to(home), k_star.to(home), conf.to(home)
+
+    @classmethod
+    def training_params(cls, params: dict[str, Any]) -> dict[str, Any]:
+        """The part of resolved ``params`` (JSON form) that decides what is trained; default: all.
+        Two variants of a method with equal training parameters train identically, so the grid
+        runs one of them (:func:`harness.grid.method_variants`): e.g. ``kd`` with ``concat``
+        targets, where the routing rule changes only the diagnostics."""
+        return params
 
     @classmethod
     def parse_params(cls, params: dict[str, Any], field: str) -> Params:

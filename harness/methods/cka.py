@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from harness import losses
 from harness.methods.base import Batch, Method, Params, register
 from harness.routing import RoutingConfig, target_logits
+from harness.spaces import log_float
 
 
 class CKAParams(Params):
@@ -71,6 +72,12 @@ class CKA(Method):
     terms = {"task": "w_task", "intra": "w_intra", "inter": "w_inter", "align": "w_align", "task_hard": None}
     ablations = {"task": "w_task", "intra": "w_intra", "inter": "w_inter", "align": "w_align"}
     description = "CKA (Gao et al. 2023): contrastive + alignment + soft-target amalgamation"
+    #: w_task is the anchor (fixed at 1: scaling every weight is the learning rate's job); the
+    #: other weights one decade either side, the contrastive temperatures a factor 5
+    search_space = {
+        "w_intra": log_float(0.01, 1.0), "w_inter": log_float(0.01, 1.0), "w_align": log_float(0.1, 10.0),
+        "tau": log_float(0.02, 0.5), "tau_a": log_float(0.02, 0.5), "T": log_float(0.5, 10.0),
+    }
     params: CKAParams
 
     def __init__(self, student, teachers, params, split) -> None:

@@ -240,8 +240,8 @@ def _comparison_section(data: StudyData, comp: pd.DataFrame, figs: dict[str, Pat
 def _aggregate_section(data: StudyData) -> list[str]:
     """With two or more splits: the leaderboard's aggregate block over this study's splits
     (:mod:`.leaderboard`: scores normalised by the split's supervised ``scratch`` student, IQM and
-    mean with stratified bootstrap intervals, median ranks, P(cka > other)). Nothing otherwise, or
-    when fewer than two splits have a ``scratch`` student to normalise by."""
+    mean with stratified bootstrap intervals, rank ranges from the pairwise verdicts, P(cka > other)).
+    Nothing otherwise, or when fewer than two splits have a ``scratch`` student to normalise by."""
     from harness.report import leaderboard as lb
 
     if len(data.splits) < 2:
@@ -254,8 +254,10 @@ def _aggregate_section(data: StudyData) -> list[str]:
           f"Each seed's last-epoch union accuracy as % of its split's supervised `scratch` student (mean over "
           f"seeds), over the {len(tasks)} splits: per split mean ± the half-width of its 95% t-interval; IQM and "
           "mean over every seed x split score with 95% stratified bootstrap intervals (2,000 replicates, seeded); "
-          "median rank over splits (1 = best). A row without every split gets no aggregate. The same estimators "
-          "as `harness leaderboard` (Agarwal et al. 2021).\n"]
+          "rank: the range the pairwise verdicts allow (1 + the rows ahead of it to the number of rows minus those "
+          "it is ahead of, *ahead* when the 95% interval of P(X > Y) lies above 0.5), never a bare rank where they "
+          "are inconclusive. A row without every split gets no aggregate. The same estimators as `harness "
+          "leaderboard` (Agarwal et al. 2021).\n"]
     if left:
         md.append("Left out: " + "; ".join(left) + ".\n")
     md.append(markdown(lb.leaderboard_display(frame, tasks), left=2))

@@ -17,23 +17,43 @@ Built from the MLflow store alone, like ``harness report``: each study's scoped 
 
   A split without its normaliser is left out of every task, aggregate and figure, and said so;
 - **rows**: one per method and variant (named variants included, ablations ``-x`` left out: they
-  are in each study's report), references included: ``teachers`` (the claiming ensemble) and the
+  are in each study's report, and ``cka``'s in the ablation leaderboard), references included: ``teachers`` (the claiming ensemble) and the
   supervised ``scratch`` (†, it sees labels);
+- **duplicate tasks**: a (study, split) whose trial runs logged the same data set, split,
+  teachers, student and training recipe as an earlier one (by content, not name:
+  :func:`harness.report.verdicts.content_keys`) is counted once, under the first name; its
+  (row, seed) runs the first lacks are added to it, a (row, seed) both have counts once. One line
+  of the Markdown names them (today ``mnist5k-routing``'s splits are ``mnist5k``'s);
 - **cells**: per task, the mean score over seeds ± the half-width of its 95% t-interval
   (mean ± t(0.975, n − 1) · sd / √n); per row, IQM and mean over every run x task score with
-  stratified bootstrap 95% intervals, and the median rank. A row without a score on every task
-  gets no aggregate, rank or probability of improvement (never an average over fewer tasks);
-- the probability of improvement of ``cka`` (``full``) over every other row, with its interval;
+  stratified bootstrap 95% intervals. A row without a score on every task gets no aggregate,
+  rank or probability of improvement (never an average over fewer tasks);
+- **verdicts** (:mod:`.verdicts`): for every pair of rows with every task, X is *ahead* of Y when
+  the 95% interval of P(X > Y) lies above 0.5, *behind* when below, else *inconclusive at 95%*,
+  and then the number of tasks like the observed ones that would resolve the observed difference
+  (by resampling tasks, at 80% power);
+- **rank**: never a bare rank where the intervals do not order the rows. The table's rank column
+  is the range the verdicts allow, ``1 + #rows ahead of it`` to ``K − #rows it is ahead of`` (K
+  rows with every task): ``2`` when every other row is ahead or behind, ``2–4`` when one row is
+  ahead of it, K − 4 behind it and two not ordered with it. The rows are sorted by IQM, which is
+  no rank where the range says otherwise; the median over tasks of the per-task rank stays in the
+  CSV only;
+- the probability of improvement of ``cka`` (``full``) over every other row, with its interval
+  and verdict;
+- the **ablation leaderboard** of ``cka``: per component, Δ = full − ablated paired by seed,
+  aggregated over the tasks that ran the ablation with its interval, P(full > ablated), and the
+  verdict *helps* / *hurts* / *inconclusive* (with the tasks needed);
 - figures: interval estimates (IQM and mean) and performance profiles.
 
 Outputs (``--out``, default ``results/leaderboard``): ``leaderboard.md``, ``leaderboard.csv``
-(fractions, not percent), ``leaderboard_intervals.png``, ``leaderboard_profiles.png``. Every draw
-is seeded and no build date is written: the same store gives the same files.
+(fractions, not percent), ``leaderboard_pairs.csv`` (every ordered pair),
+``leaderboard_ablations.csv``, ``leaderboard_intervals.png``, ``leaderboard_profiles.png``. Every
+draw is seeded and no build date is written: the same store gives the same files.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Collection, Mapping, Sequence
 
@@ -43,10 +63,11 @@ import pandas as pd
 from harness.errors import HarnessError
 from harness.report import aggregate as agg
 from harness.report import plots, stats
+from harness.report import verdicts as vd
 from harness.report.frames import REFERENCE_METHOD, KeyExpander, StudyData, load_study, resolve_study
 from harness.report.paths import redact_paths, show_uri
 from harness.report.scaling import t_interval
-from harness.report.tables import PRIMARY, markdown, method_rank, variant_rank
+from harness.report.tables import PRIMARY, ablation_order, markdown, method_rank, variant_rank
 from harness.tracking import row_label
 
 NORMALISERS = ("scratch", "teachers", "none")
@@ -54,8 +75,10 @@ SUPERVISED = "scratch"
 ORACLE = "diag/oracle_ensemble_acc"
 HEADLINE = ("cka", "full")  # the method whose probability of improvement over the others is tabled
 DEFAULT_OUT = Path("results") / "leaderboard"
-GENERATED = ("leaderboard.md", "leaderboard.csv", "leaderboard_*.png")
+GENERATED = ("leaderboard.md", "leaderboard.csv", "leaderboard_pairs.csv", "leaderboard_ablations.csv",
+             "leaderboard_*.png")
 DAGGER, DDAGGER, DASH = "†", "‡", "–"
+RANK = "Rank (95%)"
 #: what a score is, per normaliser (the unit of every cell: scores x 100)
 UNITS = {
     "scratch": "% of the supervised `scratch` student's union accuracy (its mean over seeds on the split)",
@@ -75,6 +98,10 @@ class Task:
     split: str
     scale: float
     source: str
+    #: the labels of tasks with the same content folded into this one, and how many of their
+    #: (row, seed) runs it did not have and took from them
+    also: tuple[str, ...] = ()
+    pooled: int = 0
 
     @property
     def label(self) -> str:
@@ -90,12 +117,22 @@ class Leaderboard:
     left_out: list[str]  # one line per split left out of the aggregates
     frame: pd.DataFrame  # one row per leaderboard row (``leaderboard.csv``)
     scores: pd.DataFrame  # one row per (task, row, seed): raw and normalised score
+    #: one row per ordered pair of rows with every task (``leaderboard_pairs.csv``)
+    pairs: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=vd.PAIR_COLUMNS))
+    #: one row per ablation of ``cka`` (``leaderboard_ablations.csv``)
+    ablations: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=vd.ABLATION_COLUMNS))
+    #: ``{duplicate task label: the task it was counted as}`` (same content, :func:`duplicates`)
+    duplicates: dict[str, str] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- scores
 def normaliser(data: StudyData, split: str, how: str) -> tuple[float | None, str]:
     """(value, source) of the split's normaliser; (None, why not) when the split has none."""
-    t = data.trials[data.trials["split"] == split]
+    return trials_normaliser(data.trials[data.trials["split"] == split], how)
+
+
+def trials_normaliser(t: pd.DataFrame, how: str) -> tuple[float | None, str]:
+    """:func:`normaliser` of one task's trials (one row per method, variant and seed)."""
     if how == "none":
         return 1.0, "none (raw accuracy)"
     if how == "scratch":
@@ -124,36 +161,85 @@ def normaliser(data: StudyData, split: str, how: str) -> tuple[float | None, str
 SCORE_COLUMNS = ["study", "split", "task", "method", "variant", "row", "kind", "uses_labels", "seed", "raw", "score"]
 
 
-def scores_frame(studies: Sequence[StudyData], how: str) -> tuple[pd.DataFrame, list[Task], list[str]]:
-    """(scores, tasks, left out): one row per task, method/variant (no ablation) and finished seed
-    with the primary metric; the tasks in the studies' and splits' order; one line per split
-    left out (no normaliser, or no run with the primary metric)."""
+def duplicates(studies: Sequence[StudyData]) -> dict[str, str]:
+    """``{task label: the earlier task label of the same content}`` over every (study, split) with
+    trial runs, studies in the order given and splits in study order (:func:`verdicts.content_keys`
+    of the params its trial runs logged: a run of one has the content of a run of the other; a split
+    whose runs logged no data-set and split config is never a duplicate)."""
+    keys = []
+    for data in studies:
+        for split in data.splits:
+            ids = data.trials.loc[data.trials["split"] == split, "run_id"]
+            rows = data.params.loc[data.params.index.intersection(ids)] if not data.params.empty else pd.DataFrame()
+            keys.append((f"{data.name}/{split}", vd.content_keys(r.to_dict() for _, r in rows.iterrows())))
+    return vd.duplicate_tasks(keys)
+
+
+def _merged_trials(studies: Sequence[StudyData],
+                   merged: Mapping[str, str]) -> list[tuple[str, str, pd.DataFrame, tuple[str, ...], int]]:
+    """(study, split, trials, folded-in labels, runs taken from them) of every task that is not a
+    duplicate: a duplicate's (method, variant, seed) runs that its kept task lacks are added to it."""
+    own = {f"{d.name}/{s}": (d.name, s, d.trials[d.trials["split"] == s]) for d in studies for s in d.splits}
+    out = []
+    for label, (study, split, t) in own.items():
+        if label in merged:
+            continue
+        also = tuple(k for k, v in merged.items() if v == label)
+        added = 0
+        for dup in also:
+            extra = own[dup][2]
+            have = set(zip(t["method"], t["variant"], t["seed"]))
+            new = extra[[k not in have for k in zip(extra["method"], extra["variant"], extra["seed"])]]
+            added += len(new)
+            t = pd.concat([t, new.assign(split=split)], ignore_index=True) if len(new) else t
+        out.append((study, split, t, also, added))
+    return out
+
+
+def _scores(studies: Sequence[StudyData], how: str, merged: Mapping[str, str] | None,
+            ablations: bool) -> tuple[pd.DataFrame, list[Task], list[str]]:
     records: list[dict[str, Any]] = []
     tasks: list[Task] = []
     left: list[str] = []
-    for data in studies:
-        for split in data.splits:
-            t = data.trials[(data.trials["split"] == split) & ~data.trials["variant"].str.startswith("-")]
-            label = f"{data.name}/{split}"
-            if PRIMARY not in t or t[PRIMARY].dropna().empty:
-                if not t.empty:
-                    left.append(f"`{label}`: no finished trial run logged `{PRIMARY}`: left out")
-                continue
-            scale, source = normaliser(data, split, how)
-            if scale is None:
-                left.append(f"`{label}`: {source}: left out of the leaderboard and its aggregates")
-                continue
-            tasks.append(Task(data.name, split, scale, source))
-            t = t.dropna(subset=[PRIMARY])
-            for method, variant, labels, seed, raw in zip(t["method"], t["variant"], t["uses_labels"], t["seed"],
-                                                          t[PRIMARY]):
-                records.append({"study": data.name, "split": split, "task": label, "method": method,
-                                "variant": variant, "row": row_label(method, variant),
-                                "kind": "reference" if method == REFERENCE_METHOD else "method",
-                                "uses_labels": bool(labels), "seed": int(seed), "raw": float(raw),
-                                "score": float(raw) / scale})
+    for study, split, every, also, added in _merged_trials(studies, merged or {}):
+        abl = every["variant"].str.startswith("-")
+        t = every[~abl]
+        label = f"{study}/{split}"
+        named = f"`{label}`" + "".join(f" (and `{d}`, the same task)" for d in also)
+        if PRIMARY not in t or t[PRIMARY].dropna().empty:
+            if not t.empty:
+                left.append(f"{named}: no finished trial run logged `{PRIMARY}`: left out")
+            continue
+        scale, source = trials_normaliser(t, how)
+        if scale is None:
+            left.append(f"{named}: {source}: left out of the leaderboard and its aggregates")
+            continue
+        tasks.append(Task(study, split, scale, source, also, added))
+        t = (every[abl] if ablations else t).dropna(subset=[PRIMARY])
+        for method, variant, labels, seed, raw in zip(t["method"], t["variant"], t["uses_labels"], t["seed"],
+                                                      t[PRIMARY]):
+            records.append({"study": study, "split": split, "task": label, "method": method,
+                            "variant": variant, "row": row_label(method, variant),
+                            "kind": "reference" if method == REFERENCE_METHOD else "method",
+                            "uses_labels": bool(labels), "seed": int(seed), "raw": float(raw),
+                            "score": float(raw) / scale})
     df = pd.DataFrame(records, columns=SCORE_COLUMNS)
     return df.sort_values(["task", "row", "seed"], kind="stable").reset_index(drop=True), tasks, left
+
+
+def scores_frame(studies: Sequence[StudyData], how: str,
+                 merged: Mapping[str, str] | None = None) -> tuple[pd.DataFrame, list[Task], list[str]]:
+    """(scores, tasks, left out): one row per task, method/variant (no ablation) and finished seed
+    with the primary metric; the tasks in the studies' and splits' order; one line per split
+    left out (no normaliser, or no run with the primary metric). ``merged``: ``{duplicate task:
+    kept task}`` (:func:`duplicates`): a duplicate is no task of its own, its runs of a (method,
+    variant, seed) the kept task lacks count on the kept task (normaliser included)."""
+    return _scores(studies, how, merged, ablations=False)
+
+
+def ablation_scores(studies: Sequence[StudyData], how: str, merged: Mapping[str, str] | None = None) -> pd.DataFrame:
+    """The ablation variants' (``-x``) scores, as :func:`scores_frame` (same tasks and normalisers)."""
+    return _scores(studies, how, merged, ablations=True)[0]
 
 
 # ----------------------------------------------------------------------------- the table
@@ -168,13 +254,35 @@ def per_task(scores: pd.DataFrame, row: str, tasks: Sequence[Task]) -> list[np.n
     return [sub.loc[sub["task"] == t.label].sort_values("seed")["score"].to_numpy(dtype=float) for t in tasks]
 
 
+def complete_rows(scores: pd.DataFrame, tasks: Sequence[Task]) -> dict[str, list[np.ndarray]]:
+    """``{row: its scores per task}`` of the rows with a score on every task, ``cka`` (full) first,
+    then in the preferred method order."""
+    out = {}
+    for method, variant in _rows(scores):
+        label = row_label(method, variant)
+        per = per_task(scores, label, tasks)
+        if all(a.size > 0 for a in per):
+            out[label] = per
+    head = row_label(*HEADLINE)
+    return {k: out[k] for k in sorted(out, key=lambda k: k != head)}
+
+
+def pairs_frame(scores: pd.DataFrame, tasks: Sequence[Task], reps: int = agg.REPS, seed: int = agg.SEED,
+                needed: bool = True, power: float = vd.POWER, cap: int = vd.CAP) -> pd.DataFrame:
+    """:func:`verdicts.pairwise` over the rows with every task (``cka`` first: P(cka > Y) is the
+    same number as in :func:`leaderboard_frame`'s ``poi_cka``)."""
+    return vd.pairwise(complete_rows(scores, tasks), reps=reps, seed=seed, needed=needed, power=power, cap=cap)
+
+
 def leaderboard_frame(scores: pd.DataFrame, tasks: Sequence[Task], reps: int = agg.REPS, seed: int = agg.SEED,
-                      normalise: str = "scratch") -> pd.DataFrame:
+                      normalise: str = "scratch", pairs: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per method/variant: per task mean, 95% t-interval and n; for rows with every task
-    the aggregates (point, low, high), the median rank among those rows and P(cka > row);
-    sorted by IQM (highest first), rows without every task last."""
+    the aggregates (point, low, high), the median rank among those rows, the range of ranks the
+    pairwise verdicts allow (``rank_best``, ``rank_worst``), P(cka > row) and its verdict; sorted by
+    IQM (highest first), rows without every task last. ``pairs``: :func:`pairs_frame` (computed,
+    without the tasks needed, when not given)."""
     out: list[dict[str, Any]] = []
-    arrays: dict[str, list[np.ndarray]] = {}
+    arrays = complete_rows(scores, tasks)
     for method, variant in _rows(scores):
         label = row_label(method, variant)
         sub = scores[scores["row"] == label]
@@ -189,21 +297,26 @@ def leaderboard_frame(scores: pd.DataFrame, tasks: Sequence[Task], reps: int = a
             rec.update({f"{t.label}.mean": s.mean, f"{t.label}.ci_low": lo, f"{t.label}.ci_high": hi,
                         f"{t.label}.n": s.n})
         if rec["complete"]:
-            arrays[label] = per
             for name, iv in agg.interval_estimates(per, reps=reps, seed=seed).items():
                 rec.update({name: iv.point, f"{name}_low": iv.low, f"{name}_high": iv.high})
         out.append(rec)
     ranks = agg.median_ranks({k: [float(a.mean()) for a in v] for k, v in arrays.items()})
+    if pairs is None:
+        pairs = pairs_frame(scores, tasks, reps, seed, needed=False)
+    ranges = vd.rank_ranges(pairs, list(arrays))
     head = row_label(*HEADLINE)
+    mine = pairs[pairs["x"] == head].set_index("y")
     for rec in out:
         rec["median_rank"] = ranks.get(rec["row"], agg.NAN)
-        if head in arrays and rec["row"] in arrays and rec["row"] != head:
-            iv = agg.poi_interval(arrays[head], arrays[rec["row"]], reps=reps, seed=seed)
-            rec.update({"poi_cka": iv.point, "poi_cka_low": iv.low, "poi_cka_high": iv.high})
+        rec["rank_best"], rec["rank_worst"] = ranges.get(rec["row"], (agg.NAN, agg.NAN))
+        if rec["row"] in mine.index:
+            p = mine.loc[rec["row"]]
+            rec.update({"poi_cka": p["poi"], "poi_cka_low": p["poi_low"], "poi_cka_high": p["poi_high"],
+                        "verdict_cka": p["verdict"]})
     cols = ["row", "method", "variant", "kind", "uses_labels", "normalise", "n_tasks", "n_tasks_total", "complete"]
     cols += [f"{t.label}.{c}" for t in tasks for c in ("mean", "ci_low", "ci_high", "n")]
     cols += [f"{a}{s}" for a in agg.AGGREGATES for s in ("", "_low", "_high")]
-    cols += ["median_rank", "poi_cka", "poi_cka_low", "poi_cka_high"]
+    cols += ["median_rank", "rank_best", "rank_worst", "poi_cka", "poi_cka_low", "poi_cka_high", "verdict_cka"]
     df = pd.DataFrame(out).reindex(columns=cols)
     df["order"] = range(len(df))  # the preferred method order breaks ties
     df["_key"] = df["iqm"].where(df["complete"].astype(bool), -np.inf)
@@ -255,12 +368,13 @@ def task_cell(mean: float, lo: float, hi: float, n: int, most: int) -> str:
 
 
 def leaderboard_display(frame: pd.DataFrame, tasks: Sequence[Task]) -> pd.DataFrame:
-    """The table as Markdown strings: method, tasks, one column per task, IQM, mean, median rank."""
+    """The table as Markdown strings: method, tasks, one column per task, IQM, mean, and the rank
+    range the pairwise verdicts allow (never a bare rank where they are inconclusive)."""
     total = len(tasks)
     out: dict[str, list[str]] = {"Method": [], "Tasks": []}
     for t in tasks:
         out[f"`{t.label}`"] = []
-    out.update({"IQM [95% CI]": [], "Mean [95% CI]": [], "Median rank": []})
+    out.update({"IQM [95% CI]": [], "Mean [95% CI]": [], RANK: []})
     most = {t.label: int(frame[f"{t.label}.n"].max()) for t in tasks}
     for _, r in frame.iterrows():
         out["Method"].append(display_name(r["row"], r["kind"], bool(r["uses_labels"])).replace("|", r"\|"))
@@ -271,7 +385,7 @@ def leaderboard_display(frame: pd.DataFrame, tasks: Sequence[Task]) -> pd.DataFr
                                                  r[f"{t.label}.ci_high"], int(r[f"{t.label}.n"]), most[t.label]))
         out["IQM [95% CI]"].append(_interval(r["iqm"], r["iqm_low"], r["iqm_high"]))
         out["Mean [95% CI]"].append(_interval(r["mean"], r["mean_low"], r["mean_high"]))
-        out["Median rank"].append(DASH if pd.isna(r["median_rank"]) else f"{r['median_rank']:g}")
+        out[RANK].append(vd.rank_text(r["rank_best"], r["rank_worst"]))
     return pd.DataFrame(out)
 
 
@@ -289,14 +403,139 @@ def poi_section(frame: pd.DataFrame, total: int) -> list[str]:
               "task, ties counting ½ (the Mann–Whitney U statistic over n_x · n_y), averaged over the tasks; 0.5 = "
               "neither is better. Per task it does not depend on the normaliser. 95% CI: stratified bootstrap "
               "percentile interval, both methods' seeds resampled independently within each task.\n")
-    rows: dict[str, list[str]] = {"Y": [], "Tasks": [], f"P({head} > Y) [95% CI]": []}
+    md.append(f"Verdict: `{head}` is *ahead* of Y when the whole interval lies above 0.5, *behind* when below, "
+              "else *inconclusive at 95%*.\n")
+    poi, word = f"P({head} > Y) [95% CI]", f"`{head}` vs Y"
+    rows: dict[str, list[str]] = {"Y": [], "Tasks": [], poi: [], word: []}
     for _, r in frame[frame["row"] != head].iterrows():
         n = int(r["n_tasks"])
         rows["Y"].append(display_name(r["row"], r["kind"], bool(r["uses_labels"])).replace("|", r"\|"))
         rows["Tasks"].append(f"{n}/{total}" if n == total else f"{n}/{total} tasks {DDAGGER}")
-        rows[f"P({head} > Y) [95% CI]"].append(
-            DASH if pd.isna(r["poi_cka"]) else f"{r['poi_cka']:.3f} [{r['poi_cka_low']:.3f}, {r['poi_cka_high']:.3f}]")
+        none = pd.isna(r["poi_cka"])
+        rows[poi].append(DASH if none else f"{r['poi_cka']:.3f} [{r['poi_cka_low']:.3f}, {r['poi_cka_high']:.3f}]")
+        rows[word].append(DASH if none else vd.say(r["verdict_cka"]))
     return md + [markdown(pd.DataFrame(rows))]
+
+
+def _needed(p: Mapping[str, Any], power: float = vd.POWER, cap: int = vd.CAP, null: float = 0.5) -> vd.Needed | None:
+    """The tasks needed of a pair (``null`` 0.5) or ablation row (0); None where not computed."""
+    if pd.isna(p["needed_power"]):
+        return None
+    return vd.Needed(None if pd.isna(p["tasks_needed"]) else int(p["tasks_needed"]), bool(p["needed_resolvable"]),
+                     bool(p["needed_capped"]), float(p["needed_power"]), power, cap, vd.DRAWS, null)
+
+
+def pairs_section(frame: pd.DataFrame, pairs: pd.DataFrame, total: int, power: float = vd.POWER,
+                  cap: int = vd.CAP) -> list[str]:
+    """Every pair of rows with every task: ahead / behind / inconclusive at 95%, with P(X > Y) and
+    its interval, and for an inconclusive pair the tasks needed (a matrix, then one line per
+    inconclusive pair)."""
+    md = ["## Pairwise verdicts\n"]
+    rows = [r for r in frame["row"] if r in set(pairs["x"])]
+    if len(rows) < 2:
+        return md + ["Fewer than two rows have a score on every task: no pair to compare.\n"]
+    names = {r: display_name(r, k, bool(u)) for r, k, u in zip(frame["row"], frame["kind"], frame["uses_labels"])}
+    md.append("Cell (row X, column Y): X is **ahead** of Y when the 95% interval of P(X > Y) lies above 0.5, "
+              "**behind** when it lies below, else *inconclusive at 95%*, with P(X > Y) [95% CI] (the estimator of "
+              "the section above; P(Y > X) = 1 − P(X > Y), so the table is antisymmetric). Only the rows with a "
+              "score on every task. For an inconclusive pair, *~n tasks*: how many tasks like these would resolve "
+              f"it: n tasks are drawn with replacement from the {total} observed (with their seeds), the interval is "
+              "recomputed by the same stratified bootstrap, and n is the smallest number at which it excludes 0.5, "
+              f"on the observed side, in at least {power:.0%} of {vd.DRAWS} such simulated leaderboards (searched "
+              f"up to {cap} by doubling and bisection); *no difference* when P(X > Y) is exactly 0.5.\n")
+    at = pairs.set_index(["x", "y"])
+    table: dict[str, list[str]] = {"X \\ Y": [names[r].replace("|", r"\|") for r in rows]}
+    for y in rows:
+        col = []
+        for x in rows:
+            if x == y:
+                col.append(DASH)
+                continue
+            p = at.loc[(x, y)]
+            cell = f"{p['verdict']} {p['poi']:.2f} [{p['poi_low']:.2f}, {p['poi_high']:.2f}]"
+            if p["verdict"] == vd.INCONCLUSIVE:
+                nd = _needed(p, power, cap)
+                cell += f", {nd.short()}" if nd else ""
+            else:
+                cell = f"**{p['verdict']}**" + cell[len(p["verdict"]):]
+            col.append(cell)
+        table[names[y]] = col
+    md.append(markdown(pd.DataFrame(table), left=1))
+    lines = []
+    for i, x in enumerate(rows):
+        for y in rows[i + 1:]:
+            p = at.loc[(x, y)]
+            if p["verdict"] == vd.INCONCLUSIVE:
+                nd = _needed(p, power, cap)
+                lines.append(f"- `{x}` vs `{y}`: inconclusive at 95% (P(`{x}` > `{y}`) = {p['poi']:.3f} "
+                             f"[{p['poi_low']:.3f}, {p['poi_high']:.3f}])"
+                             + (f"; {nd.sentence(total)}" if nd else "") + ".\n")
+    if lines:
+        md += ["Inconclusive pairs:\n", "".join(lines)]
+    else:
+        md.append("Every pair is resolved at 95%.\n")
+    return md
+
+
+def ablation_section(abl: pd.DataFrame, total: int, power: float = vd.POWER, cap: int = vd.CAP) -> list[str]:
+    """The ablation leaderboard of ``cka``: per component, Δ = full − ablated paired by seed and
+    aggregated over tasks, P(full > ablated), the verdict and, when inconclusive, the tasks needed."""
+    method = HEADLINE[0]
+    md = [f"## Ablations of `{method}` over tasks\n"]
+    if abl.empty:
+        return md + [f"No ablation of `{method}` (variant `-x`) in these studies.\n"]
+    md.append(f"Per task and component c: Δ = score of `{method}` − score of `{method}-c` for each seed finished in "
+              "both (paired by seed; normalised scores, x 100 = points), averaged over those seeds; then averaged "
+              "over the tasks that ran the ablation (*Tasks*), with a 95% stratified bootstrap interval (the paired "
+              f"differences resampled within each task, seeded). P(full > ablated): the probability of improvement "
+              "over the same seeds, with its interval. Verdict from Δ's interval: the component **helps** when it "
+              "lies above 0 (removing it costs), **hurts** when below, else *inconclusive at 95%*, with the tasks "
+              f"needed to resolve Δ (as for the pairs: {power:.0%} of {vd.DRAWS} simulated leaderboards, up to "
+              f"{cap} tasks).\n")
+    rows: dict[str, list[str]] = {"Component": [], "Tasks": [], "Pairs": [], "Δ (points) [95% CI]": [],
+                                  "P(full > ablated) [95% CI]": [], "Verdict": []}
+    lines = []
+    for _, r in abl.iterrows():
+        rows["Component"].append(f"`{r['component']}` (`{method}{r['variant']}`)")
+        rows["Tasks"].append(f"{int(r['n_tasks'])}/{total}")
+        rows["Pairs"].append(str(int(r["n_pairs"])))
+        if not int(r["n_tasks"]):
+            rows["Δ (points) [95% CI]"].append(DASH)
+            rows["P(full > ablated) [95% CI]"].append(DASH)
+            rows["Verdict"].append("no seed paired with `full`")
+            continue
+        rows["Δ (points) [95% CI]"].append(
+            f"{100 * r['delta']:+.1f} [{100 * r['delta_low']:+.1f}, {100 * r['delta_high']:+.1f}]")
+        rows["P(full > ablated) [95% CI]"].append(f"{r['poi']:.3f} [{r['poi_low']:.3f}, {r['poi_high']:.3f}]")
+        word = r["verdict"]
+        if word == vd.INCONCLUSIVE:
+            nd = _needed(r, power, cap, null=0.0)
+            rows["Verdict"].append("inconclusive at 95%" + (f", {nd.short()}" if nd else ""))
+            if nd:
+                n = int(r["n_tasks"])
+                lines.append(f"- `{r['component']}`: inconclusive at 95% over {n} task{'s' * (n != 1)}; "
+                             f"{nd.sentence(n)}.\n")
+        else:
+            rows["Verdict"].append(f"component **{word}**")
+    md.append(markdown(pd.DataFrame(rows), left=2))
+    if lines:
+        md += ["".join(lines)]
+    return md
+
+
+def duplicate_line(tasks: Sequence[Task]) -> str | None:
+    """One line naming every task counted under another's name, or None."""
+    parts = []
+    for t in tasks:
+        for dup in t.also:
+            parts.append(f"`{dup}` is `{t.label}` under a second name")
+    if not parts:
+        return None
+    pooled = [f"{t.pooled} from {', '.join(f'`{d}`' for d in t.also)} into `{t.label}`" for t in tasks if t.also]
+    return ("**Duplicate tasks**, detected by content (equal data set, split, teachers, student and training recipe "
+            "in their runs' logged config): " + "; ".join(parts) + ". Each is counted once, under the first name; a "
+            "(row, seed) both have is taken from the first, a (row, seed) only the second has is added to it (seeds "
+            "pooled, none counted twice; runs added: " + "; ".join(pooled) + ").\n")
 
 
 def _study_line(data: StudyData, tasks: Sequence[Task]) -> str:
@@ -306,8 +545,9 @@ def _study_line(data: StudyData, tasks: Sequence[Task]) -> str:
 
 
 def leaderboard_markdown(studies: Sequence[StudyData], board: Leaderboard, normalise: str, reps: int, seed: int,
-                         figures: Mapping[str, Path]) -> str:
-    """``leaderboard.md``: sources, tasks and normalisers, the table, P(cka > ·), figures, method."""
+                         figures: Mapping[str, Path], power: float = vd.POWER, cap: int = vd.CAP) -> str:
+    """``leaderboard.md``: sources, duplicate tasks, tasks and normalisers, the table, P(cka > ·),
+    the pairwise verdicts, the ablations of cka, figures, method."""
     tasks, frame, total = board.tasks, board.frame, len(board.tasks)
     uris = sorted({show_uri(d.uri) for d in studies})
     md = ["# Leaderboard\n",
@@ -320,14 +560,20 @@ def leaderboard_markdown(studies: Sequence[StudyData], board: Leaderboard, norma
         md += ["Normalisers:\n", markdown(pd.DataFrame({
             "Task": [f"`{t.label}`" for t in tasks], "Normaliser": [t.source for t in tasks],
             "Union acc. (%)": [_pct(t.scale) for t in tasks]}), left=2)]
+    dup = duplicate_line(tasks)
+    if dup:
+        md.append(dup)
     if board.left_out:
         md.append("Left out: " + "; ".join(board.left_out) + ".\n")
     md += ["## Scores per task and aggregates\n",
            "Per task: mean score over seeds ± the half-width of its 95% t-interval (mean ± t(0.975, n − 1) · sd / "
            "√n; none for one seed); n where a row has fewer seeds than the task's other rows. IQM: interquartile "
            "mean of every seed x task score; mean: mean over tasks of the mean over seeds; both with 95% stratified "
-           "bootstrap intervals. Median rank: rank per task by mean score among the rows with every task "
-           "(1 = best; ties share the average), median over tasks. Sorted by IQM.\n",
+           f"bootstrap intervals. {RANK}: never a bare rank where the evidence does not order the rows: among the "
+           "rows with every task, from 1 + the number of rows *ahead* of the row to the number of rows minus the "
+           "number it is *ahead* of (verdicts of the 95% intervals of P(X > Y), section *Pairwise verdicts*); one "
+           "number only when every other row is ahead or behind. Sorted by IQM (the order of the rows is no rank "
+           "where the range says otherwise; the median over tasks of the per-task rank is in `leaderboard.csv`).\n",
            markdown(leaderboard_display(frame, tasks), left=2)]
     notes = [f"{DAGGER} trained with labels (the supervised student"
              + (", and the normaliser: its mean is 100 on every task)." if normalise == "scratch" else ").")]
@@ -339,6 +585,8 @@ def leaderboard_markdown(studies: Sequence[StudyData], board: Leaderboard, norma
                      f"improvement ({DASH}): aggregates are never computed over fewer tasks.")
     md.append(" ".join(notes) + "\n")
     md += poi_section(frame, total)
+    md += pairs_section(frame, board.pairs, total, power, cap)
+    md += ablation_section(board.ablations, total, power, cap)
     if figures:
         md.append("## Figures\n")
         if "intervals" in figures:
@@ -352,9 +600,16 @@ def leaderboard_markdown(studies: Sequence[StudyData], board: Leaderboard, norma
            f"{reps} replicates resamples the seeds of every task with replacement, within the task only; the "
            "interval is the 2.5 and 97.5 percentiles of the replicates (`numpy.random.default_rng"
            f"({seed})`). Performance profile: the fraction of seed x task scores above τ (the mean over tasks of "
-           "each task's fraction), with pointwise bootstrap bands. Ablation variants (`-x`) are left out (they "
-           "are in each study's report); `leaderboard.csv` has every number as a fraction, with the median and "
-           "the optimality gap (1 − mean of min(score, 1)) and their intervals.\n"]
+           "each task's fraction), with pointwise bootstrap bands. Ablation variants (`-x`) are left out of the "
+           f"rows (they are in each study's report and, for `{HEADLINE[0]}`, in the ablation section); "
+           "`leaderboard.csv` has every number as a fraction, with the median and the optimality gap (1 − mean of "
+           "min(score, 1)) and their intervals, the median rank and the rank range; `leaderboard_pairs.csv` every "
+           "ordered pair (P(X > Y), interval, verdict, tasks needed); `leaderboard_ablations.csv` the ablation "
+           f"section. Tasks needed: {agg.REPS} bootstrap replicates of each observed task's statistic (centred on "
+           f"it), {vd.NEEDED_REPS} replicates per simulated interval, {vd.DRAWS} simulated leaderboards per number "
+           f"of tasks, seeded (`numpy.random.default_rng({seed})`); the search assumes the fraction resolved grows "
+           "with the number of tasks and stops within 5% of it: an estimate (another seed moves it by about a "
+           "tenth), to read as an order of magnitude.\n"]
     return "\n".join(md)
 
 
@@ -375,6 +630,14 @@ def _load(study: str, tracking_uri: str | None, keys: Collection[str] | None,
         raise HarnessError("leaderboard: " + str(e).removeprefix("report: ")) from None
 
 
+def _ablation_order(studies: Sequence[StudyData]) -> list[str]:
+    """The ablation variants in the first study file's order that lists them (then the preferred one)."""
+    out: list[str] = []
+    for d in studies:
+        out += [v for v in ablation_order(d) if v not in out]
+    return out
+
+
 def _clear_outputs(out: Path) -> None:
     for pattern in GENERATED:
         for f in out.glob(pattern):
@@ -385,10 +648,11 @@ def _clear_outputs(out: Path) -> None:
 def build_leaderboard(studies: Sequence[str], tracking_uri: str | None = None, out_dir: str | Path | None = None,
                       normalise: str = "scratch", reps: int = agg.REPS, seed: int = agg.SEED,
                       keys: Mapping[str, Collection[str]] | None = None,
-                      expand: KeyExpander | None = None) -> Leaderboard:
+                      expand: KeyExpander | None = None, power: float = vd.POWER, cap: int = vd.CAP) -> Leaderboard:
     """Read every study (a name or a study file; ``keys``: the trial keys of a study file given,
     by argument), write the leaderboard into ``out_dir`` and return it. Everything is read and
-    computed before the folder is touched: an error leaves nothing half-written."""
+    computed before the folder is touched: an error leaves nothing half-written. ``power`` and
+    ``cap``: of the tasks needed (:func:`verdicts.tasks_needed`)."""
     if normalise not in NORMALISERS:
         raise HarnessError(f"leaderboard: --normalise must be one of {', '.join(NORMALISERS)}, got {normalise!r}")
     if reps < 1:
@@ -400,17 +664,28 @@ def build_leaderboard(studies: Sequence[str], tracking_uri: str | None = None, o
     if twice:
         raise HarnessError(f"leaderboard: study '{twice[0]}' given more than once")
     datas = [_load(s, tracking_uri, (keys or {}).get(s), expand) for s in studies]
-    scores, tasks, left = scores_frame(datas, normalise)
+    merged = duplicates(datas)
+    scores, tasks, left = scores_frame(datas, normalise, merged)
     if not tasks:
         raise HarnessError(f"leaderboard: no split has its normaliser (--normalise {normalise}; "
                            + "; ".join(left) + "); --normalise none uses the raw accuracy")
-    frame = leaderboard_frame(scores, tasks, reps, seed, normalise)
+    pairs = pairs_frame(scores, tasks, reps, seed, power=power, cap=cap)
+    frame = leaderboard_frame(scores, tasks, reps, seed, normalise, pairs)
+    order = {r: i for i, r in enumerate(frame["row"])}  # the pairs in the table's order
+    pairs = pairs.sort_values(["x", "y"], key=lambda c: c.map(order), kind="stable").reset_index(drop=True)
+    head = scores[(scores["method"] == HEADLINE[0]) & (scores["variant"] == "full")]
+    abl = ablation_scores(datas, normalise, merged)
+    ablations = vd.ablation_frame(pd.concat([head, abl[abl["method"] == HEADLINE[0]]], ignore_index=True),
+                                  [t.label for t in tasks], HEADLINE[0], _ablation_order(datas), reps, seed,
+                                  power=power, cap=cap)
     profiles = profiles_frame(scores, tasks, frame, reps, seed)
     out = Path(out_dir) if out_dir is not None else DEFAULT_OUT
     out.mkdir(parents=True, exist_ok=True)
     _clear_outputs(out)
-    board = Leaderboard(out, tasks, left, frame, scores)
+    board = Leaderboard(out, tasks, left, frame, scores, pairs, ablations, dict(merged))
     frame.to_csv(out / "leaderboard.csv", index=False)
+    pairs.to_csv(out / "leaderboard_pairs.csv", index=False)
+    ablations.to_csv(out / "leaderboard_ablations.csv", index=False)
     complete = frame[frame["complete"].astype(bool)]
     pal = plots.palette(list(frame["row"]))
     names_of = {r: display_name(r, k, bool(u)) for r, k, u in zip(frame["row"], frame["kind"], frame["uses_labels"])}
@@ -419,5 +694,5 @@ def build_leaderboard(studies: Sequence[str], tracking_uri: str | None = None, o
             "profiles": plots.performance_profile_plot(profiles, names_of, pal, AXIS[normalise],
                                                        out / "leaderboard_profiles.png")}
     figures = {k: v for k, v in figs.items() if v is not None}
-    (out / "leaderboard.md").write_text(leaderboard_markdown(datas, board, normalise, reps, seed, figures))
+    (out / "leaderboard.md").write_text(leaderboard_markdown(datas, board, normalise, reps, seed, figures, power, cap))
     return board

@@ -20,9 +20,10 @@ from torch import Tensor, nn
 
 from harness import losses
 from harness.config import TrainConfig
+from harness.errors import HarnessError
 from harness.methods.base import Batch, SplitInfo, TeacherSet, get_method
 from harness.models import build_model
-from harness.train import make_optimizer, method_optimizer
+from harness.train import method_optimizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -205,9 +206,13 @@ def test_teacher_maps_of_another_size_are_average_pooled_to_the_students():
     torch.testing.assert_close(terms["mmd"], mmd, atol=1e-10, rtol=0)
 
 
-def test_param_groups_carry_lr_10lr_10lr_and_cover_every_trainable_parameter_once():
+def test_reference_rates_are_the_recipes_lr_mult_and_cover_every_trainable_parameter_once():
+    """The reference's Adam groups (backbone 1x, head 10x, CFL block 10x) are the recipe's
+    ``train.lr_mult: {head: 10, method: 10}``: cfl declares the default roles, the block is its own."""
     m = _conv_method()
-    opt = method_optimizer(m, TrainConfig(lr=0.002, optimizer="adam", weight_decay=1e-4))
+    ref = TrainConfig(lr=0.002, optimizer="adam", weight_decay=1e-4, lr_mult={"head": 10, "method": 10})
+    opt = method_optimizer(m, ref)
+    assert [g["role"] for g in opt.param_groups] == ["body", "head", "method"]
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.002, 0.02, 0.02])
     assert all(g["weight_decay"] == 1e-4 for g in opt.param_groups)
     ids = [{id(p) for p in g["params"]} for g in opt.param_groups]
@@ -215,26 +220,32 @@ def test_param_groups_carry_lr_10lr_10lr_and_cover_every_trainable_parameter_onc
     assert ids[1] == head and ids[0] == {id(p) for p in m.student.parameters()} - head
     assert ids[2] == {id(p) for mod in (m.a_s, m.a_t, m.extractor, m.dec) for p in mod.parameters()}
     assert sum(map(len, ids)) == len(set().union(*ids)) == sum(1 for p in m.parameters() if p.requires_grad)
-    sgd = method_optimizer(_conv_method(lr_mult_head=3.0, lr_mult_cfl=0.5), TrainConfig(lr=0.1, optimizer="sgd"))
+    sgd = method_optimizer(_conv_method(), TrainConfig(lr=0.1, optimizer="sgd", lr_mult={"head": 3, "method": 0.5}))
     assert [g["lr"] for g in sgd.param_groups] == pytest.approx([0.1, 0.3, 0.05])
 
 
-def test_multipliers_of_one_give_the_single_group_of_every_other_method():
-    m = _conv_method(lr_mult_head=1.0, lr_mult_cfl=1.0)
-    assert m.param_groups(0.001) is None
-    cfg = TrainConfig(lr=0.001)
-    one, plain = method_optimizer(m, cfg), make_optimizer(m.parameters(), cfg)
-    assert len(one.param_groups) == 1 and [id(p) for p in one.param_groups[0]["params"]] == [
-        id(p) for p in plain.param_groups[0]["params"]]
-
-
-def test_groups_that_miss_or_repeat_a_parameter_are_refused():
+def test_by_default_cfl_trains_every_part_at_train_lr_like_every_other_method():
     m = _conv_method()
-    groups = m.param_groups(0.001)
-    for bad in (groups[:2], groups + [{"params": groups[1]["params"]}]):
-        m.param_groups = lambda lr, bad=bad: bad  # type: ignore[method-assign]
-        with pytest.raises(ValueError, match="each trainable parameter exactly once"):
+    opt = method_optimizer(m, TrainConfig(lr=0.001))
+    assert [g["lr"] for g in opt.param_groups] == [0.001] * 3
+    assert {id(p) for g in opt.param_groups for p in g["params"]} == {id(p) for p in m.parameters() if p.requires_grad}
+
+
+def test_roles_that_miss_or_repeat_a_parameter_are_refused():
+    m = _conv_method()
+    roles = m.param_roles()
+    for bad in ({"body": roles["body"], "head": roles["head"]},
+                {**roles, "method": roles["method"] + roles["head"]},
+                {**roles, "block": []}):
+        m.param_roles = lambda bad=bad: bad  # type: ignore[method-assign]
+        with pytest.raises(ValueError, match="exactly once|unknown role 'block'"):
             method_optimizer(m, TrainConfig())
+
+
+@pytest.mark.parametrize("name,role", [("lr_mult_head", "head"), ("lr_mult_cfl", "method")])
+def test_the_former_rate_parameters_point_to_the_recipe(name, role):
+    with pytest.raises(HarnessError, match=rf"^methods\.cfl\.{name}: .*train\.lr_mult\.{role} "):
+        get_method("cfl").parse_params({name: 10.0}, "methods.cfl")
 
 
 def test_pooled_variant_is_the_former_cfl_by_hand():

@@ -69,12 +69,31 @@ def test_distance_relation_by_hand():
     # 1-1-sqrt2: mu = (2 + sqrt2) / 3
     c = 3 / (2 + math.sqrt(2))
     assert torch.allclose(distance_relation(T3), torch.tensor([[0, c, c], [c, 0, c * math.sqrt(2)], [c, c * math.sqrt(2), 0]], dtype=D))
-    # mu is the mean of the *non-zero* distances: a duplicated point does not lower it
-    # (0,0) twice: non-zero distances 3, 4, 5, 3, 4 (each twice) -> mu = 19 / 5, not 38 / 16
+    # a duplicated point is 1e-6 from its twin, as in the reference, and counts in mu:
+    # (0,0) twice: distances 3, 4, 5, 3, 4, 1e-6 (each twice) -> mu = (19 + 1e-6) / 6
     dup = torch.cat([S3, S3[:1]])
     psi = distance_relation(dup)
-    assert psi[0, 3].item() == 0.0 and psi[1, 2].item() == pytest.approx(5 / (19 / 5), rel=1e-14)
-    assert psi[3, 1].item() == pytest.approx(3 / (19 / 5), rel=1e-14)
+    mu = (19 + 1e-6) / 6
+    assert psi[0, 3].item() == pytest.approx(1e-6 / mu, rel=1e-12) and psi[3, 3].item() == 0.0
+    assert psi[1, 2].item() == pytest.approx(5 / mu, rel=1e-14) and psi[3, 1].item() == pytest.approx(3 / mu, rel=1e-14)
+
+
+def _reference_pdist_relation(e: torch.Tensor) -> torch.Tensor:
+    """RepDistiller's ``RKDLoss`` distance relation, transcribed: ``pdist(e, squared=False)``
+    (squared distances from |a|^2 + |b|^2 - 2 a.b clamped at eps = 1e-12, square root, diagonal
+    set to 0), divided by the mean of its positive entries."""
+    e_square = e.pow(2).sum(dim=1)
+    prod = e @ e.t()
+    res = (e_square.unsqueeze(1) + e_square.unsqueeze(0) - 2 * prod).clamp(min=1e-12).sqrt().clone()
+    res[range(len(e)), range(len(e))] = 0
+    return res / res[res > 0].mean()
+
+
+def test_distance_relation_equals_the_reference_with_duplicated_rows():
+    g = torch.Generator().manual_seed(8)
+    e = torch.randn(7, 5, generator=g, dtype=D)
+    for rows in (e, torch.cat([e, e[:2], e[3:4]]), e[:1].expand(4, -1)):  # none, three, all rows duplicated
+        assert torch.allclose(distance_relation(rows), _reference_pdist_relation(rows), rtol=1e-9, atol=1e-12)
 
 
 def test_distance_loss_by_hand():
@@ -86,12 +105,13 @@ def test_distance_loss_by_hand():
 
 
 def test_distance_loss_crosses_the_huber_switch():
-    # 1-d points: teacher [0, 0, 0, 1] (mu = 1), student [0, 10, 20, 10.5] (mu = 60.5 / 6)
+    # 1-d points: teacher [0, 0, 0, 1] (three duplicated pairs at the 1e-6 floor: mu_t = (3 + 3e-6) / 6),
+    # student [0, 10, 20, 10.5] (mu = 60.5 / 6)
     t = torch.tensor([[0.0], [0.0], [0.0], [1.0]], dtype=D)
     s = torch.tensor([[0.0], [10.0], [20.0], [10.5]], dtype=D)
-    mu = 60.5 / 6
-    pairs = {(0, 1): (10, 0), (0, 2): (20, 0), (1, 2): (10, 0), (0, 3): (10.5, 1), (1, 3): (0.5, 1), (2, 3): (9.5, 1)}
-    diffs = [ds / mu - dt for ds, dt in pairs.values()]
+    mu, mu_t = 60.5 / 6, (3 + 3e-6) / 6
+    pairs = {(0, 1): (10, 1e-6), (0, 2): (20, 1e-6), (1, 2): (10, 1e-6), (0, 3): (10.5, 1), (1, 3): (0.5, 1), (2, 3): (9.5, 1)}
+    diffs = [ds / mu - dt / mu_t for ds, dt in pairs.values()]
     assert max(abs(x) for x in diffs) > 1 > min(abs(x) for x in diffs)  # both branches are used
     assert rkd_distance(s, t).item() == pytest.approx(2 * sum(_h(x) for x in diffs) / 16, rel=1e-12)
 
@@ -184,7 +204,9 @@ def test_gradients_reach_the_student_only_and_stay_finite_on_duplicates():
     one = s.detach()[:1]
     assert rkd_distance(one, t.detach()[:1]).item() == 0.0 and rkd_angle(one, t.detach()[:1]).item() == 0.0
     flat, t4 = one.expand(4, -1), t.detach()[:4]
-    assert rkd_distance(flat, t4).item() == pytest.approx(huber(torch.zeros(4, 4, dtype=D), distance_relation(t4)).item())
+    psi_flat = 1 - torch.eye(4, dtype=D)  # every pair at the 1e-6 floor, mu = 1e-6 (the reference's)
+    assert torch.allclose(distance_relation(flat), psi_flat)
+    assert rkd_distance(flat, t4).item() == pytest.approx(huber(psi_flat, distance_relation(t4)).item())
     assert rkd_angle(flat, t4).item() == pytest.approx(huber(torch.zeros(4, 4, 4, dtype=D), angle_relation(t4)).item())
 
 

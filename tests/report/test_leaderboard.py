@@ -1,5 +1,5 @@
 """``harness leaderboard`` on a real MLflow store of three studies: the normalised per-task cells,
-IQM/mean/median rank and P(cka > kd) by hand, a named variant on some tasks only (marked, no
+IQM/mean/median rank (and the rank ranges of the verdicts) and P(cka > kd) by hand, a named variant on some tasks only (marked, no
 aggregate), a split without its normaliser (left out, said on stderr and in the Markdown), the
 other normalisers, the files (deterministic, no machine path) and one-line CLI errors."""
 
@@ -153,7 +153,12 @@ def test_aggregates_and_median_ranks_by_hand(built: tuple[Path, str]) -> None:
     kd = _row(csv, "kd")
     assert (f"| kd | 4/4 | 80.0 ± {100 * T975 * 0.05 / math.sqrt(3):.1f} | 80.0 ± 24.8 | 90.0 ± 24.8 | 80.0 ± 12.4 "
             f"| 81.7 [{100 * kd['iqm_low']:.1f}, {100 * kd['iqm_high']:.1f}] "
-            f"| 82.5 [{100 * kd['mean_low']:.1f}, {100 * kd['mean_high']:.1f}] | 4 |") in md
+            f"| 82.5 [{100 * kd['mean_low']:.1f}, {100 * kd['mean_high']:.1f}] | 3–4 |") in md
+    # never a bare rank where the verdicts do not order the rows: kd and the ensemble are not ordered
+    # (P(teachers > kd) = 0.708, its interval reaches 0.5), everything else is
+    ranges = {r: (_row(csv, r)["rank_best"], _row(csv, r)["rank_worst"]) for r in ("scratch", "cka", "teachers", "kd")}
+    assert ranges == {"scratch": (1, 1), "cka": (2, 2), "teachers": (3, 4), "kd": (3, 4)}
+    assert "| scratch † | 4/4 |" in md and md.split("| cka | 4/4 |")[1].split("\n")[0].endswith("| 2 |")
     assert ("| teachers (claiming ensemble) | 4/4 | 87.5 (n=1) | 84.0 (n=1) | 87.0 (n=1) | 85.0 (n=1) "
             "| 86.0 [86.0, 86.0]") in md
     assert "| scratch † | 4/4 | 100.0 ± " in md
@@ -201,7 +206,8 @@ def test_a_split_without_its_normaliser_is_left_out_and_said(built: tuple[Path, 
 
 def test_files_are_deterministic_and_show_no_machine_path(built: tuple[Path, str], uri: str, tmp_path: Path) -> None:
     out, _ = built
-    names = {"leaderboard.md", "leaderboard.csv", "leaderboard_intervals.png", "leaderboard_profiles.png"}
+    names = {"leaderboard.md", "leaderboard.csv", "leaderboard_pairs.csv", "leaderboard_ablations.csv",
+             "leaderboard_intervals.png", "leaderboard_profiles.png"}
     assert {p.name for p in out.iterdir()} == names
     for png in ("leaderboard_intervals.png", "leaderboard_profiles.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
