@@ -32,19 +32,18 @@ from __future__ import annotations
 import json
 import os
 import platform
-import signal
 import sys
 import time
 from collections import deque
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Union
+from typing import Any, Iterable, Union
 from urllib.parse import urlparse
 
 from harness.config import StudyConfig, dump_study, load_study, slurm_config
 from harness.errors import HarnessError
 from harness.files import process_alive, reason_fault, refused
+from harness.interrupts import deferred, sigterm_as_interrupt
 from harness.grid import Trial, build_splits, expand, method_variants
 from harness.methods.base import get_method
 from harness.progress import Progress, make_progress
@@ -176,23 +175,6 @@ def teacher_files(paths: Iterable[Path]) -> dict[str, bytes]:
     return out
 
 
-@contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (a batch system stopping the job) ends the study like Ctrl-C: runs marked KILLED."""
-    def handler(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    try:
-        old = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
-
-
 @dataclass
 class Session:
     """One invocation of a study: where it logs, where its trials run, its parent run."""
@@ -277,7 +259,7 @@ def run_study(
         session = Session(study, tracker, exp_id, pool, keys=[t.key for t in trials],
                           packing=PackingGuard(study.trials_per_device, totals) if totals else None, source=str(path),
                           detach=detach)
-        with _sigterm_as_interrupt():
+        with sigterm_as_interrupt():
             failed = execute(session, todo, splits, backend, live)
     finally:
         pool.close()
@@ -433,9 +415,10 @@ def run_trials(s: Session, todo: list[Trial], progress: Progress) -> list[tuple[
     try:
         while queue or inflight:
             while queue and s.pool.has_room():
-                trial, attempt = queue.popleft()
-                run_id, slot = submit(s, trial, attempt)
-                inflight[run_id] = (trial, attempt)
+                with deferred():  # a run opened is a run the pool knows (and stops on an interrupt)
+                    trial, attempt = queue.popleft()
+                    run_id, slot = submit(s, trial, attempt)
+                    inflight[run_id] = (trial, attempt)
                 progress.started(trial.run_name, slot.name if slot else None, attempt)
             for out in s.pool.wait(timeout=1.0):
                 trial, attempt = inflight.pop(out.key)

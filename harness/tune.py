@@ -55,7 +55,7 @@ from harness.config import StudyConfig, dump_study, load_study
 from harness.errors import HarnessError
 from harness.grid import Trial, build_splits, trial_key
 from harness.files import process_alive
-from harness.runner import _sigterm_as_interrupt
+from harness.interrupts import deferred, sigterm_as_interrupt
 from harness.scheduler import PRELOAD, LocalPool, Outcome, Slot, WorkerContext, build_slots, warm_trial_worker
 from harness.search import PrunerConfig, SamplerConfig, SearchPlan
 from harness.tracking import TAG, Tracker, git_tags, version_tags
@@ -420,17 +420,24 @@ class Search:
         return None
 
     def run(self) -> None:
+        """Refill the pool, settle what ended, beat. Each start, settle and heartbeat runs whole
+        (:func:`~harness.interrupts.deferred`): a Ctrl-C or SIGTERM comes between them, so every
+        trial asked of Optuna is in ``inflight`` or told (:meth:`interrupt` then fails and queues
+        exactly the ones in flight)."""
         while True:
             while self.pool.has_room() and (method := self.next_method()) is not None:
-                self.start(method)
+                with deferred():
+                    self.start(method)
             if not self.inflight:
                 return
             for out in self.pool.wait(timeout=1.0):
-                self.settle(out)
+                with deferred():
+                    self.settle(out)
             if time.time() - self._beat > HEARTBEAT_EVERY:
                 self._beat = time.time()
-                for f in self.inflight.values():
-                    f.trial.set_user_attr(HEARTBEAT, self._beat)
+                with deferred():
+                    for f in self.inflight.values():
+                        f.trial.set_user_attr(HEARTBEAT, self._beat)
 
     def start(self, method: str) -> None:
         """Ask for a configuration, open its MLflow run and hand it to a worker. If anything stops
@@ -529,7 +536,12 @@ class Search:
         self.tracker.finish(f.run_id, status or ("FAILED" if state == "FAIL" else "FINISHED"))
 
     def interrupt(self) -> None:
-        """Stop the workers; their trials fail and are queued again for the next invocation."""
+        """Stop the workers; their trials fail and are queued again for the next invocation (a
+        second Ctrl-C meanwhile is delivered once that is done)."""
+        with deferred():
+            self._interrupt()
+
+    def _interrupt(self) -> None:
         self.pool.stop()
         for f in list(self.inflight.values()):
             study = self.studies[f.method]
@@ -644,7 +656,7 @@ def tune(
             for name in plan.splits:
                 for seed in teacher_seeds_of(study, plan.seeds):  # one set, or one per seed (per_seed)
                     prepare_teachers(study, splits[name], tracker, exp, device=pool.teacher_device, seed=seed)
-            with _sigterm_as_interrupt():
+            with sigterm_as_interrupt():
                 try:
                     search.run()
                 except BaseException:
@@ -749,7 +761,7 @@ def tune_on_slurm(
         print(f"search {study.name}: {n} Slurm jobs (array {sub.job_id}) on storage {storage_spec}; "
               f"tracking at {tracker.uri}")
         codes: list[int] = []
-        with _sigterm_as_interrupt():
+        with sigterm_as_interrupt():
             while len(codes) < n:
                 for o in pool.wait(timeout=5.0):
                     codes.append(o.result if o.ok else 1)

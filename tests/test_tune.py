@@ -448,6 +448,40 @@ def test_stopping_the_search_fails_the_running_trials_and_queues_them_for_the_ne
     assert len(counted(trials)) == 3 and all(t.state == TrialState.COMPLETE for t in counted(trials))
 
 
+def test_a_stop_that_lands_as_optuna_hands_out_a_trial_still_fails_and_queues_it(isolated, monkeypatch):
+    """The flake of the hunt (1 round of 3 beside two busy processes): SIGTERM arrived while the
+    search asked Optuna for its second trial. ``ask`` had made it RUNNING in the storage, but the
+    KeyboardInterrupt came before the search knew of it, so it stayed RUNNING for ever, queued for
+    nothing. Here the signal lands exactly there, every time: as ``ask`` returns."""
+    monkeypatch.setenv("HARNESS_PLUGINS", "tests.plugins_for_tests")
+    study = write_study(isolated / "tiny.yaml", **SLOW, search={**SLOW_SEARCH, "trials": 3})
+    journal = str(isolated / "results/tiny/tune.journal")
+    real_ask = optuna.Study.ask
+    asked = []
+
+    def ask(self, *args, **kwargs):
+        trial = real_ask(self, *args, **kwargs)
+        asked.append(trial.number)
+        if len(asked) == 2:  # the first trial runs; the second is RUNNING in the storage now
+            os.kill(os.getpid(), signal.SIGTERM)
+        return trial
+
+    monkeypatch.setattr(optuna.Study, "ask", ask)
+    assert main(["tune", str(study), "--no-report"]) == 130
+    trials = _trials(journal, "tiny/test_sleep")
+    assert asked == [0, 1] and not [t for t in trials if t.state == TrialState.RUNNING], \
+        [(t.number, t.state) for t in trials]
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert sorted(t.number for t in failed) == [0, 1]  # the one running and the one just handed out
+    for t in failed:
+        (retry,) = [r for r in trials if r.user_attrs.get(RETRY_OF) == t.number]
+        assert retry.state == TrialState.WAITING and retry.system_attrs["fixed_params"] == t.params
+    assert not [r for r in _runs(isolated, "tune_trial") if r.info.status == "RUNNING"]
+    monkeypatch.setattr(optuna.Study, "ask", real_ask)
+    assert main(["tune", str(study), "--no-report"]) == 0
+    assert len(counted(_trials(journal, "tiny/test_sleep"))) == 3
+
+
 @pytest.mark.parametrize("storage", ["/proc/nope/x.journal", "sqlite:////proc/nope/x.db"])
 def test_a_storage_that_cannot_be_opened_is_one_line_and_creates_nothing(isolated, capsys, storage):
     study = write_study(isolated / "tiny.yaml", search=SEARCH)
