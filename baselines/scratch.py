@@ -12,4 +12,4 @@ from harness.methods.supervised import SupervisedCE
 class Scratch(SupervisedCE):
     """Supervised cross-entropy with the union labels (sees labels)."""
 
-    description = "supervised student with the true union labels (sees labels)"
+    description = "supervised student with the true union labels"

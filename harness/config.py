@@ -1,6 +1,6 @@
 """The study file: schema (pydantic), loading and one-line validation errors.
 
-A study file is YAML. Every field is documented in README.md ("Study-file reference").
+A study file is YAML. Every field is documented in docs/study-files.md.
 Problems are reported as one line naming the field, e.g.
 ``studies/x.yaml: train.lr: Input should be greater than 0``.
 """
@@ -22,8 +22,10 @@ from pydantic import (
     model_validator,
 )
 
+from harness.data.catalog import ARCHIVES, DATASET_NAMES
 from harness.errors import HarnessError
-from harness.search import SearchConfig
+from harness.routing_schema import RoutingConfig
+from harness.search_schema import SearchConfig
 
 
 class _Strict(BaseModel):
@@ -48,8 +50,6 @@ class DatasetConfig(_Strict):
     @field_validator("download")
     @classmethod
     def _downloadable(cls, v: bool, info: Any) -> bool:  # info: pydantic.ValidationInfo
-        from harness.data.download import ARCHIVES
-
         name = info.data.get("name")
         if v and name is not None and name not in ARCHIVES:
             raise ValueError(
@@ -228,10 +228,8 @@ class TransferConfig(_Strict):
     @field_validator("dataset")
     @classmethod
     def _registered(cls, v: str) -> str:
-        from harness.data.datasets import DATASETS
-
-        if v not in DATASETS:
-            raise ValueError(f"unknown dataset {v!r} (choose from: {', '.join(DATASETS.names())})")
+        if v not in DATASET_NAMES:
+            raise ValueError(f"unknown dataset {v!r} (choose from: {', '.join(sorted(DATASET_NAMES))})")
         return v
 
     @field_validator("classes")
@@ -437,8 +435,6 @@ class StudyConfig(_Strict):
     @field_validator("routing")
     @classmethod
     def _routing_rules(cls, v: list[str]) -> list[str]:
-        from harness.routing import RoutingConfig
-
         names = []
         for rule in v:
             try:

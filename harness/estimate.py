@@ -558,7 +558,7 @@ def calibrate_teacher(data: "SplitData", k: int, cfg: Any, device: str, budget: 
     from harness.models import build_model
     from harness.routing import fit_background, fit_stats
     from harness.teachers import task_data
-    from harness.train import _gpu_setup, determinism, teacher_outputs
+    from harness.train import determinism, gpu_setup, teacher_outputs
 
     td = task_data(data, k)
     torch.manual_seed(cfg.seed)
@@ -566,7 +566,7 @@ def calibrate_teacher(data: "SplitData", k: int, cfg: Any, device: str, budget: 
     method = SupervisedCE(net, TeacherSet([]), SupervisedCE.ParamsModel(), SplitInfo(tuple(td.sizes), (0,)))
     recipe = TrainConfig.model_validate(cfg.model_dump(include=set(Recipe.model_fields)))
     method.to(device)
-    _gpu_setup(method, recipe, torch.device(device))  # as fit() does: no TF32, channels_last, compile
+    gpu_setup(method, recipe, torch.device(device))  # as fit() does: no TF32, channels_last, compile
     with determinism(recipe.deterministic, device):
         train = time_training(method, td.parts["train"], recipe, device, budget)
         method.eval()
@@ -592,7 +592,7 @@ def calibrate_trial(
     from harness.methods.base import SplitInfo, TeacherSet, get_method
     from harness.models import build_model
     from harness.routing import RoutingConfig
-    from harness.train import _gpu_setup, determinism, teacher_outputs
+    from harness.train import determinism, gpu_setup, teacher_outputs
 
     cls = get_method(trial.method)
     split = study.splits[split_index]
@@ -608,7 +608,7 @@ def calibrate_trial(
     method = cls(student, TeacherSet(nets, stats), params, SplitInfo(tuple(data.sizes), tuple(data.offsets)))
     built = time.perf_counter() - t0
     method.to(device)
-    _gpu_setup(method, study.train, torch.device(device))
+    gpu_setup(method, study.train, torch.device(device))
     augment = bool(study.train.augment)
     with determinism(study.train.deterministic, device):
         train = time_training(method, data.student_view(cls.uses_labels).parts["train"], study.train, device,
@@ -662,7 +662,7 @@ def import_preload() -> float:
     t0 = time.perf_counter()
     import torch  # noqa: F401
 
-    from harness.scheduler._local import PRELOAD
+    from harness.scheduler import PRELOAD
 
     for mod in PRELOAD:
         importlib.import_module(mod)

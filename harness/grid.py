@@ -136,7 +136,7 @@ def study_precision(study: StudyConfig) -> str:
 
     devices = study.devices
     if devices == "auto":
-        from harness.scheduler._slots import visible_gpus
+        from harness.devices import visible_gpus
 
         device = "cuda" if visible_gpus() else "cpu"
     elif devices == "cpu":

@@ -28,11 +28,15 @@ a path. The recipe space is shared like any ``train.*`` path: with several tuned
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
-
+from harness.config import StudyConfig, TrainConfig, parse_study
 from harness.errors import HarnessError
+from harness.search_schema import (  # noqa: F401  (the block's schema lives in harness.search_schema: re-exported)
+    PrunerConfig,
+    SamplerConfig,
+    SearchConfig,
+)
 from harness.spaces import (  # noqa: F401  (the distributions live in harness.spaces: re-exported)
     CategoricalDist,
     Dist,
@@ -45,74 +49,6 @@ from harness.spaces import (  # noqa: F401  (the distributions live in harness.s
 
 if TYPE_CHECKING:
     import optuna
-
-    from harness.config import StudyConfig
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class SamplerConfig(BaseModel):
-    """Optuna sampler: ``tpe`` (default) or ``random``, seeded; other keys go to its constructor."""
-
-    model_config = ConfigDict(extra="allow", frozen=True)
-    type: Literal["tpe", "random", "qmc"] = "tpe"
-    seed: int = 0
-
-
-class PrunerConfig(BaseModel):
-    """Optuna pruner, fed the running objective after every epoch of every seed; other keys go to
-    its constructor (``median`` default: ``n_startup_trials: 4``, ``n_warmup_steps``: half the
-    epochs of one seed)."""
-
-    model_config = ConfigDict(extra="allow", frozen=True)
-    type: Literal["median", "percentile", "successive_halving", "hyperband", "threshold", "none"] = "median"
-
-
-class SearchConfig(_Strict):
-    """The ``search:`` block (see the module docstring)."""
-
-    #: tune each method over the space it declares (``Method.search_space``) and, with ``recipe``,
-    #: the recipe space (:data:`RECIPE_SPACES`); ``space`` entries then replace a declared path's
-    #: distribution or add a path, and ``space`` may be left out
-    declared: bool = False
-    #: with ``declared``: add the recipe space (``train.*``, shared by the study's methods, so only
-    #: when one method is tuned); false: the methods' own parameters only
-    recipe: bool = True
-    #: required (at least one path) unless ``declared``
-    space: dict[str, Distribution] = Field(None, validate_default=True)  # type: ignore[assignment]
-    #: the methods to tune (default: every method named in a ``methods.<method>.*`` path)
-    methods: list[str] | None = Field(None, min_length=1)
-    trials: int = Field(20, ge=1)
-    #: the seeds and splits each configuration is trained on (default: the study's)
-    seeds: list[int] | None = Field(None, min_length=1)
-    splits: list[str] | None = Field(None, min_length=1)
-    objective: Literal["val_last", "val_best"] = "val_last"
-    sampler: SamplerConfig = SamplerConfig()
-    pruner: PrunerConfig = PrunerConfig()
-    #: reruns of a configuration whose worker died (an interrupted or stale one is always rerun)
-    retries: int = Field(1, ge=0)
-
-    @field_validator("space", mode="before")
-    @classmethod
-    def _space_given(cls, v: Any, info: ValidationInfo) -> Any:
-        declared = info.data.get("declared", False)
-        if v is None:
-            if not declared:
-                raise ValueError("Field required (or search.declared: true, the methods' declared spaces)")
-            return {}
-        if isinstance(v, dict) and not v and not declared:
-            raise ValueError("Dictionary should have at least 1 item (or search.declared: true, the methods' "
-                             "declared spaces)")
-        return v
-
-    @field_validator("recipe")
-    @classmethod
-    def _recipe_needs_declared(cls, v: bool, info: ValidationInfo) -> bool:
-        if not v and not info.data.get("declared", False):
-            raise ValueError("false only applies with search.declared: true")
-        return v
 
 
 #: ``train`` fields that may be searched, nested ones as dotted paths (``epochs`` is the pruner's
@@ -154,7 +90,7 @@ def declared_space(method: str, recipe: bool = True, optimizer: str = "adam") ->
     return out
 
 
-def to_optuna(dist: FloatDist | IntDist | CategoricalDist) -> "optuna.distributions.BaseDistribution":
+def to_optuna(dist: FloatDist | IntDist | CategoricalDist) -> optuna.distributions.BaseDistribution:
     """The Optuna distribution; ValueError (Optuna's message) when it is not valid."""
     from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
@@ -190,10 +126,8 @@ def set_path(data: dict[str, Any], path: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
-def apply_params(study: "StudyConfig", values: dict[str, Any], source: str = "search") -> "StudyConfig":
+def apply_params(study: StudyConfig, values: dict[str, Any], source: str = "search") -> StudyConfig:
     """The study with these path values set (validated like a study file)."""
-    from harness.config import parse_study
-
     data = study.model_dump(mode="json", exclude_none=True)
     for path, value in values.items():
         set_path(data, path, value)
@@ -203,9 +137,9 @@ def apply_params(study: "StudyConfig", values: dict[str, Any], source: str = "se
 class SearchPlan:
     """A validated search: the tuned methods, each with its own paths and Optuna distributions."""
 
-    def __init__(self, study: "StudyConfig") -> None:
+    def __init__(self, study: StudyConfig) -> None:
         if study.search is None:
-            raise HarnessError("search: the study file has no search block (see README, 'Tuning')")
+            raise HarnessError("search: the study file has no search block (see docs/tuning.md)")
         self.study = study
         self.search: SearchConfig = study.search
         for path in self.search.space:
@@ -288,7 +222,6 @@ class SearchPlan:
             raise HarnessError(str(e).replace(f"search.space.{path}", self._where(path), 1)) from None
 
     def _check_dist(self, path: str, dist: Any) -> Any:
-        from harness.config import TrainConfig
         from harness.methods.base import get_method
         from harness.models import model_options
 
@@ -364,12 +297,12 @@ class SearchPlan:
                 out[path] = get_path(data, path)
         return out
 
-    def study_for(self, method: str, values: dict[str, Any]) -> "StudyConfig":
+    def study_for(self, method: str, values: dict[str, Any]) -> StudyConfig:
         """The study restricted to this method, with these values applied."""
         base = self.study.model_copy(update={"methods": {method: self.study.methods[method]}})
         return apply_params(base, values, f"search.space ({method})")
 
-    def params_for(self, method: str, study: "StudyConfig") -> dict[str, Any]:
+    def params_for(self, method: str, study: StudyConfig) -> dict[str, Any]:
         """The method's resolved parameters in this study."""
         from harness.methods.base import get_method
 

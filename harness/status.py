@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.errors import HarnessError
-from harness.scheduler._slurm import JobInfo, active_trials, ended_text, sacct, squeue
+from harness.scheduler import JobInfo, active_trials, ended_text, sacct, squeue
 from harness.tracking import TAG, TRIAL_KEYS_ARTIFACT, Tracker, missing_store, resolve_uri
 
 _BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"

@@ -1,6 +1,6 @@
 """MLflow schema and I/O: run names, tags, flattened params, metrics logged in batches.
 
-Schema (the reports and the runner rely on it; the README's MLflow section is the user's view):
+Schema (the reports and the runner rely on it; docs/mlflow.md is the user's view):
 - one experiment per study (its name), with a description (tag ``mlflow.note.content``), tags
   from the study (``harness.dataset``, ``harness.splits``, ``harness.methods``, ``harness.seeds``),
   ``mlflow.experimentKind`` = ``custom_model_development`` (the UI opens it in "Model training",

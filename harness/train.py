@@ -289,9 +289,10 @@ def tf32_flags() -> dict[str, bool]:
     return {"matmul": bool(torch.backends.cuda.matmul.allow_tf32), "cudnn": bool(torch.backends.cudnn.allow_tf32)}
 
 
-def _gpu_setup(method: Method, cfg: TrainConfig, device: torch.device) -> None:
+def gpu_setup(method: Method, cfg: TrainConfig, device: torch.device) -> None:
     """No TF32 (:func:`no_tf32`), channels_last and optional torch.compile (cudnn flags:
-    :func:`determinism`)."""
+    :func:`determinism`): what :func:`fit` does to a method on its device before the first step,
+    and the estimate's calibration does the same (:mod:`harness.estimate`)."""
     no_tf32()  # on every device: the flags are global, and a CPU trial reads them back the same
     if cfg.compile:  # compiles the feature extractor in place; the state dict keeps its keys
         method.student.features = torch.compile(method.student.features)  # type: ignore[method-assign]
@@ -403,7 +404,7 @@ def _fit(
     on_epoch: EpochCallback | None, cached_outputs: TeacherOutputs | None,
 ) -> FitResult:
     method.to(device)
-    _gpu_setup(method, cfg, device)
+    gpu_setup(method, cfg, device)
     res = FitResult()
     sizes, offsets = data.sizes, data.offsets
     loader: BatchLoader | None = None

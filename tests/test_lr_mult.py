@@ -35,7 +35,9 @@ SMALL_PARAMS = {"cfl": {"c": 8}, "crd": {"feat_dim": 8}, "cka": {"proj_hidden": 
 #: the modules each built-in method owns (the ``method`` role); docs/methods.md lists the same
 OWNED = {"cka": ("g_s", "g_t"), "kd": (), "rkd": (), "cfl": ("a_s", "a_t", "extractor", "dec"),
          "crd": ("embed_s", "embed_t"), "scratch": ()}
-TRAINABLE = [n for n in discover().names() if discover().get(n).trains]
+#: the built-in trainable methods (not the test plug-ins other test modules register)
+TRAINABLE = [n for n in discover().names()
+             if discover().get(n).trains and discover().get(n).__module__.startswith(("harness.", "baselines."))]
 
 
 def _teachers() -> TeacherSet:

@@ -22,7 +22,7 @@ Steps, each safe to interrupt:
 The URL: ``url`` (``--url``), else ``$HARNESS_CIFAR_URL``, else :data:`DEFAULT_BASE`. A URL whose
 path ends in ``.tar.gz`` or ``.tgz`` is the archive itself; any other is a base (a mirror's
 folder) to which ``/<archive file name>`` is appended. The expected MD5 is the published one
-(:data:`ARCHIVES`) unless ``md5`` is passed (tests, mirrors of other builds).
+(:data:`ARCHIVES`, from :mod:`harness.data.catalog`) unless ``md5`` is passed (tests, mirrors of other builds).
 
 Every failure is a :class:`~harness.errors.HarnessError` with one line naming the URL or file.
 This module does not import torch.
@@ -47,8 +47,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, Callable, Iterator
 
+from harness.data.catalog import ARCHIVES, CifarArchive
 from harness.errors import HarnessError
-from harness.registry import Registry
 
 __all__ = [
     "ARCHIVES", "CifarArchive", "DEFAULT_BASE", "URL_ENV", "DownloadResult",
@@ -60,28 +60,6 @@ DEFAULT_BASE = "https://www.cs.toronto.edu/~kriz/"
 #: environment variable overriding the URL (a base or the archive's full URL)
 URL_ENV = "HARNESS_CIFAR_URL"
 _CHUNK = 1 << 20
-
-
-@dataclass(frozen=True)
-class CifarArchive:
-    """One downloadable data set: its archive, published MD5 and the folder the archive holds."""
-
-    dataset: str  # name in the dataset registry
-    filename: str  # archive file name on the server
-    md5: str  # published MD5 of the archive
-    folder: str  # top-level folder inside the archive (what the reader looks for under root)
-    files: tuple[str, ...]  # files inside ``folder`` that the reader needs
-
-
-ARCHIVES: Registry[CifarArchive] = Registry("downloadable data set")
-ARCHIVES.register("cifar10")(CifarArchive(
-    "cifar10", "cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a", "cifar-10-batches-py",
-    ("batches.meta", *(f"data_batch_{i}" for i in range(1, 6)), "test_batch"),
-))  # fmt: skip
-ARCHIVES.register("cifar100")(CifarArchive(
-    "cifar100", "cifar-100-python.tar.gz", "eb9058c3a382ffc7106e58002c38acd2", "cifar-100-python",
-    ("meta", "train", "test"),
-))  # fmt: skip
 
 
 @dataclass(frozen=True)

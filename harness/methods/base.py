@@ -7,7 +7,8 @@ ablations and logging need no special cases. A method never sees training labels
 declares ``uses_labels = True`` (then it is marked as supervised in every report).
 
 Adding a method: one module with a ``Method`` subclass decorated with ``@register``, plus one
-entry-point line in ``pyproject.toml`` (group ``harness.methods``) if it lives outside harness.
+entry-point line in ``pyproject.toml`` (group ``harness.methods``), where CKA and the baselines
+are listed too: this module imports no method.
 """
 
 from __future__ import annotations
@@ -231,13 +232,12 @@ _discovered = False
 
 
 def discover() -> Registry[type[Method]]:
-    """Import the built-in methods, every module of the ``harness.methods`` entry-point group and
-    the modules named in ``$HARNESS_PLUGINS`` (comma-separated; for quick experiments and tests),
-    once; return the registry."""
+    """Import the modules named in ``$HARNESS_PLUGINS`` (comma-separated; for quick experiments
+    and tests) and every module of the ``harness.methods`` entry-point group (the built-in
+    ``harness.methods.cka`` and the baselines among them, like any plug-in), once; return the
+    registry."""
     global _discovered
     if not _discovered:
-        import harness.methods.cka  # noqa: F401  (the built-in method)
-
         for mod in filter(None, (m.strip() for m in os.environ.get("HARNESS_PLUGINS", "").split(","))):
             try:
                 importlib.import_module(mod)

@@ -164,8 +164,9 @@ def interval_estimates(scores: Scores, aggregates: Sequence[str] = AGGREGATES, r
 
 
 # ----------------------------------------------------------------------------- probability of improvement
-def _poi(x: Batch, y: Batch) -> np.ndarray:
-    """(B,): mean over tasks of P(x > y) + ½ P(x = y) over every pair of runs of the task."""
+def poi_batch(x: Batch, y: Batch) -> np.ndarray:
+    """(B,): mean over tasks of P(x > y) + ½ P(x = y) over every pair of runs of the task, for
+    each of B replicates (:func:`stratified_resamples`)."""
     per_task = []
     for a, b in zip(x, y):
         gt = (a[:, :, None] > b[:, None, :]).mean(axis=(1, 2))
@@ -174,7 +175,8 @@ def _poi(x: Batch, y: Batch) -> np.ndarray:
     return np.stack(per_task, axis=1).mean(axis=1)
 
 
-def _same_tasks(x: Scores, y: Scores) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def same_tasks(x: Scores, y: Scores) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """X's and Y's scores per task (:func:`as_tasks`); ValueError unless they have as many tasks."""
     xs, ys = as_tasks(x), as_tasks(y)
     if len(xs) != len(ys):
         raise ValueError(f"X has {len(xs)} tasks and Y {len(ys)}: P(X > Y) needs the same tasks")
@@ -183,8 +185,8 @@ def _same_tasks(x: Scores, y: Scores) -> tuple[list[np.ndarray], list[np.ndarray
 
 def probability_of_improvement(x: Scores, y: Scores) -> float:
     """``P(X > Y)``: mean over tasks of ``P(x > y) + ½ P(x = y)`` (Mann–Whitney U / (n_x n_y))."""
-    xs, ys = _same_tasks(x, y)
-    return float(_poi([t[None, :] for t in xs], [t[None, :] for t in ys])[0])
+    xs, ys = same_tasks(x, y)
+    return float(poi_batch([t[None, :] for t in xs], [t[None, :] for t in ys])[0])
 
 
 def poi_interval(x: Scores, y: Scores, reps: int = REPS, seed: int = SEED,
@@ -192,11 +194,11 @@ def poi_interval(x: Scores, y: Scores, reps: int = REPS, seed: int = SEED,
     """``P(X > Y)`` and its percentile interval: each replicate resamples X's runs and Y's runs
     with replacement, independently and within each task."""
     _check_reps(reps)
-    xs, ys = _same_tasks(x, y)
+    xs, ys = same_tasks(x, y)
     rng = np.random.default_rng(seed)
     bx = stratified_resamples(xs, reps, rng)
     by = stratified_resamples(ys, reps, rng)
-    lo, hi = _percentiles(_poi(bx, by), confidence)
+    lo, hi = _percentiles(poi_batch(bx, by), confidence)
     return Interval(probability_of_improvement(xs, ys), float(lo), float(hi))
 
 

@@ -176,12 +176,12 @@ def poi_replicates(x: agg.Scores, y: agg.Scores, reps: int = agg.REPS, seed: int
     """(tasks, reps): per task, ``reps`` stratified bootstrap replicates of its ``P(x > y)`` (X's and
     Y's seeds resampled independently within the task, as :func:`harness.report.aggregate.poi_interval`),
     centred on the task's own ``P(x > y)`` (:func:`_centred`)."""
-    xs, ys = agg._same_tasks(x, y)
+    xs, ys = agg.same_tasks(x, y)
     rng = np.random.default_rng(seed)
     bx = agg.stratified_resamples(xs, reps, rng)
     by = agg.stratified_resamples(ys, reps, rng)
     points = [agg.probability_of_improvement([a], [b]) for a, b in zip(xs, ys)]
-    return _centred(np.stack([agg._poi([a], [b]) for a, b in zip(bx, by)]), points)
+    return _centred(np.stack([agg.poi_batch([a], [b]) for a, b in zip(bx, by)]), points)
 
 
 def mean_replicates(d: agg.Scores, reps: int = agg.REPS, seed: int = agg.SEED) -> np.ndarray:

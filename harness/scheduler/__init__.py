@@ -27,18 +27,20 @@ The pools run any picklable ``target(payload, slot)``; the runner passes :func:`
 The scheduler never imports a method.
 """
 
+from harness.devices import cpu_cores, visible_gpus
 from harness.scheduler._local import PRELOAD, LocalPool
 from harness.scheduler._packing import CUDA_CONTEXT_MB, Packing, PackingGuard, check_packing, trials_that_fit
 from harness.scheduler._ray import RayPool
 from harness.scheduler._slurm import (
-    SlurmPool, TeacherJob, active_trials, check_slurm, job_precision, run_teacher_job, sacct, squeue, trial_key_of,
+    JobInfo, SlurmPool, TeacherJob, active_trials, check_slurm, ended_text, job_precision, run_teacher_job, sacct, squeue,
+    trial_key_of,
 )
-from harness.scheduler._slots import Slot, build_slots, cpu_cores, describe_slots, gpu_total_mb, visible_gpus
+from harness.scheduler._slots import Slot, build_slots, describe_slots, gpu_total_mb
 from harness.scheduler._worker import Outcome, TrialJob, WorkerContext, enter_worker, run_trial_job, warm_trial_worker
 
 __all__ = [
-    "CUDA_CONTEXT_MB", "PRELOAD", "LocalPool", "Outcome", "Packing", "PackingGuard", "RayPool", "Slot", "SlurmPool",
+    "CUDA_CONTEXT_MB", "PRELOAD", "JobInfo", "LocalPool", "Outcome", "Packing", "PackingGuard", "RayPool", "Slot", "SlurmPool",
     "TeacherJob", "TrialJob", "WorkerContext", "active_trials", "build_slots", "check_slurm", "check_packing", "cpu_cores",
-    "describe_slots", "enter_worker", "gpu_total_mb", "job_precision", "run_teacher_job", "run_trial_job", "sacct",
+    "describe_slots", "ended_text", "enter_worker", "gpu_total_mb", "job_precision", "run_teacher_job", "run_trial_job", "sacct",
     "squeue", "trial_key_of", "trials_that_fit", "visible_gpus", "warm_trial_worker",
 ]

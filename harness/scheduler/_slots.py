@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from typing import Union
 
+from harness.devices import cpu_cores, visible_gpus
 from harness.errors import HarnessError
 
 _DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
@@ -31,24 +31,6 @@ class Slot:
     visible: str | None
     threads: int
     parent_device: str
-
-
-def cpu_cores() -> int:
-    """Cores this process may run on (its affinity mask where the OS has one)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
-
-
-def visible_gpus() -> list[str]:
-    """Ids (as ``CUDA_VISIBLE_DEVICES`` names them) of the GPUs this process may use."""
-    import torch
-
-    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    env = os.environ.get("CUDA_VISIBLE_DEVICES")
-    ids = [x.strip() for x in env.split(",") if x.strip()] if env else []
-    return ids[:n] if len(ids) >= n else [str(i) for i in range(n)]
 
 
 def build_slots(

@@ -35,8 +35,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from harness.devices import cpu_cores
 from harness.errors import HarnessError
-from harness.scheduler._slots import Slot, cpu_cores
+from harness.scheduler._slots import Slot
 from harness.scheduler._worker import Outcome, Target, TrialJob, WorkerContext, enter_worker
 
 if TYPE_CHECKING:

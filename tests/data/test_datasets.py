@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from harness.data.catalog import ARCHIVES, DATASET_NAMES
 from harness.data.datasets import DATASETS, ArraySet, available_datasets, load_dataset
 from harness.errors import HarnessError
 
@@ -38,6 +39,11 @@ def _check_common(ds: ArraySet) -> None:
 def test_available_datasets_lists_all_loaders():
     assert available_datasets() == ALL_NAMES
     assert DATASETS.names() == ALL_NAMES
+
+
+def test_the_catalogue_the_study_schema_checks_is_the_loaders():
+    """harness.config checks names against harness.data.catalog (no torch): the same names."""
+    assert sorted(DATASET_NAMES) == DATASETS.names() and set(ARCHIVES.names()) <= set(DATASET_NAMES)
 
 
 def test_unknown_dataset_lists_choices():
