@@ -11,6 +11,14 @@ import pytest
 from harness.interrupts import deferred, sigterm_as_interrupt
 
 
+@pytest.fixture(autouse=True)
+def ctrl_c_raises():
+    """SIGINT as in an interactive shell (a background job, as CI may run the suite, ignores it)."""
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
 def test_sigterm_becomes_keyboard_interrupt_and_the_handler_is_restored() -> None:
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(KeyboardInterrupt):
