@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import re
 from pathlib import Path
+from typing import Callable, Mapping
 
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
@@ -215,3 +217,29 @@ def search_run(client: MlflowClient, exp_id: str, storage: str, optuna_studies: 
     tags = {"harness.kind": "search", "harness.study": optuna_studies[0].split("/")[0], "harness.storage": storage,
             "harness.optuna_studies": ",".join(optuna_studies)}
     return log_run(client, exp_id, tags, {})
+
+
+#: logs one seed's trial run: (client, experiment id, study, split, method, variant, seed, accuracy)
+SeedLogger = Callable[[MlflowClient, str, str, str, str, str, int, float], None]
+
+
+def log_studies(folder: Path, data: Mapping[str, Mapping[str, Mapping[str, list[float]]]], log_seed: SeedLogger) -> str:
+    """A store of constructed studies ``{study: {split: {"method[:variant]": [accuracy per seed]}}}``:
+    each seed's trial run logged by ``log_seed``, then each study's run with the trial keys it ran
+    (what a report scopes by). Returns the store's URI."""
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    uri = f"sqlite:///{folder}/mlflow.db"
+    client = MlflowClient(uri)
+    for study, splits in data.items():
+        exp = client.create_experiment(study, artifact_location=(folder / study).as_uri())
+        keys = []
+        for split, rows in splits.items():
+            for row, values in rows.items():
+                method, _, variant = row.partition(":")
+                variant = variant or "full"
+                for seed, acc in enumerate(values):
+                    log_seed(client, exp, study, split, method, variant, seed, acc)
+                    keys.append(key(split, method, variant, seed))
+        run = log_run(client, exp, {"harness.kind": "study", "harness.study": study}, {})
+        client.log_text(run, json.dumps(keys), "trial_keys.json")
+    return uri

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
-import logging
 import math
 import shutil
 from pathlib import Path
@@ -17,7 +15,6 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 import pytest
-from mlflow.tracking import MlflowClient
 
 from harness.cli import main
 from harness.report import leaderboard as lb
@@ -51,28 +48,17 @@ TEACHERS = {"a1": 0.875, "a2": 0.84, "b1": 0.87, "b2": 0.85}
 TASKS = ["alpha/a1", "alpha/a2", "beta/b1", "beta/b2"]
 
 
+def _log_seed(client, exp: str, study: str, split: str, method: str, variant: str, seed: int, acc: float) -> None:
+    if method == "teachers":  # trained nothing: seed-independent
+        store.log_run(client, exp, store.trial_tags(split, method, variant, seed, False),
+                      {"test/union_acc": acc, "best_epoch": 0.0})
+    else:  # the oracle ensemble only on a1 (for --normalise teachers)
+        store.trial(client, exp, split, method, variant, seed, method == "scratch", acc, acc,
+                    **({ORACLE: 0.90} if split == "a1" else {}))
+
+
 def _build_store(folder: Path) -> str:
-    logging.getLogger("alembic").setLevel(logging.WARNING)
-    uri = f"sqlite:///{folder}/mlflow.db"
-    client = MlflowClient(uri)
-    for study, splits in DATA.items():
-        exp = client.create_experiment(study, artifact_location=(folder / study).as_uri())
-        keys = []
-        for split, rows in splits.items():
-            for row, values in rows.items():
-                method, _, variant = row.partition(":")
-                variant = variant or "full"
-                for seed, acc in enumerate(values):
-                    if method == "teachers":  # trained nothing: seed-independent
-                        store.log_run(client, exp, store.trial_tags(split, method, variant, seed, False),
-                                      {"test/union_acc": acc, "best_epoch": 0.0})
-                    else:  # the oracle ensemble only on a1 (for --normalise teachers)
-                        store.trial(client, exp, split, method, variant, seed, method == "scratch", acc, acc,
-                                    **({ORACLE: 0.90} if split == "a1" else {}))
-                    keys.append(store.key(split, method, variant, seed))
-        run = store.log_run(client, exp, {"harness.kind": "study", "harness.study": study}, {})
-        client.log_text(run, json.dumps(keys), "trial_keys.json")
-    return uri
+    return store.log_studies(folder, DATA, _log_seed)
 
 
 @pytest.fixture(scope="module")

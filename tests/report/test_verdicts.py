@@ -5,8 +5,6 @@ content; then the leaderboard built from a small real MLflow store with a duplic
 
 from __future__ import annotations
 
-import json
-import logging
 import shutil
 from pathlib import Path
 from typing import Iterator
@@ -14,7 +12,6 @@ from typing import Iterator
 import numpy as np
 import pandas as pd
 import pytest
-from mlflow.tracking import MlflowClient
 from scipy import stats
 
 from harness.report import aggregate as agg
@@ -285,26 +282,14 @@ TASKS_OF = {"s1": "[[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]", "r1": "[[0, 1, 2, 3, 4],
             "s2": "[[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]", "r2": "[[0, 1], [2, 3], [4, 5]]"}
 
 
+def _log_seed(client, exp: str, study: str, split: str, method: str, variant: str, seed: int, acc: float) -> None:
+    params = {**_params(TASKS_OF[split], split, seed), "method": method, "variant": variant, "study": study}
+    store.log_run(client, exp, store.trial_tags(split, method, variant, seed, method == "scratch"),
+                  {"test/union_acc": acc}, params=params)
+
+
 def _log(folder: Path) -> str:
-    logging.getLogger("alembic").setLevel(logging.WARNING)
-    uri = f"sqlite:///{folder}/mlflow.db"
-    client = MlflowClient(uri)
-    for study, splits in (("one", ONE), ("two", TWO)):
-        exp = client.create_experiment(study, artifact_location=(folder / study).as_uri())
-        keys = []
-        for split, rows in splits.items():
-            for row, values in rows.items():
-                method, _, variant = row.partition(":")
-                variant = variant or "full"
-                for seed, acc in enumerate(values):
-                    params = {**_params(TASKS_OF[split], split, seed), "method": method, "variant": variant,
-                              "study": study}
-                    store.log_run(client, exp, store.trial_tags(split, method, variant, seed, method == "scratch"),
-                                  {"test/union_acc": acc}, params=params)
-                    keys.append(store.key(split, method, variant, seed))
-        run = store.log_run(client, exp, {"harness.kind": "study", "harness.study": study}, {})
-        client.log_text(run, json.dumps(keys), "trial_keys.json")
-    return uri
+    return store.log_studies(folder, {"one": ONE, "two": TWO}, _log_seed)
 
 
 @pytest.fixture(scope="module")
