@@ -44,6 +44,7 @@ from harness.spaces import (  # noqa: F401  (the distributions live in harness.s
     FloatDist,
     IntDist,
     Scalar,
+    endpoints,
     log_float,
 )
 
@@ -99,10 +100,6 @@ def to_optuna(dist: FloatDist | IntDist | CategoricalDist) -> optuna.distributio
     if isinstance(dist, IntDist):
         return IntDistribution(dist.low, dist.high, log=dist.log, step=dist.step)
     return CategoricalDistribution(dist.choices)
-
-
-def _endpoints(dist: FloatDist | IntDist | CategoricalDist) -> list[Any]:
-    return list(dist.choices) if isinstance(dist, CategoricalDist) else [dist.low, dist.high]
 
 
 def get_path(data: dict[str, Any], path: str) -> Any:
@@ -274,7 +271,7 @@ class SearchPlan:
         dist = self.space[path]
         where = self._where(path)
         method = path.split(".")[1] if path.startswith("methods.") else self.methods[0]
-        for value in _endpoints(dist):
+        for value in endpoints(dist):
             try:
                 self.params_for(method, self.study_for(method, {path: value}))
             except HarnessError as e:
