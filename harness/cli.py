@@ -1,4 +1,4 @@
-"""Command line: ``harness run-study | tune | status | report | export | leaderboard | bench | methods | data download``.
+"""Command line: ``harness run-study | tune | benchmark | status | report | export | leaderboard | bench | methods | data download``.
 
 Every user error (bad study file, unknown method, missing data root, ...) is printed as one line
 ``harness: error: ...`` with exit code 2 and no traceback.
@@ -83,6 +83,18 @@ def _cmd_tune(args: argparse.Namespace) -> int:
     return tune(args.study, storage=args.storage, workers=args.workers, tracking_uri=args.tracking_uri,
                 trials=args.trials, out=args.out, stale_after=float(args.stale_after), report=not args.no_report,
                 backend=args.backend, slurm=_slurm_options(args))
+
+
+def _cmd_benchmark(args: argparse.Namespace) -> int:
+    if args.estimate and args.dry_run:
+        raise HarnessError("--estimate and --dry-run: give one of them")
+    if args.estimate and args.backend != "local":
+        raise HarnessError(f"--estimate: estimates the local pool only; drop --backend {args.backend}")
+    from harness.benchmark import benchmark
+
+    return benchmark(args.suite, phases=args.phase, tracking_uri=args.tracking_uri, workers=args.workers,
+                     backend=args.backend, address=args.address, slurm=_slurm_options(args), dry_run=args.dry_run,
+                     estimate=args.estimate, out=args.out)
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -286,6 +298,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "the search loop on the shared --storage (see docs/slurm.md)")
     _add_slurm_options(t)
     t.set_defaults(func=_cmd_tune)
+
+    bm = sub.add_parser("benchmark", help="tune every method with the same budget on validation, evaluate the best "
+                        "and the defaults on fresh seeds, report verdicts (a suite of tasks)")
+    bm.add_argument("suite", help="suite YAML file (see docs/benchmark.md)")
+    bm.add_argument("--phase", action="append", choices=("tune", "evaluate", "defaults", "report"), default=None,
+                    help="run only this phase (repeatable; default: every phase in order)")
+    bm.add_argument("--dry-run", action="store_true", help="list the tasks, phases and trial counts; run nothing")
+    bm.add_argument("--estimate", action="store_true", help="calibrate and print the cost of each phase per task")
+    bm.add_argument("--workers", type=_positive_int, default=None, metavar="N",
+                    help="run at most N trials at a time on the device pool (default: one per slot)")
+    bm.add_argument("--tracking-uri", help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI or MLflow's default)")
+    bm.add_argument("--out", default=None, help="the suite's folder (default results/<suite>/): its phase study "
+                    "files, Optuna journal and report")
+    bm.add_argument("--backend", choices=("local", "ray", "slurm"), default="local",
+                    help="where trials run (the tune phase: local or slurm)")
+    bm.add_argument("--address", default=None, help="Ray cluster address (--backend ray)")
+    _add_slurm_options(bm)
+    bm.set_defaults(func=_cmd_benchmark)
 
     st = sub.add_parser("status", help="what is finished, running, pending or failed (MLflow and Slurm's sacct)")
     st.add_argument("study", help="study file or study name")

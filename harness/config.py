@@ -392,6 +392,9 @@ class StudyConfig(_Strict):
     """A whole study: data, splits, teachers, student, training, methods, ablations, seeds."""
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
+    #: the MLflow experiment the study logs to (default: its ``name``); ``harness benchmark`` puts
+    #: every study of a suite into the suite's one experiment
+    experiment: str | None = Field(None, min_length=1, pattern=r"^[A-Za-z0-9_.\-]+$")
     dataset: DatasetConfig = DatasetConfig()
     splits: list[SplitConfig] = Field(min_length=1)
     teachers: list[TeacherConfig] = []
@@ -462,6 +465,11 @@ class StudyConfig(_Strict):
         for i, split in enumerate(self.splits):
             _check_disjoint_sources(split, self.dataset, f"splits[{i}].tasks")
         return self
+
+    @property
+    def experiment_name(self) -> str:
+        """The MLflow experiment of the study's runs: ``experiment``, else ``name``."""
+        return self.experiment or self.name
 
     def teachers_for(self, split: SplitConfig, seed: int | None = None) -> list[TeacherConfig]:
         """One teacher config per task: the split's own ``teachers`` or else the study's
@@ -545,7 +553,7 @@ def load_study(path: str | Path) -> StudyConfig:
 def dump_study(study: StudyConfig) -> str:
     """The study as YAML that :func:`load_study` accepts as is."""
     data = study.model_dump(mode="json", exclude_none=False)
-    for optional in ("search", "slurm"):
+    for optional in ("experiment", "search", "slurm"):
         if data.get(optional) is None:
             data.pop(optional, None)
     return yaml.safe_dump(data, sort_keys=False)

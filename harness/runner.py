@@ -221,7 +221,7 @@ def run_study(
         trials = expand(study)
     splits = build_splits(study)
     tracker = Tracker(tracking_uri)
-    exp_id = tracker.experiment(study.name, create=not dry_run)
+    exp_id = tracker.experiment(study.experiment_name, create=not dry_run)
     done = finished_keys(tracker, exp_id)
     if dry_run:
         plan = "Ray places the trials" if backend == "ray" else \

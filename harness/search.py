@@ -184,11 +184,6 @@ class SearchPlan:
         if not self.search.declared:
             return written
         recipe = self.search.recipe
-        if recipe and len(self.methods) > 1:
-            # a tuned study file has one train block: per-method recipe values cannot be written back
-            raise HarnessError("search.recipe: the recipe space (train.*) is shared by every method of the study "
-                               f"(one train block); tune one method per search (search.methods: [{self.methods[0]}]) "
-                               "or set search.recipe: false to search the methods' own parameters only")
         space: dict[str, Dist] = {}
         for m in self.methods:
             space.update(declared_space(m, recipe, self.study.train.optimizer))
@@ -249,9 +244,6 @@ class SearchPlan:
             if head == "student" and rest not in model_options(self.study.student.arch):
                 raise HarnessError(f"{where}: '{rest}' is not an option of the student model "
                                    f"'{self.study.student.arch}'")
-            if len(self.methods) > 1:
-                raise HarnessError(f"{where}: {head}.* is shared by every method of the study; "
-                                   "search it with one method at a time (search.methods)")
         try:
             return to_optuna(dist)
         except ValueError as e:
@@ -304,6 +296,12 @@ class SearchPlan:
         from harness.methods.base import get_method
 
         return get_method(method).parse_params(study.methods[method], f"methods.{method}").model_dump(mode="json")
+
+    @property
+    def per_method(self) -> bool:
+        """True when several methods each search a ``train.*``/``student.*`` path: each method's
+        Optuna study tunes its own recipe, so the tuned values are one study file per method."""
+        return len(self.methods) > 1 and any(not p.startswith("methods.") for p in self.space)
 
     def units(self) -> list[tuple[int, int]]:
         """(split index, seed) of every training run behind one objective value, in order."""

@@ -43,13 +43,15 @@ class TrialState:
     detail: str = ""
 
 
-def _study_name(study: str) -> tuple[str, Path | None]:
+def _study_name(study: str) -> tuple[str, str, Path | None]:
+    """(study name, its experiment's name, its file or None)."""
     path = Path(study)
     if path.suffix in (".yaml", ".yml") or path.is_file():
         from harness.config import load_study
 
-        return load_study(path).name, path
-    return study, None
+        cfg = load_study(path)
+        return cfg.name, cfg.experiment_name, path
+    return study, study, None
 
 
 def _logged_keys(tracker: Tracker, experiment_id: str) -> list[str] | None:
@@ -89,16 +91,18 @@ def _slurm_view(study: str, running: dict[str, str]) -> tuple[dict[str, JobInfo]
 
 def trial_states(study: str, tracking_uri: str | None = None) -> tuple[str, list[TrialState], str]:
     """(study name, one state per trial, a note) for a study file or name."""
-    name, path = _study_name(study)
+    name, experiment, path = _study_name(study)
     uri = resolve_uri(tracking_uri)
     tracker = Tracker(uri) if not missing_store(uri) else None  # a status creates no store
-    exp = tracker.experiment(name, create=False) if tracker is not None else None
+    exp = tracker.experiment(experiment, create=False) if tracker is not None else None
     runs = tracker.find(exp, {f"{TAG}kind": "trial"}) if tracker is not None and exp is not None else []
     by_key: dict[str, list] = {}
     for r in sorted(runs, key=lambda r: r.info.start_time or 0):
         by_key.setdefault(r.data.tags.get(f"{TAG}trial_key", ""), []).append(r)
     names: dict[str, str] = {}
-    keys = _logged_keys(tracker, exp) if tracker is not None and exp is not None else None
+    # an experiment shared by several studies (a benchmark suite's): the latest study run may be another's
+    shared = experiment != name
+    keys = _logged_keys(tracker, exp) if tracker is not None and exp is not None and not shared else None
     if path is not None:
         from harness.config import load_study
         from harness.grid import expand

@@ -189,7 +189,7 @@ def study_attrs(plan: SearchPlan, method: str, source: str, tracking_uri: str, e
         "search_space": {p: plan.space[p].model_dump(mode="json", exclude_defaults=True) for p in plan.paths[method]},
         "trials": trials, "splits": list(plan.splits), "seeds": list(plan.seeds),
         "sampler": search.sampler.model_dump(mode="json"), "pruner": search.pruner.model_dump(mode="json"),
-        "mlflow_tracking_uri": public_uri(tracking_uri), "mlflow_experiment": plan.study.name,
+        "mlflow_tracking_uri": public_uri(tracking_uri), "mlflow_experiment": plan.study.experiment_name,
         "mlflow_experiment_id": experiment_id,
     }
 
@@ -564,20 +564,43 @@ def best_trials(studies: dict[str, optuna.Study]) -> dict[str, FrozenTrial | Non
     return out
 
 
-def tuned_study(plan: SearchPlan, best: dict[str, FrozenTrial]) -> StudyConfig:
-    """The study with every tuned method's best values, named ``<name>-tuned``, no search block."""
+def tuned_study(plan: SearchPlan, best: dict[str, FrozenTrial], base: StudyConfig | None = None) -> StudyConfig:
+    """The study (or ``base``) with every tuned method's best values, named ``<name>-tuned``, no
+    search block."""
     from harness.search import apply_params
 
     values: dict[str, Any] = {}
     for t in best.values():
         values.update(t.params)
-    tuned = apply_params(plan.study, values, "tuned study")
+    tuned = apply_params(base or plan.study, values, "tuned study")
     return tuned.model_copy(update={"name": f"{plan.study.name}-tuned", "search": None})
 
 
+def tuned_paths(plan: SearchPlan, path: Path) -> dict[str, Path]:
+    """Where the tuned study goes, per tuned method: ``path`` for every method, or, when each
+    method tuned its own recipe (:attr:`SearchPlan.per_method`), ``<stem>.<method>.yaml`` each."""
+    if not plan.per_method:
+        return {m: path for m in plan.methods}
+    stem = str(path)[:-len(path.suffix)] if path.suffix in (".yaml", ".yml") else str(path)
+    return {m: Path(f"{stem}.{m}.yaml") for m in plan.methods}
+
+
 def write_tuned(plan: SearchPlan, studies: dict[str, optuna.Study], best: dict[str, FrozenTrial], path: Path,
-                source: str, storage: str) -> None:
-    """Write the tuned study file (atomically), with a header saying where each value came from."""
+                source: str, storage: str) -> list[Path]:
+    """Write the tuned study file (atomically), with a header saying where each value came from;
+    one file per method when each tuned its own recipe (:func:`tuned_paths`). Returns the files."""
+    paths = tuned_paths(plan, path)
+    if not plan.per_method:
+        _write_tuned(plan, studies, best, path, source, storage, f"{plan.study.name}-tuned", plan.study)
+        return [path]
+    for m, p in paths.items():  # each the study restricted to its method
+        _write_tuned(plan, {m: studies[m]}, {m: best[m]}, p, source, storage, f"{plan.study.name}-tuned-{m}",
+                     plan.study_for(m, {}))
+    return list(paths.values())
+
+
+def _write_tuned(plan: SearchPlan, studies: dict[str, optuna.Study], best: dict[str, FrozenTrial], path: Path,
+                 source: str, storage: str, name: str, base: StudyConfig) -> None:
     lines = [f"# Tuned by `harness tune {source}` on {time.strftime('%Y-%m-%d %H:%M')}",
              f"# Optuna storage: {storage}; objective: {plan.search.objective} (validation union accuracy, "
              f"mean over splits {', '.join(plan.splits)} and seeds {', '.join(map(str, plan.seeds))})"]
@@ -589,7 +612,8 @@ def write_tuned(plan: SearchPlan, studies: dict[str, optuna.Study], best: dict[s
         lines.append(f"# {m}: best trial #{t.number} {t.value:.4f} (default {dflt}); "
                      f"{states['COMPLETE']} complete, {states['PRUNED']} pruned; "
                      + ", ".join(f"{k}={v!r}" for k, v in t.params.items()))
-    text = "\n".join(lines) + "\n" + dump_study(tuned_study(plan, best))
+    tuned = tuned_study(plan, best, base).model_copy(update={"name": name})
+    text = "\n".join(lines) + "\n" + dump_study(tuned)
     load_check = Path(str(path) + f".tmp{os.getpid()}")
     load_check.write_text(text)
     try:
@@ -630,7 +654,7 @@ def tune(
     out_path = Path(out) if out else Path(path).with_name(f"{study.name}.tuned.yaml")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     tracker = Tracker(tracking_uri)
-    exp = tracker.experiment(study.name)
+    exp = tracker.experiment(study.experiment_name)
     assert exp is not None
     search = Search(plan, storage_spec, tracker, exp, pool, budget, stale_after, opened, source=str(path))
     try:
@@ -676,8 +700,8 @@ def tune(
     if missing:
         print(f"no complete trial for {', '.join(missing)}: no tuned study written")
         return 1
-    write_tuned(plan, search.studies, best, out_path, str(path), storage_spec)  # type: ignore[arg-type]
-    print(f"tuned study written to {out_path}")
+    for written in write_tuned(plan, search.studies, best, out_path, str(path), storage_spec):  # type: ignore[arg-type]
+        print(f"tuned study written to {written}")
     if report:
         _print_report(study.name, tracker.uri)
     return 0
@@ -743,7 +767,7 @@ def tune_on_slurm(
     open_storage(storage_spec)  # a bad --storage is an error before any job or MLflow store exists
     out_path = (Path(out) if out else Path(path).with_name(f"{study.name}.tuned.yaml")).resolve()
     tracker = Tracker(tracking_uri)
-    exp = tracker.experiment(study.name)
+    exp = tracker.experiment(study.experiment_name)
     assert exp is not None
     pool = SlurmPool(cfg.model_copy(update={"array_parallelism": n}), study.name, check=False)
     ctx = WorkerContext.capture()
@@ -768,10 +792,12 @@ def tune_on_slurm(
                     print(f"{o.key}: {'done' if o.ok else o.error}" + (f" (exit code {o.result})" if o.ok else ""))
     finally:
         pool.close()  # cancels what still runs (Ctrl-C)
-    if any(codes) or not out_path.exists() or out_path.stat().st_mtime < started:
+    written = list(tuned_paths(plan, out_path).values())
+    if any(codes) or any(not p.exists() or p.stat().st_mtime < started for p in written):
         print("the search is not complete: no tuned study from these jobs")
         return 1
-    print(f"tuned study written to {out_path}")
+    for p in dict.fromkeys(written):
+        print(f"tuned study written to {p}")
     if report:
         _print_report(study.name, tracker.uri)
     return 0

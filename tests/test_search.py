@@ -88,8 +88,6 @@ def test_seeds_and_splits_of_the_search():
      "search.space.methods.cka.align: value 'nope':"),
     ({"space": {"train.epochs": {"type": "int", "low": 1, "high": 5}}, "methods": ["kd"]},
      "search.space.train.epochs: train.epochs is the pruner's step budget"),
-    ({"space": {**SPACE, "train.lr": {"type": "float", "low": 1e-4, "high": 1e-2}}},
-     "search.space.train.lr: train.* is shared by every method of the study; search it with one method"),
     ({"space": {"student.depth": {"type": "int", "low": 1, "high": 3}}, "methods": ["kd"]},
      "search.space.student.depth: 'depth' is not an option of the student model 'cnn'"),
     ({"space": {"train.lr": {"type": "float", "low": 1e-4, "high": 1e-2}}},

@@ -175,15 +175,20 @@ def test_a_bad_override_is_one_line_naming_its_entry():
     assert text.startswith("search.space.methods.cka.tau: method 'cka' is not in search.methods"), text
 
 
-def test_several_methods_search_their_own_parameters_only():
-    text = plan_error({"declared": True, "methods": ["kd", "rkd"]})
-    assert text.startswith("search.recipe: the recipe space (train.*) is shared by every method"), text
+def test_several_methods_search_their_own_parameters_and_each_its_own_recipe():
+    plan = SearchPlan(study_with({"declared": True, "methods": ["kd", "rkd"]}))
+    recipe = list(declared_space("scratch"))  # the recipe paths only
+    assert recipe and all(p.startswith("train.") for p in recipe)
+    assert {m: set(p) for m, p in plan.paths.items()} == {
+        "kd": {"methods.kd.T", *recipe}, "rkd": {*(f"methods.rkd.{p}" for p in DECLARED["rkd"]), *recipe}}
+    assert plan.per_method  # each method's Optuna study tunes its own recipe: one tuned file per method
     plan = SearchPlan(study_with({"declared": True, "recipe": False, "methods": ["kd", "rkd"]}))
     assert plan.paths == {"kd": ["methods.kd.T"], "rkd": [f"methods.rkd.{p}" for p in DECLARED["rkd"]]}
-    # a train.* entry stays refused with several methods, as without declared spaces
-    text = plan_error({"declared": True, "recipe": False, "methods": ["kd", "rkd"],
-                       "space": {"train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}})
-    assert text.startswith("search.space.train.lr: train.* is shared by every method of the study"), text
+    assert not plan.per_method
+    # a train.* entry with several methods: a path of each method's own search
+    plan = SearchPlan(study_with({"declared": True, "recipe": False, "methods": ["kd", "rkd"],
+                                  "space": {"train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}}))
+    assert "train.lr" in plan.paths["kd"] and "train.lr" in plan.paths["rkd"] and plan.per_method
     text = plan_error({"declared": True, "recipe": False, "methods": ["kd", "scratch"]})
     assert text.startswith("search.methods[1]: 'scratch' declares no search space of its own"), text
 

@@ -301,12 +301,14 @@ def local_artifacts(uri: str, run: Any) -> Path | None:
     return moved if moved.is_dir() else None
 
 
-def _logged_study(client: MlflowClient, experiment_id: str,
-                  uri: str = "") -> tuple[str | None, list[str] | None, str | None]:
-    """(``study.yaml``, ``trial_keys.json``, ``study_source.yaml``) of the latest study run that
-    logged either of the first two (the runner logs all three; older runners only the first, or
-    the first two); Nones when no study run did."""
+def _logged_study(client: MlflowClient, experiment_id: str, uri: str = "",
+                  study: str | None = None) -> tuple[str | None, list[str] | None, str | None]:
+    """(``study.yaml``, ``trial_keys.json``, ``study_source.yaml``) of the latest study run (of
+    ``study`` when given) that logged either of the first two (the runner logs all three; older
+    runners only the first, or the first two); Nones when no study run did."""
     runs = sorted(search_runs(client, experiment_id, "study"), key=lambda r: (r.info.start_time or 0, r.info.run_id))
+    if study is not None:
+        runs = [r for r in runs if r.data.tags.get(f"{TAG}study") == study]
     for run in reversed(runs):
         try:
             moved = local_artifacts(uri, run)
@@ -408,7 +410,7 @@ def _scoped_teachers(trows: pd.DataFrame, runs: dict[str, Any], trials: list[tup
 
 def load_study(study: str, tracking_uri: str | None = None, history: bool = True,
                allow_empty: bool = False, keys: Collection[str] | None = None,
-               expand: KeyExpander | None = None) -> StudyData:
+               expand: KeyExpander | None = None, experiment: str | None = None) -> StudyData:
     """Read one study (a name, or a study file whose ``name:`` is used) from the MLflow store.
 
     Scope, the first that applies: ``keys`` (the study's trial keys: the CLI expands a study file
@@ -416,16 +418,19 @@ def load_study(study: str, tracking_uri: str | None = None, history: bool = True
     study run (``trial_keys.json``); ``expand`` of its logged ``study.yaml``; else none (the latest
     run of every split, method, variant and seed, as before trial keys). An experiment without a
     finished in-scope trial run is an error unless ``allow_empty`` (then ``trials``, ``history``
-    and ``params`` are empty: an experiment that holds only the searches of ``harness tune``)."""
+    and ``params`` are empty: an experiment that holds only the searches of ``harness tune``).
+    ``experiment``: the experiment holding the study's runs when it is not the study's name (a
+    benchmark suite's: then only this study's own study runs are read for its logged files)."""
     name, text = resolve_study(study)
     uri = resolve_uri(tracking_uri)
     if missing_store(uri):  # opening it would create an empty store: a report only reads
         raise HarnessError(f"report: no experiment '{name}' in {uri} (no tracking store there)")
     client = MlflowClient(uri)
-    exp = client.get_experiment_by_name(name)
+    exp = client.get_experiment_by_name(experiment or name)
     if exp is None or exp.lifecycle_stage == "deleted":
-        raise HarnessError(f"report: no experiment '{name}' in {uri}")
-    logged_text, logged_keys, logged_source = _logged_study(client, exp.experiment_id, uri)
+        raise HarnessError(f"report: no experiment '{experiment or name}' in {uri}")
+    logged_text, logged_keys, logged_source = _logged_study(client, exp.experiment_id, uri,
+                                                            name if experiment else None)
     scope_keys, scope = _scope(keys, text, logged_text, logged_keys, expand)
     trial_runs = {r.info.run_id: r for r in search_runs(client, exp.experiment_id, "trial")}
     every = pd.DataFrame([run_info(r) for r in trial_runs.values()], columns=INFO_COLUMNS)

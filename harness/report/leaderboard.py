@@ -664,6 +664,14 @@ def build_leaderboard(studies: Sequence[str], tracking_uri: str | None = None, o
     if twice:
         raise HarnessError(f"leaderboard: study '{twice[0]}' given more than once")
     datas = [_load(s, tracking_uri, (keys or {}).get(s), expand) for s in studies]
+    return write_leaderboard(datas, out_dir, normalise, reps, seed, power, cap)
+
+
+def write_leaderboard(datas: Sequence[StudyData], out_dir: str | Path | None = None, normalise: str = "scratch",
+                      reps: int = agg.REPS, seed: int = agg.SEED, power: float = vd.POWER,
+                      cap: int = vd.CAP) -> Leaderboard:
+    """The leaderboard of studies already read (:func:`build_leaderboard`; ``harness benchmark``
+    reads each task's runs by its trial keys), written into ``out_dir``."""
     merged = duplicates(datas)
     scores, tasks, left = scores_frame(datas, normalise, merged)
     if not tasks:

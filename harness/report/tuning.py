@@ -49,7 +49,7 @@ CURVE = "objective/running"
 FEW_TRIALS = 20
 CSV_COLUMNS = ["optuna_study", "method", "number", "state", "default", "value", "duration", "run_id"]
 COLUMNS = CSV_COLUMNS + ["status", "start_time", "end_time", "objective", "failure", "params", "distributions",
-                         *PROVENANCE]
+                         "retry_of", *PROVENANCE]
 
 
 @dataclass
@@ -118,6 +118,8 @@ def _row(run: Any) -> dict[str, Any]:
         "failure": tags.get(f"{TAG}failure", ""),
         "params": _json(tags.get(f"{TAG}optuna_params"), dict(run.data.params)),
         "distributions": _json(tags.get(f"{TAG}optuna_distributions"), {}),
+        #: the number of the failed trial this one reruns (that one then used no budget)
+        "retry_of": to_int(tags.get(f"{TAG}retry_of")),
         **{name: tags.get(f"{TAG}{name}", "") for name in PROVENANCE},
     }
 
