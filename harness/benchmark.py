@@ -94,8 +94,9 @@ class SuiteConfig(_Strict):
 
     name: str = Field(min_length=1, pattern=NAME)
     tasks: list[TaskSpec] = Field(min_length=1)
-    #: the compared methods, each with the parameters the suite fixes (not tuned, also in the
-    #: defaults); ``scratch`` and ``teachers`` are always added
+    #: the compared methods, each with the parameters the suite fixes (also in the defaults; a
+    #: declared tunable one is then searched over that one value only); ``scratch`` and
+    #: ``teachers`` are always added
     methods: dict[str, dict[str, Any]] = Field(min_length=1)
     #: CKA's ablations evaluated at its tuned configuration (default: each task study's own)
     ablations: list[str] | None = None
@@ -160,7 +161,7 @@ class Task:
             try:
                 get_method(m)
             except HarnessError as e:
-                raise HarnessError(f"methods.{m}: {str(e).split(': ', 1)[-1]}") from None
+                raise HarnessError(f"methods.{m}: {e}") from None
             methods[m] = dict(fixed)
         methods.setdefault(SCRATCH, {})
         methods.setdefault(TEACHERS, {})
@@ -179,10 +180,16 @@ class Task:
         #: the defaults phase: every method at the parameters the suite fixes, evaluation seeds
         self.defaults = self._study({**data, "seeds": suite.seeds.evaluate}, "defaults")
         b = suite.budget
+        from harness.search import declared_space
+
+        # a parameter the suite fixes stays fixed: a one-choice distribution where it is declared
+        pinned = {path: {"type": "categorical", "choices": [value]} for m in self.tuned
+                  for p, value in methods[m].items()
+                  if (path := f"methods.{m}.{p}") in declared_space(m, recipe=False)}
         #: the tune phase: one search over every tuned method on the tuning seeds, no ablations
         self.tune = self._study({
             **data, "seeds": suite.seeds.tune, "ablations": [], "routing": [],
-            "search": {"declared": True, "recipe": b.recipe, "methods": self.tuned, "trials": b.trials,
+            "search": {"declared": True, "recipe": b.recipe, "methods": self.tuned, "trials": b.trials, "space": pinned,
                        "seeds": suite.seeds.tune, "objective": b.objective, "sampler": b.sampler.model_dump(),
                        "pruner": b.pruner.model_dump(), "retries": b.retries}}, "tune")
         self.eval_seeds = list(suite.seeds.evaluate)

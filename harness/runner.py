@@ -275,7 +275,7 @@ def run_study(
         else:
             from harness.report.reproduce import committed_line
 
-            out = build_report(study.name, tracking_uri=tracker.uri)
+            out = build_report(study.name, tracking_uri=tracker.uri, experiment=study.experiment)
             print(f"report written to {out}{log_report(tracker.uri, study.name, out)}")
             if (line := committed_line(out)) is not None:  # over a committed report: does it reproduce?
                 print(line)

@@ -11,9 +11,10 @@ A search space maps *parameter paths* of the study to distributions::
         train.lr:            {type: float, low: 3.0e-4, high: 3.0e-3, log: true}
 
 Paths are ``methods.<method>.<param>``, ``train.<field>`` (nested fields dotted:
-``train.lr_mult.head``) or ``student.<option>``. Each tuned method gets its own Optuna study;
-``train.*`` and ``student.*`` are shared by every method of a study file, so they may be
-searched only when one method is tuned. The objective is the mean,
+``train.lr_mult.head``) or ``student.<option>``. Each tuned method gets its own Optuna study,
+which searches ``train.*`` and ``student.*`` paths for that method alone: with several tuned
+methods and such paths, the tuned values are one study file per method
+(:attr:`SearchPlan.per_method`). The objective is the mean,
 over the search's splits and seeds, of the **validation** union accuracy (``val_last``: the
 last epoch's, ``val_best``: the best epoch's); the test split is never evaluated.
 
@@ -21,9 +22,8 @@ Declared spaces: every method declares the space its author would search next to
 model (``Method.search_space``, :mod:`harness.spaces`), and :data:`RECIPE_SPACES` the recipe's.
 ``search: {declared: true, methods: [kd]}`` searches ``kd``'s declared space plus the recipe space
 (:func:`declared_space`); entries of ``space`` then replace a declared path's distribution or add
-a path. The recipe space is shared like any ``train.*`` path: with several tuned methods it needs
-``recipe: false`` (the methods' own parameters only), since the tuned study file has one
-``train`` block.
+a path. Like any ``train.*`` path, each tuned method searches the recipe space for itself
+(``recipe: false``: the methods' own parameters only).
 """
 
 from __future__ import annotations

@@ -43,8 +43,8 @@ class SearchConfig(_Strict):
     #: the recipe space (:data:`harness.search.RECIPE_SPACES`); ``space`` entries then replace a
     #: declared path's distribution or add a path, and ``space`` may be left out
     declared: bool = False
-    #: with ``declared``: add the recipe space (``train.*``, shared by the study's methods, so only
-    #: when one method is tuned); false: the methods' own parameters only
+    #: with ``declared``: add the recipe space (``train.*``), searched by each tuned method for
+    #: itself (several methods: one tuned study file each); false: the methods' own parameters only
     recipe: bool = True
     #: required (at least one path) unless ``declared``
     space: dict[str, Distribution] = Field(None, validate_default=True)  # type: ignore[assignment]

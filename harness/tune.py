@@ -703,17 +703,17 @@ def tune(
     for written in write_tuned(plan, search.studies, best, out_path, str(path), storage_spec):  # type: ignore[arg-type]
         print(f"tuned study written to {written}")
     if report:
-        _print_report(study.name, tracker.uri)
+        _print_report(study.name, tracker.uri, study.experiment)
     return 0
 
 
-def _print_report(name: str, uri: str) -> None:
+def _print_report(name: str, uri: str, experiment: str | None = None) -> None:
     """Build the study's report (its tuning section included) when the report extra is importable."""
     try:
         from harness.report.build import build_report
     except ImportError:
         return
-    print(f"report written to {build_report(name, tracking_uri=uri)}")
+    print(f"report written to {build_report(name, tracking_uri=uri, experiment=experiment)}")
 
 
 # -- searches on Slurm -----------------------------------------------------------------------
@@ -799,5 +799,5 @@ def tune_on_slurm(
     for p in dict.fromkeys(written):
         print(f"tuned study written to {p}")
     if report:
-        _print_report(study.name, tracker.uri)
+        _print_report(study.name, tracker.uri, study.experiment)
     return 0

@@ -206,8 +206,6 @@ def benchmark_markdown(suite: SuiteInfo, tasks: Sequence[TaskKeys], tuned: Leade
                "searches before reading the comparison.", ""]
     else:
         md += [f"The budgets were equal: every search counted {suite.trials} trials (`budget.csv`).", ""]
-    if len(suite.eval_seeds) < 5:
-        md += [f"**Only {len(suite.eval_seeds)} evaluation seeds** (at least 5 are recommended).", ""]
     md += ["## Tuned: verdicts (95%, over tasks)", "",
            "From [the tuned leaderboard](tuned/leaderboard.md): each pair of methods with every task, "
            "P(X > Y) over tasks with its interval; *inconclusive* when the interval holds 0.5.", ""]

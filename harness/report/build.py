@@ -42,12 +42,14 @@ SKIP_PARAMS = ("seed", "method", "variant", "study")
 
 
 def build_report(study: str, tracking_uri: str | None = None, out_dir: str | Path | None = None,
-                 keys: Collection[str] | None = None, expand: KeyExpander | None = None) -> Path:
+                 keys: Collection[str] | None = None, expand: KeyExpander | None = None,
+                 experiment: str | None = None) -> Path:
     """Build the report of ``study`` (a name or a study file) and return its folder.
 
-    ``keys``/``expand``: the study's trial keys, or how to expand a study file into them
+    ``keys``/``expand``: the study's trial keys, or how to expand a study file into them;
+    ``experiment``: where its runs are when not in the experiment of its name
     (:func:`harness.report.frames.load_study`)."""
-    data = load_study(study, tracking_uri, allow_empty=True, keys=keys, expand=expand)
+    data = load_study(study, tracking_uri, allow_empty=True, keys=keys, expand=expand, experiment=experiment)
     tuning = load_tuning(data.uri, data.experiment_id)
     if data.trials.empty and tuning.empty:
         n = len(data.others)

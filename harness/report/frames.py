@@ -422,6 +422,11 @@ def load_study(study: str, tracking_uri: str | None = None, history: bool = True
     ``experiment``: the experiment holding the study's runs when it is not the study's name (a
     benchmark suite's: then only this study's own study runs are read for its logged files)."""
     name, text = resolve_study(study)
+    if experiment is None and text:  # a study file that names its experiment (``experiment:``)
+        with contextlib.suppress(yaml.YAMLError):
+            data = yaml.safe_load(text)
+            if isinstance(data, dict) and isinstance(data.get("experiment"), str):
+                experiment = data["experiment"]
     uri = resolve_uri(tracking_uri)
     if missing_store(uri):  # opening it would create an empty store: a report only reads
         raise HarnessError(f"report: no experiment '{name}' in {uri} (no tracking store there)")
