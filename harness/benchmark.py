@@ -107,6 +107,14 @@ class SuiteConfig(_Strict):
     budget: BudgetConfig = BudgetConfig()
     seeds: SeedsConfig = SeedsConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_extensions(cls, data: Any) -> Any:
+        """Top-level ``x-*`` keys hold YAML anchors shared by the tasks (as in docker-compose)."""
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if not (isinstance(k, str) and k.startswith("x-"))}
+        return data
+
     @field_validator("methods", mode="before")
     @classmethod
     def _listed(cls, v: Any) -> Any:
@@ -206,10 +214,13 @@ class Task:
     def evaluation(self, method: str, values: dict[str, Any]) -> StudyConfig:
         """The evaluation study of ``method``: its best values (Optuna's ``params``: study paths)
         on the evaluation seeds, with the task's ablations and routing rules."""
+        from harness.methods.base import get_method
         from harness.search import apply_params
 
         data = {**self.data, "methods": {method: self.data["methods"][method]}, "seeds": self.eval_seeds}
         data["ablations"] = [a for a in data["ablations"] if _has_component(method, a)]
+        if "routing" not in get_method(method).ParamsModel.model_fields:  # the routing axis is not its
+            data["routing"] = []
         base = self._study(data, f"evaluate {method}")
         return apply_params(base, values, f"{self.where} (best {method} configuration)")
 
