@@ -315,7 +315,8 @@ def describe_work(
     """Every distinct teacher the trials need (once per cache key, ``cached`` when its checkpoint
     exists) and every trial, with their image counts and calibration keys."""
     from harness.methods.base import get_method
-    from harness.teachers import checkpoint_path, stable_hash, teacher_spec
+    from harness.keys import stable_hash
+    from harness.teachers import checkpoint_path, teacher_spec
     from harness.trial import teacher_seeds_of
 
     teachers: list[TeacherWork] = []

@@ -53,9 +53,10 @@ from optuna.trial import FrozenTrial, TrialState
 
 from harness.config import StudyConfig, dump_study, load_study
 from harness.errors import HarnessError
-from harness.grid import Trial, build_splits, trial_key
+from harness.grid import Trial, build_splits
 from harness.files import process_alive
 from harness.interrupts import deferred, sigterm_as_interrupt
+from harness.keys import trial_key
 from harness.scheduler import PRELOAD, LocalPool, Outcome, Slot, WorkerContext, build_slots, warm_trial_worker
 from harness.search import PrunerConfig, SamplerConfig, SearchPlan
 from harness.tracking import TAG, Tracker, git_tags, version_tags
