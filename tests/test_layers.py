@@ -1,6 +1,7 @@
 """The floors hold (docs/layers.md): no import circle inside ``harness/``, no module uses another's
-private names, the study schema (``harness.config``) stands on the ground floor only, and the keys
-(``harness.keys``) on the study schema, for its type only.
+private names, the study schema (``harness.config``) stands on the ground floor only, the keys
+(``harness.keys``) on the study schema, for its type only, and the store's schema
+(``harness.store``) on nothing at all.
 
 The import graph is read from the source with :mod:`ast`, so it sees every import a module can
 run: at module level, inside functions (the "lazy" imports that hide a circle from Python but not
@@ -334,6 +335,16 @@ def test_the_study_schema_imports_only_the_ground_floor():
 
 def test_the_ground_floor_is_real_modules():
     assert CONFIG_FLOOR <= set(harness_modules()), CONFIG_FLOOR - set(harness_modules())
+
+
+def test_the_store_schema_imports_nothing():
+    """``harness.store`` (the names of the MLflow store) imports no module at all, harness or not:
+    the report, the status and the results API read the store by its names without torch, and
+    the schema itself without mlflow."""
+    tree = ast.parse(harness_modules()["harness.store"].read_text())
+    found = [f"harness/store.py:{n.lineno}" for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
+             and not (isinstance(n, ast.ImportFrom) and n.module == "__future__")]
+    assert not found, f"harness.store imports: {found}"
 
 
 def test_the_keys_stand_on_the_study_schema_for_its_type_only():
