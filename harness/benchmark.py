@@ -44,6 +44,8 @@ NAME = r"^[A-Za-z0-9_.\-]+$"
 #: rows every task has besides the suite's methods: the supervised normaliser and the teachers
 SCRATCH, TEACHERS = "scratch", "teachers"
 MIN_EVAL_SEEDS = 5
+#: the MLflow run of one ``harness benchmark`` invocation (metrics ``phase_seconds/<phase>``)
+KIND_BENCHMARK = "benchmark"
 
 
 class _Strict(BaseModel):
@@ -436,22 +438,49 @@ def benchmark(path: str | Path, phases: list[str] | None = None, tracking_uri: s
             raise HarnessError(f"--phase: one of {', '.join(PHASES)}, got {p!r}")
     if backend == "ray" and "tune" in chosen:
         raise HarnessError("--backend ray: the tune phase runs on the local pool or Slurm (harness tune)")
+    import os
+    import platform
+
+    from harness.tracking import TAG, Tracker, version_tags
+
+    tracker = Tracker(tracking_uri)
+    exp = tracker.experiment(bench.suite.name)
+    assert exp is not None
+    from harness.files import process_alive
+
+    for r in tracker.find(exp, {f"{TAG}kind": KIND_BENCHMARK}, ("RUNNING",)):  # invocations killed here
+        tags = r.data.tags
+        pid = int(tags.get(f"{TAG}runner_pid", "0") or 0)
+        if tags.get(f"{TAG}host") == platform.node() and pid != os.getpid() and not process_alive(pid):
+            tracker.finish_if_running(r.info.run_id, "KILLED", {f"{TAG}failure": "stale: the invocation was killed"})
+    # this invocation: its phases' wall times as metrics ``phase_seconds/<phase>`` (the report sums them)
+    run = tracker.start(exp, f"benchmark/{time.strftime('%Y%m%d-%H%M%S')}", {
+        f"{TAG}kind": KIND_BENCHMARK, f"{TAG}suite": bench.suite.name, f"{TAG}phases": ",".join(chosen),
+        f"{TAG}host": platform.node(), f"{TAG}runner_pid": os.getpid(), **version_tags()})
     code = 0
     walls: dict[str, float] = {}
-    for p in PHASES:
-        if p not in chosen:
-            continue
-        t0 = time.perf_counter()
-        if p == "tune":
-            code |= bench.run_tune(tracking_uri, workers, backend, slurm)
-        elif p == "evaluate":
-            code |= bench.run_evaluate(tracking_uri, workers, backend, address, slurm)
-        elif p == "defaults":
-            code |= bench.run_defaults(tracking_uri, workers, backend, address, slurm)
-        elif code == 0:
-            print(f"report written to {bench.run_report(tracking_uri)}")
-        else:
-            print("report not built: a phase did not complete (rerun the command to resume it)")
-        walls[p] = time.perf_counter() - t0
+    try:
+        for p in PHASES:
+            if p not in chosen:
+                continue
+            t0 = time.perf_counter()
+            if p == "tune":
+                code |= bench.run_tune(tracking_uri, workers, backend, slurm)
+            elif p == "evaluate":
+                code |= bench.run_evaluate(tracking_uri, workers, backend, address, slurm)
+            elif p == "defaults":
+                code |= bench.run_defaults(tracking_uri, workers, backend, address, slurm)
+            walls[p] = time.perf_counter() - t0
+            if p != "report":
+                tracker.log_metrics(run, {f"phase_seconds/{p}": walls[p]})
+            elif code == 0:
+                print(f"report written to {bench.run_report(tracking_uri)}")
+                walls[p] = time.perf_counter() - t0
+            else:
+                print("report not built: a phase did not complete (rerun the command to resume it)")
+    except BaseException as e:
+        tracker.finish(run, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
+    tracker.finish(run, "FINISHED" if code == 0 else "FAILED")
     print("phase wall times: " + ", ".join(f"{p} {s:.0f}s" for p, s in walls.items()))
     return code

@@ -113,6 +113,14 @@ def test_every_phase_completes_after_two_kills(suite):
     for f in ("benchmark.md", "budget.csv", "chosen.csv", "seeds.csv", "tuned/leaderboard.md",
               "defaults/leaderboard.md"):
         assert (out / f).is_file(), f
+    # the wall time of each phase, summed over the invocations that completed it: the first was
+    # killed while tuning (it logged nothing), the second finished tuning and was killed evaluating
+    phases = pd.read_csv(out / "phases.csv").set_index("phase")
+    assert list(phases.index) == ["tune", "evaluate", "defaults"] and (phases["seconds"] > 0).all()
+    assert phases.loc["tune", "invocations"] == 2 and phases.loc["evaluate", "invocations"] == 1
+    benchmark_runs = _runs(suite["uri"], "benchmark")
+    # the two killed invocations, marked by the next one on this host (their process was gone)
+    assert sorted(r.info.status for r in benchmark_runs) == ["FINISHED", "KILLED", "KILLED"]
 
 
 def test_every_method_and_task_had_the_same_number_of_counted_trials(suite):

@@ -149,7 +149,7 @@ def test_cli_bad_study_exit_2_nothing_created(tmp_path):
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2
-    assert proc.stderr.strip() == f"harness: error: methods.kd.temperature: unknown parameter"
+    assert proc.stderr.strip() == "harness: error: methods.kd.temperature: unknown parameter"
     assert "Traceback" not in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.yaml"]  # no mlflow.db, no cache
 

@@ -12,6 +12,8 @@ Given each task's trial keys (the tuned configurations' and the defaults'), it w
 - ``chosen.csv``: per (method, task) the chosen trial, its validation objective, the default
   trial's, and the chosen values;
 - ``seeds.csv``: the seeds of the tuning runs and of the evaluation runs, read from the runs;
+- ``phases.csv``: the wall time of each phase, summed over the invocations that ran it (the
+  ``benchmark`` runs' ``phase_seconds/<phase>`` metrics);
 - ``benchmark.md``: all of it, with the tuned-versus-defaults change of each method.
 
 Nothing here imports torch: the keys come from the caller.
@@ -37,7 +39,6 @@ from harness.store import KIND_TRIAL, KIND_TUNE_RUN, SEED, STUDY, TRIAL_KEY
 from harness.tracking import resolve_uri
 
 BUDGET_COLUMNS = ["method", "task", "started", "counted", "complete", "pruned", "failed", "retried", "seconds"]
-GENERATED = ("benchmark.md", "budget.csv", "chosen.csv", "seeds.csv")
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,24 @@ def seeds_frame(uri: str, experiment_id: str, tasks: Sequence[TaskKeys]) -> pd.D
                          "disjoint": [not set(tune) & set(evaluate)] * 2})
 
 
+def phase_frame(uri: str, experiment_id: str) -> pd.DataFrame:
+    """Wall seconds of each phase, summed over the ``harness benchmark`` invocations that ran it
+    (a resumed phase adds up; an invocation killed mid-phase logged nothing for that phase)."""
+    client = MlflowClient(uri)
+    totals: dict[str, float] = {}
+    runs: dict[str, int] = {}
+    for r in search_runs(client, experiment_id, "benchmark"):
+        for k, v in r.data.metrics.items():
+            if k.startswith("phase_seconds/"):
+                phase = k.split("/", 1)[1]
+                totals[phase] = totals.get(phase, 0.0) + float(v)
+                runs[phase] = runs.get(phase, 0) + 1
+    order = ["tune", "evaluate", "defaults"]
+    return pd.DataFrame([{"phase": p, "seconds": totals[p], "invocations": runs[p]}
+                         for p in sorted(totals, key=lambda p: order.index(p) if p in order else 9)],
+                        columns=["phase", "seconds", "invocations"])
+
+
 def _pct(x: float) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
 
@@ -181,6 +200,7 @@ def build_benchmark_report(suite: SuiteInfo, tasks: Sequence[TaskKeys], out: str
     budget = budget_frame(tuning.trials, tasks)
     chosen = chosen_frame(tuning.trials, tasks)
     seeds = seeds_frame(uri, exp.experiment_id, tasks)
+    phases = phase_frame(uri, exp.experiment_id)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tuned = write_leaderboard(tuned_data, out / "tuned")
@@ -188,12 +208,15 @@ def build_benchmark_report(suite: SuiteInfo, tasks: Sequence[TaskKeys], out: str
     budget.to_csv(out / "budget.csv", index=False)
     chosen.to_csv(out / "chosen.csv", index=False)
     seeds.to_csv(out / "seeds.csv", index=False)
-    (out / "benchmark.md").write_text(benchmark_markdown(suite, tasks, tuned, defaults, budget, chosen, seeds))
+    phases.to_csv(out / "phases.csv", index=False)
+    (out / "benchmark.md").write_text(benchmark_markdown(suite, tasks, tuned, defaults, budget, chosen, seeds,
+                                                         phases))
     return out
 
 
 def benchmark_markdown(suite: SuiteInfo, tasks: Sequence[TaskKeys], tuned: Leaderboard, defaults: Leaderboard,
-                       budget: pd.DataFrame, chosen: pd.DataFrame, seeds: pd.DataFrame) -> str:
+                       budget: pd.DataFrame, chosen: pd.DataFrame, seeds: pd.DataFrame,
+                       phases: pd.DataFrame | None = None) -> str:
     bad = unequal(budget, suite.trials)
     md = [f"# Benchmark {suite.name}", "",
           f"{len(tasks)} tasks; every method tuned with the same budget: {suite.trials} Optuna trials per method and "
@@ -240,6 +263,10 @@ def benchmark_markdown(suite: SuiteInfo, tasks: Sequence[TaskKeys], tuned: Leade
            "Per method, over tasks:", "",
            markdown(totals.reset_index().assign(seconds=totals["seconds"].map(lambda s: f"{s:.0f}").values)), ""]
     md += ["## Seeds, read from the runs", "", markdown(seeds), ""]
+    if phases is not None and not phases.empty:
+        md += ["## Wall time per phase", "", "Summed over the `harness benchmark` invocations that ran the phase "
+               "(`phases.csv`; the wall times depend on the machine and on what else ran on it).", "",
+               markdown(phases.assign(seconds=phases["seconds"].map(lambda s: f"{s:.0f}"))), ""]
     return "\n".join(md)
 
 

@@ -16,7 +16,6 @@ from scipy.stats import t as student_t
 from scipy.stats import ttest_rel
 
 from harness.report import plots, tables
-from harness.report.stats import CONSTANT_NOTE
 
 SQRT2 = math.sqrt(2)
 T975_DF2 = 0.95 / math.sqrt(2 * 0.975 * 0.025)  # 0.975 quantile of t with 2 df, closed form
