@@ -25,6 +25,7 @@ KIND_SEARCH = "search"  # one ``harness tune`` invocation: parent of its tune_tr
 KIND_TUNE_TRIAL = "tune_trial"  # one Optuna trial (one configuration of one method)
 KIND_TUNE_RUN = "tune_run"  # one (split, seed) run of a tune_trial, trained like a trial
 KIND_BENCH = "bench"  # ``harness bench``'s store-overhead run (a throwaway store)
+KIND_BENCHMARK = "benchmark"  # one ``harness benchmark`` invocation: metrics ``phase_seconds/<phase>``
 
 # -- every run kind ---------------------------------------------------------------------------
 KIND = TAG + "kind"  # the run kind: one of the KIND_* values above
@@ -104,6 +105,10 @@ PROVENANCE_TAGS = {
 # -- search runs (KIND_SEARCH); also HOST, RUNNER_PID, POOL, FAILURE --------------------------------
 STORAGE = TAG + "storage"  # the Optuna storage searched (a journal file or an RDB URL)
 OPTUNA_STUDIES = TAG + "optuna_studies"  # the Optuna studies searched, comma-joined
+
+# -- benchmark runs (KIND_BENCHMARK); also HOST, RUNNER_PID, FAILURE -----------------------------------
+SUITE = TAG + "suite"  # the benchmark suite's name (its experiment)
+PHASES = TAG + "phases"  # the phases this invocation was asked to run, comma-joined
 
 # -- tune_trial runs (KIND_TUNE_TRIAL); tune_run runs carry OPTUNA_STUDY and OPTUNA_NUMBER too -------
 OPTUNA_STUDY = TAG + "optuna_study"  # the Optuna study's name (``<study>/<method>``)

@@ -175,4 +175,5 @@ def test_the_provenance_columns_are_its_tags():
 
 def test_the_kinds_are_the_run_kinds_the_harness_writes():
     kinds = {v for k, v in vars(store).items() if k.startswith("KIND_")}
-    assert kinds == {"study", "teacher_stage", "teacher", "trial", "search", "tune_trial", "tune_run", "bench"}
+    assert kinds == {"study", "teacher_stage", "teacher", "trial", "search", "tune_trial", "tune_run", "bench",
+                     "benchmark"}

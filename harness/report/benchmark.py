@@ -35,7 +35,7 @@ from harness.report.frames import StudyData, load_study, search_runs
 from harness.report.leaderboard import Leaderboard, write_leaderboard
 from harness.report.tables import markdown
 from harness.report.tuning import best_trial, default_trial, format_value, load_tuning
-from harness.store import KIND_TRIAL, KIND_TUNE_RUN, SEED, STUDY, TRIAL_KEY
+from harness.store import KIND_BENCHMARK, KIND_TRIAL, KIND_TUNE_RUN, SEED, STUDY, TRIAL_KEY
 from harness.tracking import resolve_uri
 
 BUDGET_COLUMNS = ["method", "task", "started", "counted", "complete", "pruned", "failed", "retried", "seconds"]
@@ -130,7 +130,7 @@ def phase_frame(uri: str, experiment_id: str) -> pd.DataFrame:
     client = MlflowClient(uri)
     totals: dict[str, float] = {}
     runs: dict[str, int] = {}
-    for r in search_runs(client, experiment_id, "benchmark"):
+    for r in search_runs(client, experiment_id, KIND_BENCHMARK):
         for k, v in r.data.metrics.items():
             if k.startswith("phase_seconds/"):
                 phase = k.split("/", 1)[1]
