@@ -46,6 +46,7 @@ from harness.errors import HarnessError
 from harness.methods.base import Batch, Method, Params, register
 from harness.models import GlobalAvgPool, Net, build_model
 from harness.spaces import log_float
+from harness.store import CFL_SPACE
 
 if TYPE_CHECKING:
     from harness.config import ModelSpec
@@ -192,7 +193,7 @@ class CFL(Method):
 
     def run_tags(self) -> dict[str, str]:
         """What a trial should record: the space that ran (and why, after a fallback)."""
-        return {"harness.cfl_space": self.space + (f" (fallback: {self.fallback})" if self.fallback else "")}
+        return {CFL_SPACE: self.space + (f" (fallback: {self.fallback})" if self.fallback else "")}
 
     def loss_terms(self, batch: Batch) -> dict[str, Tensor]:
         return self._maps_terms(batch) if self.space == "maps" else self._pooled_terms(batch)

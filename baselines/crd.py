@@ -62,6 +62,7 @@ from harness.methods.base import Batch, Method, Params, register
 from harness.precision import float32
 from harness.routing import RoutingConfig
 from harness.spaces import log_float
+from harness.store import CRD_NEGATIVES
 
 __all__ = ["CRD", "CRDParams", "ContrastMemory", "Embed", "info_nce", "momentum_update", "nce_loss", "NCE_EPS"]
 
@@ -275,11 +276,11 @@ class CRD(Method):
         """Which negatives ran: ``drawn (K = nce_k)``, ``every other row (K = pool - 1)`` or ``batch``."""
         p = self.params
         if self.memory is None:
-            return {"harness.crd_negatives": "batch (in-batch InfoNCE)"}
+            return {CRD_NEGATIVES: "batch (in-batch InfoNCE)"}
         pool = len(self.memory[0])
         if p.small_pool == "every_row" and 0 < pool and pool - 1 <= p.nce_k:
-            return {"harness.crd_negatives": f"every other row (K = pool - 1 = {pool - 1})"}
-        return {"harness.crd_negatives": f"drawn with replacement (K = {p.nce_k}, pool {pool})"}
+            return {CRD_NEGATIVES: f"every other row (K = pool - 1 = {pool - 1})"}
+        return {CRD_NEGATIVES: f"drawn with replacement (K = {p.nce_k}, pool {pool})"}
 
     def loss_terms(self, batch: Batch) -> dict[str, Tensor]:
         p = self.params

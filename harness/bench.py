@@ -44,6 +44,7 @@ from typing import Any, Callable
 import torch
 
 from harness.errors import HarnessError
+from harness.store import END, KIND, KIND_BENCH, KIND_TRIAL, START
 
 #: figure -> (direction, target); "<=": lower is better
 TARGETS = {"overhead_ratio": ("<=", 1.03), "cache_ratio": ("<=", 0.5), "makespan_ratio": ("<=", 1.10)}
@@ -125,7 +126,7 @@ def bench_overhead(device: str = "cpu", epochs: int = 4, reps: int = 3) -> dict[
     peaks: list[float] = []
 
     def harness_run() -> float:
-        run = tracker.start(exp, "overhead", {"harness.kind": "bench"})
+        run = tracker.start(exp, "overhead", {KIND: KIND_BENCH})
         m = make_kd()
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
@@ -233,7 +234,7 @@ def _run_timed(study: dict[str, Any], tmp: Path, workers: int | None) -> tuple[l
     import yaml
 
     from harness.runner import run_study
-    from harness.tracking import TAG, Tracker
+    from harness.tracking import Tracker
 
     path = tmp / f"{study['name']}.yaml"
     path.write_text(yaml.safe_dump(study))
@@ -245,14 +246,14 @@ def _run_timed(study: dict[str, Any], tmp: Path, workers: int | None) -> tuple[l
     if code != 0:
         raise RuntimeError(f"benchmark study {study['name']} failed")
     tracker = Tracker(uri)
-    return tracker.find(tracker.experiment(study["name"]), {f"{TAG}kind": "trial"}, ("FINISHED",)), wall
+    return tracker.find(tracker.experiment(study["name"]), {KIND: KIND_TRIAL}, ("FINISHED",)), wall
 
 
 def _spans(runs: list[Any]) -> tuple[float, float]:
     """(makespan: first start to last end, sum of the trials' own durations) from their tags."""
-    from harness.tracking import TAG, tag_seconds
+    from harness.tracking import tag_seconds
 
-    spans = [(tag_seconds(r.data.tags[f"{TAG}start"]), tag_seconds(r.data.tags[f"{TAG}end"])) for r in runs]
+    spans = [(tag_seconds(r.data.tags[START]), tag_seconds(r.data.tags[END])) for r in runs]
     return max(e for _, e in spans) - min(s for s, _ in spans), sum(e - s for s, e in spans)
 
 

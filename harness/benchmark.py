@@ -44,8 +44,6 @@ NAME = r"^[A-Za-z0-9_.\-]+$"
 #: rows every task has besides the suite's methods: the supervised normaliser and the teachers
 SCRATCH, TEACHERS = "scratch", "teachers"
 MIN_EVAL_SEEDS = 5
-#: the MLflow run of one ``harness benchmark`` invocation (metrics ``phase_seconds/<phase>``)
-KIND_BENCHMARK = "benchmark"
 
 
 class _Strict(BaseModel):
@@ -441,22 +439,24 @@ def benchmark(path: str | Path, phases: list[str] | None = None, tracking_uri: s
     import os
     import platform
 
-    from harness.tracking import TAG, Tracker, version_tags
+    from harness.store import FAILURE, HOST, KIND, KIND_BENCHMARK, RUNNER_PID, SUITE
+    from harness.store import PHASES as PHASES_TAG
+    from harness.tracking import Tracker, version_tags
 
     tracker = Tracker(tracking_uri)
     exp = tracker.experiment(bench.suite.name)
     assert exp is not None
     from harness.files import process_alive
 
-    for r in tracker.find(exp, {f"{TAG}kind": KIND_BENCHMARK}, ("RUNNING",)):  # invocations killed here
+    for r in tracker.find(exp, {KIND: KIND_BENCHMARK}, ("RUNNING",)):  # invocations killed here
         tags = r.data.tags
-        pid = int(tags.get(f"{TAG}runner_pid", "0") or 0)
-        if tags.get(f"{TAG}host") == platform.node() and pid != os.getpid() and not process_alive(pid):
-            tracker.finish_if_running(r.info.run_id, "KILLED", {f"{TAG}failure": "stale: the invocation was killed"})
+        pid = int(tags.get(RUNNER_PID, "0") or 0)
+        if tags.get(HOST) == platform.node() and pid != os.getpid() and not process_alive(pid):
+            tracker.finish_if_running(r.info.run_id, "KILLED", {FAILURE: "stale: the invocation was killed"})
     # this invocation: its phases' wall times as metrics ``phase_seconds/<phase>`` (the report sums them)
     run = tracker.start(exp, f"benchmark/{time.strftime('%Y%m%d-%H%M%S')}", {
-        f"{TAG}kind": KIND_BENCHMARK, f"{TAG}suite": bench.suite.name, f"{TAG}phases": ",".join(chosen),
-        f"{TAG}host": platform.node(), f"{TAG}runner_pid": os.getpid(), **version_tags()})
+        KIND: KIND_BENCHMARK, SUITE: bench.suite.name, PHASES_TAG: ",".join(chosen),
+        HOST: platform.node(), RUNNER_PID: os.getpid(), **version_tags()})
     code = 0
     walls: dict[str, float] = {}
     try:

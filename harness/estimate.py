@@ -75,6 +75,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 from harness.errors import HarnessError
+from harness.store import (
+    ATTEMPT, END, GIT_COMMIT, KIND, KIND_STUDY, KIND_TRIAL, METHOD, SEED, SEEDED, SPLIT, STUDY,
+    TRIAL_ARTIFACT, TRIAL_KEY, USES_LABELS, VARIANT, VERSION, probe_tag,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -315,7 +319,8 @@ def describe_work(
     """Every distinct teacher the trials need (once per cache key, ``cached`` when its checkpoint
     exists) and every trial, with their image counts and calibration keys."""
     from harness.methods.base import get_method
-    from harness.teachers import checkpoint_path, stable_hash, teacher_spec
+    from harness.keys import stable_hash
+    from harness.teachers import checkpoint_path, teacher_spec
     from harness.trial import teacher_seeds_of
 
     teachers: list[TeacherWork] = []
@@ -694,7 +699,7 @@ def measure_mlflow(config: dict[str, Any], epochs: int) -> dict[str, float]:
 
     import yaml
 
-    from harness.tracking import TAG, Tracker
+    from harness.tracking import Tracker
 
     for name in ("mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
@@ -708,27 +713,27 @@ def measure_mlflow(config: dict[str, Any], epochs: int) -> dict[str, float]:
         Tracker(uri)
         reopen = time.perf_counter() - t0
         exp = tracker.client.create_experiment("estimate-probe", artifact_location=f"{tmp}/artifacts")
-        parent = tracker.start(exp, "study", {f"{TAG}kind": "study"})
+        parent = tracker.start(exp, "study", {KIND: KIND_STUDY})
         ops = []
         for i in range(5):
             t0 = time.perf_counter()
             tracker.log_metrics(parent, {"probe": float(i)}, step=i)
             ops.append(time.perf_counter() - t0)
         t0 = time.perf_counter()  # as open_trial_run, execute_trial and finish_unique do
-        tags = {f"{TAG}{k}": "x" * 16 for k in ("study", "split", "method", "variant", "seed", "trial_key",
-                                                 "uses_labels", "seeded", "version", "attempt", "git_commit")}
-        run = tracker.start(exp, "trial", {**tags, f"{TAG}kind": "trial"}, config, parent)
-        tracker.log_text(run, yaml.safe_dump(config), "trial.yaml")
+        tags = {k: "x" * 16 for k in (STUDY, SPLIT, METHOD, VARIANT, SEED, TRIAL_KEY, USES_LABELS, SEEDED, VERSION,
+                                      ATTEMPT, GIT_COMMIT)}
+        run = tracker.start(exp, "trial", {**tags, KIND: KIND_TRIAL}, config, parent)
+        tracker.log_text(run, yaml.safe_dump(config), TRIAL_ARTIFACT)
         for group in range(3):
-            tracker.set_tags(run, {f"{TAG}t{group}_{i}": "x" * 16 for i in range(8)})
+            tracker.set_tags(run, {probe_tag(group, i): "x" * 16 for i in range(8)})
         buf = tracker.buffered(run)
         for e in range(1, epochs + 1):
             buf.log({f"m{i}": float(i) for i in range(10)}, step=e)
         buf.flush()
         tracker.log_metrics(run, {f"final{i}": float(i) for i in range(20)}, step=epochs)
-        tracker.set_tags(run, {f"{TAG}end": "0"})
+        tracker.set_tags(run, {END: "0"})
         tracker.run(run)
-        tracker.find(exp, {f"{TAG}kind": "trial"}, ("FINISHED",))
+        tracker.find(exp, {KIND: KIND_TRIAL}, ("FINISHED",))
         tracker.finish(run)
         trial = time.perf_counter() - t0
     finally:

@@ -58,6 +58,7 @@ from harness.report.frames import (
     resolve_study,
     row_label,
 )
+from harness.store import KIND_TRIAL, STUDY_ARTIFACT
 from harness.tracking import missing_store, resolve_uri
 
 __all__ = ["CURVE_COLUMNS", "INFO_COLUMNS", "PARAM_PREFIX", "SCOPES", "curves", "trials"]
@@ -143,12 +144,12 @@ def _load(study: str, tracking_uri: str | None, scope: str, precision: str | Non
             raise HarnessError(f"no experiment '{name}' in {uri} (no tracking store there)")
         keys = study_keys(text, study, precision) if text is not None else None
         data = load_study(study, uri, history=history and scope == "study", allow_empty=scope == "all", keys=keys,
-                          expand=lambda t: study_keys(t, "study.yaml logged by the latest study run", precision))
+                          expand=lambda t: study_keys(t, f"{STUDY_ARTIFACT} logged by the latest study run", precision))
     except HarnessError as e:  # the report's messages, without its name
         raise HarnessError(str(e).removeprefix("report: ")) from None
     if scope == "study":
         return data, None
-    runs = {r.info.run_id: r for r in frames.search_runs(MlflowClient(uri), data.experiment_id, "trial")}
+    runs = {r.info.run_id: r for r in frames.search_runs(MlflowClient(uri), data.experiment_id, KIND_TRIAL)}
     if not any(r.info.status == "FINISHED" for r in runs.values()):
         raise HarnessError(f"experiment '{data.name}' has no finished trial runs in {uri}")
     return data, runs
@@ -160,7 +161,7 @@ def _finished(runs: dict[str, Any], data: StudyData) -> pd.DataFrame:
     rows = pd.DataFrame([frames.run_info(r) for r in runs.values() if r.info.status == "FINISHED"],
                         columns=frames.INFO_COLUMNS)
     rows = rows.sort_values(KEYS + ["start_time", "end_time", "run_id"], kind="stable").reset_index(drop=True)
-    rows = frames.with_metrics(rows, runs, final_only=True, kind="trial")
+    rows = frames.with_metrics(rows, runs, final_only=True, kind=KIND_TRIAL)
     return rows.assign(in_report=rows["run_id"].isin(set(data.trials["run_id"])))
 
 

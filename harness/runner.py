@@ -51,9 +51,14 @@ from harness.scheduler import (
     LocalPool, PackingGuard, RayPool, Slot, SlurmPool, TeacherJob, TrialJob, WorkerContext, active_trials, build_slots,
     check_packing, check_slurm, gpu_total_mb, job_precision, run_teacher_job, run_trial_job, warm_trial_worker,
 )
+from harness.store import (
+    ATTEMPT, BACKEND, DETACHED, END, FAILURE, FAILURE_KIND, HOST, KIND, KIND_STUDY, KIND_TRIAL,
+    POOL, RUN, RUNNER_PID, SLURM_JOBS, SOURCE_ARTIFACT, STUDY, STUDY_ARTIFACT, TRIAL_KEY,
+    TRIAL_KEYS_ARTIFACT,
+)
 from harness.teachers import cache_files
 from harness.tracking import (
-    KIND_STUDY, TAG, TRIAL_KEYS_ARTIFACT, Tracker, experiment_text, git_tags, leading_comment, log_report, runs_url,
+    Tracker, experiment_text, git_tags, leading_comment, log_report, runs_url,
     store_path, study_run_name, utc_iso, version_tags,
 )
 from harness.train import deterministic_env, ensure_cublas_workspace
@@ -65,8 +70,8 @@ Pool = Union[LocalPool, RayPool, SlurmPool]
 def finished_keys(tracker: Tracker, experiment_id: str | None) -> set[str]:
     if experiment_id is None:
         return set()
-    runs = tracker.find(experiment_id, {f"{TAG}kind": "trial"}, ("FINISHED",))
-    return {r.data.tags.get(f"{TAG}trial_key", "") for r in runs}
+    runs = tracker.find(experiment_id, {KIND: KIND_TRIAL}, ("FINISHED",))
+    return {r.data.tags.get(TRIAL_KEY, "") for r in runs}
 
 
 def known_peak(tracker: Tracker, experiment_id: str | None, keys: set[str]) -> tuple[float, str] | None:
@@ -75,9 +80,9 @@ def known_peak(tracker: Tracker, experiment_id: str | None, keys: set[str]) -> t
     if experiment_id is None:
         return None
     best: tuple[float, str] | None = None
-    for r in tracker.find(experiment_id, {f"{TAG}kind": "trial"}, ("FINISHED",)):
+    for r in tracker.find(experiment_id, {KIND: KIND_TRIAL}, ("FINISHED",)):
         peak = r.data.metrics.get("gpu_peak_mb")
-        if r.data.tags.get(f"{TAG}trial_key") in keys and peak is not None and (best is None or peak > best[0]):
+        if r.data.tags.get(TRIAL_KEY) in keys and peak is not None and (best is None or peak > best[0]):
             best = (peak, r.info.run_name or r.info.run_id)
     return best
 
@@ -105,10 +110,10 @@ def _deterministic_anywhere(study: StudyConfig) -> bool:
 def check_not_running(tracker: Tracker, experiment_id: str, study: str) -> None:
     """HarnessError if another runner on this host is running this study now (its runs would be
     marked stale and its trials run twice)."""
-    for r in tracker.find(experiment_id, {f"{TAG}kind": "study"}, ("RUNNING",)):
+    for r in tracker.find(experiment_id, {KIND: KIND_STUDY}, ("RUNNING",)):
         tags = r.data.tags
-        pid = int(tags.get(f"{TAG}runner_pid", "0") or 0)
-        if tags.get(f"{TAG}host") == platform.node() and pid and pid != os.getpid() and process_alive(pid):
+        pid = int(tags.get(RUNNER_PID, "0") or 0)
+        if tags.get(HOST) == platform.node() and pid and pid != os.getpid() and process_alive(pid):
             raise HarnessError(f"study {study!r} is already being run by process {pid} on this host; "
                                "wait for it or stop it first")
 
@@ -117,11 +122,11 @@ def mark_stale(tracker: Tracker, experiment_id: str, keys: set[str]) -> int:
     """Runs left RUNNING by a killed study become KILLED: its study runs, and the trial runs of
     these keys (so their trials are redone). Returns the number of trial runs marked."""
     n = 0
-    reason = {f"{TAG}failure": "stale: the study running it was killed", f"{TAG}failure_kind": "stale"}
-    for r in tracker.find(experiment_id, {f"{TAG}kind": "study"}, ("RUNNING",)):
+    reason = {FAILURE: "stale: the study running it was killed", FAILURE_KIND: "stale"}
+    for r in tracker.find(experiment_id, {KIND: KIND_STUDY}, ("RUNNING",)):
         tracker.finish_if_running(r.info.run_id, "KILLED", reason)
-    for r in tracker.find(experiment_id, {f"{TAG}kind": "trial"}, ("RUNNING",)):
-        if r.data.tags.get(f"{TAG}trial_key") in keys:
+    for r in tracker.find(experiment_id, {KIND: KIND_TRIAL}, ("RUNNING",)):
+        if r.data.tags.get(TRIAL_KEY) in keys:
             n += tracker.finish_if_running(r.info.run_id, "KILLED", reason)
     return n
 
@@ -327,15 +332,15 @@ def execute(session: Session, todo: list[Trial], splits: dict, backend: str, liv
     describe_experiment(s)
     now = time.time()
     s.parent = s.tracker.start(s.experiment_id, study_run_name(now), {
-        f"{TAG}kind": KIND_STUDY, f"{TAG}study": s.study.name, f"{TAG}host": platform.node(),
-        f"{TAG}run": f"study/{time.strftime('%Y%m%d-%H%M%S', time.localtime(now))}",
-        f"{TAG}runner_pid": os.getpid(), f"{TAG}backend": backend, f"{TAG}pool": s.pool.describe(),
+        KIND: KIND_STUDY, STUDY: s.study.name, HOST: platform.node(),
+        RUN: f"study/{time.strftime('%Y%m%d-%H%M%S', time.localtime(now))}",
+        RUNNER_PID: os.getpid(), BACKEND: backend, POOL: s.pool.describe(),
         **s.provenance, **version_tags(),
     }, {k: v for k, v in s.study.model_dump(mode="json").items() if not (k in ("search", "slurm") and v is None)})
     try:
-        s.tracker.log_text(s.parent, dump_study(s.study), "study.yaml")
+        s.tracker.log_text(s.parent, dump_study(s.study), STUDY_ARTIFACT)
         if (text := source_text(s)) is not None:  # as written, comments kept: the report's appendix
-            s.tracker.log_text(s.parent, text, "study_source.yaml")
+            s.tracker.log_text(s.parent, text, SOURCE_ARTIFACT)
         s.tracker.log_text(s.parent, json.dumps(s.keys, indent=0), TRIAL_KEYS_ARTIFACT)
         s.tracker.log_inputs(s.parent, [study_split_dataset(s.study, sp.name, s.source) for sp in s.study.splits])
         files = teacher_stage(s, todo, splits)
@@ -351,7 +356,7 @@ def execute(session: Session, todo: list[Trial], splits: dict, backend: str, liv
     except BaseException as e:
         stopped = isinstance(e, KeyboardInterrupt)
         reason = "interrupted" if stopped else f"{type(e).__name__}: {e}".splitlines()[0][:500]
-        s.tracker.set_tags(s.parent, {f"{TAG}failure": reason})
+        s.tracker.set_tags(s.parent, {FAILURE: reason})
         s.tracker.finish(s.parent, "KILLED" if stopped else "FAILED")
         raise
 
@@ -386,7 +391,7 @@ def teacher_stage(s: Session, todo: list[Trial], splits: dict) -> list[Path]:
             print(f"teachers of {name}: Slurm job {job_id}")
         return []
     files: list[Path] = []
-    stage = TeacherStage(s.tracker, s.experiment_id, s.parent, {f"{TAG}study": s.study.name})
+    stage = TeacherStage(s.tracker, s.experiment_id, s.parent, {STUDY: s.study.name})
     try:
         for name in dict.fromkeys(t.split for t in todo):  # only splits with trials to run
             for seed in teacher_seeds_of(s.study, [t.seed for t in todo if t.split == name]):
@@ -440,9 +445,9 @@ def run_trials(s: Session, todo: list[Trial], progress: Progress) -> list[tuple[
             progress.tick()
     except BaseException:
         for run_id in s.pool.stop():
-            s.tracker.finish_if_running(run_id, "KILLED", {f"{TAG}failure": "interrupted: the study was stopped",
-                                                           f"{TAG}failure_kind": "interrupted",
-                                                           f"{TAG}end": utc_iso(time.time())})
+            s.tracker.finish_if_running(run_id, "KILLED", {FAILURE: "interrupted: the study was stopped",
+                                                           FAILURE_KIND: "interrupted",
+                                                           END: utc_iso(time.time())})
         raise
     return failed
 
@@ -459,8 +464,8 @@ def submit_detached(s: Session, todo: list[Trial]) -> list[tuple[Trial, str]]:
     except BaseException:
         s.pool.stop()
         for run_id in run_ids:
-            s.tracker.finish_if_running(run_id, "KILLED", {f"{TAG}failure": "interrupted: the submission was stopped",
-                                                           f"{TAG}failure_kind": "interrupted"})
+            s.tracker.finish_if_running(run_id, "KILLED", {FAILURE: "interrupted: the submission was stopped",
+                                                           FAILURE_KIND: "interrupted"})
         raise
     s.pool.detach()
     if sub is not None:
@@ -472,7 +477,7 @@ def finish_detached(s: Session, n_trials: int, todo: list[Trial], n_in_slurm: in
     """The parent run of a ``--detach`` submission ends FINISHED with what it submitted; the trials
     report to MLflow themselves."""
     jobs = ",".join(sub.job_id for sub in s.pool.submissions) if isinstance(s.pool, SlurmPool) else ""
-    s.tracker.set_tags(s.parent, {f"{TAG}detached": "true", f"{TAG}slurm_jobs": jobs})
+    s.tracker.set_tags(s.parent, {DETACHED: "true", SLURM_JOBS: jobs})
     s.tracker.log_metrics(s.parent, {"trials_total": n_trials, "trials_submitted": len(todo),
                                      "trials_in_slurm": n_in_slurm,
                                      "trials_skipped": n_trials - len(todo) - n_in_slurm})
@@ -497,12 +502,12 @@ def learn_packing(s: Session, slot: Slot | None, result: dict[str, float], progr
 def submit(s: Session, trial: Trial, attempt: int) -> tuple[str, Slot | None]:
     """Open the attempt's run here (RUNNING), then hand the trial to a worker."""
     run_id = open_trial_run(s.tracker, s.experiment_id, s.study, trial, parent_run_id=s.parent,
-                            extra_tags={f"{TAG}attempt": attempt, **s.provenance}, source=s.source)
+                            extra_tags={ATTEMPT: attempt, **s.provenance}, source=s.source)
     try:
         slot = s.pool.submit(run_id, run_trial_job, TrialJob(s.study, trial, run_id, s.tracker.uri), s.context)
     except BaseException as e:
-        s.tracker.finish_if_running(run_id, "FAILED", {f"{TAG}failure": f"could not start a worker: {e}",
-                                                       f"{TAG}failure_kind": "exception"})
+        s.tracker.finish_if_running(run_id, "FAILED", {FAILURE: f"could not start a worker: {e}",
+                                                       FAILURE_KIND: "exception"})
         raise
     return run_id, slot
 
@@ -517,10 +522,10 @@ def finished_result(tracker: Tracker, run_id: str) -> dict[str, float] | None:
 def settle_failure(tracker: Tracker, run_id: str, error: str, kind: str) -> str:
     """The reason a run failed: the worker's own (it tagged the run), else the pool's (the worker
     died before it could), in which case the run is marked FAILED here."""
-    tags = {f"{TAG}failure": error, f"{TAG}failure_kind": kind or "exception", f"{TAG}end": utc_iso(time.time())}
+    tags = {FAILURE: error, FAILURE_KIND: kind or "exception", END: utc_iso(time.time())}
     if tracker.finish_if_running(run_id, "FAILED", tags):
         return error
-    return tracker.run(run_id).data.tags.get(f"{TAG}failure", error)
+    return tracker.run(run_id).data.tags.get(FAILURE, error)
 
 
 def summarise(s: Session, n_trials: int, todo: list[Trial], failed: list[tuple[Trial, str]]) -> None:

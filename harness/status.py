@@ -29,7 +29,11 @@ from pathlib import Path
 
 from harness.errors import HarnessError
 from harness.scheduler import JobInfo, active_trials, ended_text, sacct, squeue
-from harness.tracking import TAG, TRIAL_KEYS_ARTIFACT, Tracker, missing_store, resolve_uri
+from harness.store import (
+    ATTEMPT, FAILURE, HOST, KIND, KIND_STUDY, KIND_TRIAL, SLURM_JOB, TRIAL_KEY,
+    TRIAL_KEYS_ARTIFACT,
+)
+from harness.tracking import Tracker, missing_store, resolve_uri
 
 _BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 STATES = ("finished", "running", "pending", "failed", "not started")
@@ -56,7 +60,7 @@ def _study_name(study: str) -> tuple[str, str, Path | None]:
 
 def _logged_keys(tracker: Tracker, experiment_id: str) -> list[str] | None:
     """The trial keys the latest study run logged (None when it logged none)."""
-    run = tracker.latest(experiment_id, "study")
+    run = tracker.latest(experiment_id, KIND_STUDY)
     if run is None:
         return None
     old = os.environ.get(_BAR)
@@ -95,10 +99,10 @@ def trial_states(study: str, tracking_uri: str | None = None) -> tuple[str, list
     uri = resolve_uri(tracking_uri)
     tracker = Tracker(uri) if not missing_store(uri) else None  # a status creates no store
     exp = tracker.experiment(experiment, create=False) if tracker is not None else None
-    runs = tracker.find(exp, {f"{TAG}kind": "trial"}) if tracker is not None and exp is not None else []
+    runs = tracker.find(exp, {KIND: KIND_TRIAL}) if tracker is not None and exp is not None else []
     by_key: dict[str, list] = {}
     for r in sorted(runs, key=lambda r: r.info.start_time or 0):
-        by_key.setdefault(r.data.tags.get(f"{TAG}trial_key", ""), []).append(r)
+        by_key.setdefault(r.data.tags.get(TRIAL_KEY, ""), []).append(r)
     names: dict[str, str] = {}
     # an experiment shared by several studies (a benchmark suite's): the latest study run may be another's
     shared = experiment != name
@@ -114,8 +118,8 @@ def trial_states(study: str, tracking_uri: str | None = None) -> tuple[str, list
         if exp is None:
             raise HarnessError(f"status: no experiment {name!r} in {uri}")
         keys = list(by_key)
-    running = {key: rs[-1].data.tags[f"{TAG}slurm_job"] for key, rs in by_key.items()
-               if rs[-1].info.status == "RUNNING" and rs[-1].data.tags.get(f"{TAG}slurm_job")}
+    running = {key: rs[-1].data.tags[SLURM_JOB] for key, rs in by_key.items()
+               if rs[-1].info.status == "RUNNING" and rs[-1].data.tags.get(SLURM_JOB)}
     queue, ended, note = _slurm_view(name, running)
     out = []
     for key in keys:
@@ -137,14 +141,14 @@ def _state(key: str, name: str, runs: list, queued: JobInfo | None, ended: JobIn
         return TrialState(key, name, "not started")
     last = runs[-1]
     tags = last.data.tags
-    attempt = f"attempt {tags.get(f'{TAG}attempt', '0')}: "
+    attempt = f"attempt {tags.get(ATTEMPT, '0')}: "
     if last.info.status == "RUNNING":
         if ended is not None:  # its job ended without ending the run: Slurm says why
             return TrialState(key, name, "failed", attempt + ended_text(ended, ended.job_id))
-        where = tags.get(f"{TAG}slurm_job") and f"Slurm job {tags[f'{TAG}slurm_job']}" or tags.get(f"{TAG}host", "")
+        where = tags.get(SLURM_JOB) and f"Slurm job {tags[SLURM_JOB]}" or tags.get(HOST, "")
         return TrialState(key, name, "running", where)
     return TrialState(key, name, "failed",
-                      attempt + f"{last.info.status}: {tags.get(f'{TAG}failure', 'no reason recorded')}")
+                      attempt + f"{last.info.status}: {tags.get(FAILURE, 'no reason recorded')}")
 
 
 def study_status(study: str, tracking_uri: str | None = None, show_all: bool = False) -> int:

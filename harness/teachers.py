@@ -24,7 +24,6 @@ else about a teacher (its training, class means, standardisation) stays on its o
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from torch import Tensor
 from harness.config import DatasetConfig, Recipe, TeacherConfig, TrainConfig
 from harness.data.splits import PartData, SplitData
 from harness.files import save_torch, sweep_temporaries
+from harness.keys import stable_hash
 from harness.methods.base import SplitInfo, TeacherSet
 from harness.methods.supervised import SupervisedCE
 from harness.models import Net, build_model
@@ -49,12 +49,6 @@ CACHE_VERSION = 1
 def cache_root(configured: str | None = None) -> Path:
     """``cache_dir`` of the study, else ``$HARNESS_CACHE``, else ``./.harness_cache``."""
     return Path(configured or os.environ.get("HARNESS_CACHE") or ".harness_cache")
-
-
-def stable_hash(obj: Any, n: int = 16) -> str:
-    """Hex digest of canonical JSON (sorted keys), the basis of every cache and trial key."""
-    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:n]
 
 
 def state_digest(state: Mapping[str, Tensor]) -> str:

@@ -1,5 +1,8 @@
 """MLflow schema and I/O: run names, tags, flattened params, metrics logged in batches.
 
+Every ``harness.*`` name below (tags, run kinds, artifacts) is a constant of :mod:`harness.store`;
+this docstring says how the runs hang together and what the tags hold.
+
 Schema (the reports and the runner rely on it; docs/mlflow.md is the user's view):
 - one experiment per study (its name), with a description (tag ``mlflow.note.content``), tags
   from the study (``harness.dataset``, ``harness.splits``, ``harness.methods``, ``harness.seeds``),
@@ -81,14 +84,17 @@ import yaml
 from mlflow.entities import DatasetInput, Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from harness.store import (
+    CONFIG, DATASET, GIT_COMMIT, GIT_DIRTY, KIND, KIND_STUDY, KIND_TRIAL, METHODS, MLFLOW_VERSION,
+    NUMPY_VERSION, PYTHON_VERSION, REPORT_ARTIFACTS, SEEDS, SPLIT, SPLITS, STUDY, STUDY_ARTIFACT,
+    STUDY_FILE, TORCH_VERSION, VERSION,
+)
+
 try:
     import fcntl
 except ImportError:  # Windows: no lock (run one process per new store there)
     fcntl = None  # type: ignore[assignment]
 
-#: artifact of a study run: the JSON list of the trial keys of the study as run (its report's scope)
-TRIAL_KEYS_ARTIFACT = "trial_keys.json"
-TAG = "harness."
 F = TypeVar("F", bound=Callable[..., Any])
 MAX_PARAM = 6000
 RETRIES = 14
@@ -149,7 +155,6 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
 # ----------------------------------------------------------------------------- names a researcher reads
 #: separator of the parts of a run name
 SEP = " · "
-KIND_STUDY, KIND_TEACHER_STAGE, KIND_TEACHER, KIND_TRIAL = "study", "teacher_stage", "teacher", "trial"
 TEACHER_STAGE_NAME = "teacher training"
 
 
@@ -233,7 +238,7 @@ def split_dataset(dataset: str, split: str, config: dict[str, Any], source: str 
     else:
         from mlflow.data.code_dataset_source import CodeDatasetSource
 
-        src = CodeDatasetSource({"harness.study_file": "unknown"})
+        src = CodeDatasetSource({STUDY_FILE: "unknown"})
     meta = MetaDataset(src, name=f"{dataset}:{split}", digest=digest)._to_mlflow_entity()
     entity = Dataset(meta.name, meta.digest, meta.source_type, meta.source, profile=body[:MAX_PARAM])
     return DatasetInput(entity, tags=[InputTag("mlflow.data.context", "study")])
@@ -241,7 +246,7 @@ def split_dataset(dataset: str, split: str, config: dict[str, Any], source: str 
 
 #: the study's shared UI view (``?viewStateShareKey=...``): an experiment tag ``mlflow.sharedViewState.<key>``
 VIEW_KEY = "harness-trials"
-TRIALS_FILTER = f"tags.`{TAG}kind` = '{KIND_TRIAL}'"
+TRIALS_FILTER = f"tags.`{KIND}` = '{KIND_TRIAL}'"
 #: the two union accuracies every student trial logs, the primary first
 HEADLINE_METRICS = ("test/union_acc", "test/union_acc_bestval")
 
@@ -258,10 +263,10 @@ def shared_view(group_by_split: bool = False) -> dict[str, Any]:
     a wide run-name column, every run shown in charts, and a first chart section with the test
     accuracies (bars) and the validation curve (``val/union_acc``). Keys as the UI's state uses them."""
     name = _column("attributes", "Run Name")
-    columns = [*(_column("metrics", m) for m in HEADLINE_METRICS), _column("tags", f"{TAG}config"),
+    columns = [*(_column("metrics", m) for m in HEADLINE_METRICS), _column("tags", CONFIG),
                _column("attributes", "Dataset")]
-    keys = ([{"mode": "tag", "groupByData": f"{TAG}split"}] if group_by_split else []) + [
-        {"mode": "tag", "groupByData": f"{TAG}config"}]
+    keys = ([{"mode": "tag", "groupByData": SPLIT}] if group_by_split else []) + [
+        {"mode": "tag", "groupByData": CONFIG}]
     results, curves = "harness-results", "harness-curves"
 
     def chart(kind: str, metric: str, section: str) -> dict[str, Any]:
@@ -313,14 +318,14 @@ def experiment_text(study: Any, comment: str = "") -> tuple[str, dict[str, str]]
     paragraphs = [comment.strip(),
                   f"Study `{study.name}`: data set `{study.dataset.name}`, splits {splits}; methods {methods}; "
                   f"seeds {seeds}; {study.train.epochs} epochs.",
-                  f"Student trials: filter `{TRIALS_FILTER}`, group by `{TAG}config` (mean over seeds). "
+                  f"Student trials: filter `{TRIALS_FILTER}`, group by `{CONFIG}` (mean over seeds). "
                   "`test/union_acc` is the primary metric (last epoch), `test/union_acc_bestval` the model of the "
                   "best validation epoch; teachers log `test/own_task_acc` (their own task only). The study runs "
-                  "hold `study.yaml` and, after `harness report`, the report."]
+                  f"hold `{STUDY_ARTIFACT}` and, after `harness report`, the report."]
     text = "\n\n".join(p for p in paragraphs if p)
     tags = {"mlflow.note.content": text, "mlflow.experimentKind": "custom_model_development",
-            f"{TAG}study": study.name, f"{TAG}dataset": study.dataset.name, f"{TAG}splits": splits,
-            f"{TAG}methods": methods, f"{TAG}seeds": seeds,
+            STUDY: study.name, DATASET: study.dataset.name, SPLITS: splits,
+            METHODS: methods, SEEDS: seeds,
             f"mlflow.sharedViewState.{VIEW_KEY}": json.dumps(shared_view(len(study.splits) > 1))}
     return text, tags
 
@@ -430,7 +435,7 @@ def git_tags() -> dict[str, str]:
     where = Path(harness.__file__).resolve().parent
     commit = _git(["rev-parse", "HEAD"], where)
     dirty = bool(commit) and bool(_git(["status", "--porcelain", "--untracked-files=no"], where))
-    tags = {f"{TAG}git_commit": commit, f"{TAG}git_dirty": str(dirty).lower()}
+    tags = {GIT_COMMIT: commit, GIT_DIRTY: str(dirty).lower()}
     if commit:
         tags["mlflow.source.git.commit"] = commit
     return tags
@@ -438,13 +443,13 @@ def git_tags() -> dict[str, str]:
 
 def version_tags() -> dict[str, str]:
     """Versions of the packages that determine a result (read without importing them)."""
-    out = {f"{TAG}python_version": platform.python_version()}
-    for dist, name in (("ka-harness", "version"), ("torch", "torch_version"), ("mlflow", "mlflow_version"),
-                       ("numpy", "numpy_version")):
+    out = {PYTHON_VERSION: platform.python_version()}
+    for dist, tag in (("ka-harness", VERSION), ("torch", TORCH_VERSION), ("mlflow", MLFLOW_VERSION),
+                      ("numpy", NUMPY_VERSION)):
         try:
-            out[f"{TAG}{name}"] = metadata.version(dist)
+            out[tag] = metadata.version(dist)
         except metadata.PackageNotFoundError:
-            out[f"{TAG}{name}"] = ""
+            out[tag] = ""
     return out
 
 
@@ -531,7 +536,7 @@ class Tracker:
     @_retry
     def latest(self, experiment_id: str, kind: str) -> Any | None:
         """The latest run (by start time) of this kind, None when there is none."""
-        page = self.client.search_runs([experiment_id], f"tags.`{TAG}kind` = '{kind}'", max_results=1,
+        page = self.client.search_runs([experiment_id], f"tags.`{KIND}` = '{kind}'", max_results=1,
                                        order_by=["attributes.start_time DESC"])
         return page[0] if page else None
 
@@ -599,8 +604,6 @@ class MetricBuffer:
 
 
 # ----------------------------------------------------------------------------- the report on the study run
-#: where ``harness report`` puts its files in the study run's artifacts
-REPORT_ARTIFACTS = "report"
 REPORT_FILES = ("report.md", "*.png", "*.csv", "*.tex")
 
 

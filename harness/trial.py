@@ -25,9 +25,15 @@ from harness.data.splits import SplitData, attach_pool, build_split
 from harness.grid import Trial, resolved_config
 from harness.methods.base import SplitInfo, TeacherSet, get_method
 from harness.models import build_model
+from harness.store import (
+    CACHED, CONFIG, DETERMINISTIC, DEVICE, END, FAILURE, FAILURE_KIND, HOST, KIND, KIND_TEACHER,
+    KIND_TEACHER_STAGE, KIND_TRIAL, METHOD, PID, POOL, PRECISION, RUN, SEED, SEEDED, SPLIT, START,
+    STUDY, TASK, TEACHER_DIGEST, TEACHER_DIGESTS, TEACHER_KEY, TEACHER_KEYS, TEACHER_SEED,
+    TRACEBACK, TRIAL_ARTIFACT, TRIAL_KEY, USES_LABELS, VARIANT, VERSION,
+)
 from harness.teachers import OutputsOf, TeacherRecord, cached_outputs, get_teachers
 from harness.tracking import (
-    KIND_TEACHER, KIND_TEACHER_STAGE, KIND_TRIAL, TAG, TEACHER_STAGE_NAME, Tracker, bestval, config_tag,
+    TEACHER_STAGE_NAME, Tracker, bestval, config_tag,
     split_dataset, teacher_run_name, trial_run_name, utc_iso, version_tags,
 )
 from harness.train import (
@@ -55,18 +61,18 @@ def trial_tags(trial: Trial, uses_labels: bool, seeded: bool = True, default_rul
     """The schema tags of a trial run (:mod:`harness.tracking`); ``harness.run`` keeps the older
     full name (``2x5/kd/seed0``), ``harness.config`` is what group-by averages over seeds."""
     return {
-        f"{TAG}study": trial.study,
-        f"{TAG}split": trial.split,
-        f"{TAG}method": trial.method,
-        f"{TAG}variant": trial.variant,
-        f"{TAG}config": config_tag(trial.method, trial.variant, default_rule),
-        f"{TAG}run": trial.run_name,
-        f"{TAG}seed": str(trial.seed),
-        f"{TAG}trial_key": trial.key,
-        f"{TAG}kind": KIND_TRIAL,
-        f"{TAG}uses_labels": str(uses_labels).lower(),
-        f"{TAG}seeded": str(seeded).lower(),
-        f"{TAG}version": __version__,
+        STUDY: trial.study,
+        SPLIT: trial.split,
+        METHOD: trial.method,
+        VARIANT: trial.variant,
+        CONFIG: config_tag(trial.method, trial.variant, default_rule),
+        RUN: trial.run_name,
+        SEED: str(trial.seed),
+        TRIAL_KEY: trial.key,
+        KIND: KIND_TRIAL,
+        USES_LABELS: str(uses_labels).lower(),
+        SEEDED: str(seeded).lower(),
+        VERSION: __version__,
     }
 
 
@@ -99,7 +105,7 @@ class TeacherStage:
 
     def __call__(self) -> str:
         if self.run_id is None:
-            tags = {**self.tags, f"{TAG}kind": KIND_TEACHER_STAGE}
+            tags = {**self.tags, KIND: KIND_TEACHER_STAGE}
             self.run_id = self.tracker.start(self.experiment_id, TEACHER_STAGE_NAME, tags,
                                              parent_run_id=self.parent_run_id)
         return self.run_id
@@ -115,15 +121,15 @@ def log_teacher(tracker: Tracker, experiment_id: str, study: str, split: str, re
     none exists; a retrained teacher with other weights gets a run of its own), named
     ``teacher 0 · 2x5`` (with ``s<seed>`` when teachers are trained ``per_seed``), a child of
     ``parent()`` (the invocation's :class:`TeacherStage`) when given."""
-    same = {f"{TAG}teacher_key": rec.key, f"{TAG}teacher_digest": rec.digest, f"{TAG}split": split}
+    same = {TEACHER_KEY: rec.key, TEACHER_DIGEST: rec.digest, SPLIT: split}
     if tracker.find(experiment_id, same, ("FINISHED",)):
         return
     tags = {
-        f"{TAG}study": study, f"{TAG}split": split, f"{TAG}kind": KIND_TEACHER, f"{TAG}task": str(rec.index),
-        f"{TAG}teacher_key": rec.key, f"{TAG}teacher_digest": rec.digest, f"{TAG}teacher_seed": str(rec.seed),
-        f"{TAG}method": "teacher", f"{TAG}variant": "full", f"{TAG}config": f"teacher:task{rec.index}",
-        f"{TAG}run": f"{split}/teacher{rec.index}",
-        f"{TAG}cached": str(rec.cached).lower(), f"{TAG}uses_labels": "true",
+        STUDY: study, SPLIT: split, KIND: KIND_TEACHER, TASK: str(rec.index),
+        TEACHER_KEY: rec.key, TEACHER_DIGEST: rec.digest, TEACHER_SEED: str(rec.seed),
+        METHOD: "teacher", VARIANT: "full", CONFIG: f"teacher:task{rec.index}",
+        RUN: f"{split}/teacher{rec.index}",
+        CACHED: str(rec.cached).lower(), USES_LABELS: "true",
     }
     name = teacher_run_name(split, rec.index, rec.seed if per_seed else None)
     run_id = tracker.start(experiment_id, name, tags, rec.spec, parent() if parent is not None else None)
@@ -161,8 +167,8 @@ def teacher_seeds_of(study: StudyConfig, seeds: Iterable[int]) -> list[int | Non
 
 def teacher_tags(records: list[TeacherRecord]) -> dict[str, str]:
     """What a trial's numbers rest on: its teachers' cache keys and weight digests, in task order."""
-    return {f"{TAG}teacher_keys": ",".join(r.key for r in records),
-            f"{TAG}teacher_digests": ",".join(r.digest for r in records)}
+    return {TEACHER_KEYS: ",".join(r.key for r in records),
+            TEACHER_DIGESTS: ",".join(r.digest for r in records)}
 
 
 @torch.no_grad()
@@ -255,7 +261,7 @@ def open_trial_run(
     run_id = tracker.start(experiment_id, trial_run_name(trial.split, trial.method, trial.variant, trial.seed, rule),
                            tags, cfg, parent_run_id)
     try:
-        tracker.log_text(run_id, yaml.safe_dump(cfg, sort_keys=False), "trial.yaml")
+        tracker.log_text(run_id, yaml.safe_dump(cfg, sort_keys=False), TRIAL_ARTIFACT)
         tracker.log_inputs(run_id, [study_split_dataset(study, trial.split, source)])
     except BaseException:
         tracker.finish(run_id, "FAILED")
@@ -286,8 +292,8 @@ def execute_trial(
     ``harness.deterministic`` with what was really set, and on CUDA logs ``gpu_peak_mb``."""
     t0 = time.time()
     tracker.set_tags(run_id, {
-        f"{TAG}pid": os.getpid(), f"{TAG}host": platform.node(), f"{TAG}device": device,
-        f"{TAG}start": utc_iso(t0), **version_tags(), **(extra_tags or {}),
+        PID: os.getpid(), HOST: platform.node(), DEVICE: device,
+        START: utc_iso(t0), **version_tags(), **(extra_tags or {}),
     })
     try:
         if device.startswith("cuda"):
@@ -297,21 +303,21 @@ def execute_trial(
             raise PrecisionMismatch(f"the trial key is for {trial.precision}, but on {device} the trial "
                                     f"would train in {precision}; run it on a device of its precision")
         with determinism(study.train.deterministic, device) as deterministic:  # training and diagnostics
-            tracker.set_tags(run_id, {f"{TAG}precision": precision,
-                                      f"{TAG}deterministic": str(deterministic).lower()})
+            tracker.set_tags(run_id, {PRECISION: precision,
+                                      DETERMINISTIC: str(deterministic).lower()})
             final = _train_and_measure(study, trial, tracker, run_id, data, device, epoch_hook, diagnose)
         final.update(memory_metrics(device))
         final["trial_seconds"] = time.time() - t0
         tracker.log_metrics(run_id, final, step=study.train.epochs if get_method(trial.method).trains else 0)
-        tracker.set_tags(run_id, {f"{TAG}end": utc_iso(time.time())})
+        tracker.set_tags(run_id, {END: utc_iso(time.time())})
         finish_unique(tracker, run_id, trial.key)
         return final
     except BaseException as e:
         kind, reason = failure_reason(e)
         try:
-            tracker.set_tags(run_id, {f"{TAG}failure": reason, f"{TAG}failure_kind": kind,
-                                      f"{TAG}end": utc_iso(time.time()),
-                                      f"{TAG}traceback": traceback.format_exc()[-4000:]})
+            tracker.set_tags(run_id, {FAILURE: reason, FAILURE_KIND: kind,
+                                      END: utc_iso(time.time()),
+                                      TRACEBACK: traceback.format_exc()[-4000:]})
             tracker.finish(run_id, "KILLED" if kind in ("interrupted", "pruned") else "FAILED")
         except Exception as log_error:  # the store failed too: the trial's own failure still wins (the
             # runner marks a run left RUNNING with the reason the worker reports)
@@ -335,7 +341,7 @@ def _train_and_measure(
     learns_from: OutputsOf = "train" if cls.uses_labels else "pool"
     train_data = data.student_view(cls.uses_labels)
     tracker.set_tags(run_id, {**teacher_tags(records),
-                              f"{TAG}pool": "train" if cls.uses_labels else data.pool_label})
+                              POOL: "train" if cls.uses_labels else data.pool_label})
     teachers = TeacherSet([r.net for r in records], [r.stats for r in records])
     torch.manual_seed(trial.seed)
     np.random.seed(trial.seed)
@@ -416,14 +422,14 @@ def finish_unique(tracker: Tracker, run_id: str, key: str) -> None:
     run = tracker.run(run_id)
     if run.info.status != "RUNNING":
         return
-    if run.data.tags.get(f"{TAG}kind", KIND_TRIAL) != KIND_TRIAL:  # a tuning run measures one Optuna trial
+    if run.data.tags.get(KIND, KIND_TRIAL) != KIND_TRIAL:  # a tuning run measures one Optuna trial
         tracker.finish(run_id, "FINISHED")
         return
-    same = {f"{TAG}trial_key": key, f"{TAG}kind": "trial"}
+    same = {TRIAL_KEY: key, KIND: KIND_TRIAL}
     others = [r.info.run_id for r in tracker.find(run.info.experiment_id, same, ("FINISHED",)) if r.info.run_id != run_id]
     if others:
-        tracker.set_tags(run_id, {f"{TAG}failure": f"duplicate: run {others[0]} already finished this trial",
-                                  f"{TAG}failure_kind": "duplicate"})
+        tracker.set_tags(run_id, {FAILURE: f"duplicate: run {others[0]} already finished this trial",
+                                  FAILURE_KIND: "duplicate"})
         tracker.finish(run_id, "KILLED")
     else:
         tracker.finish(run_id, "FINISHED")

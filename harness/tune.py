@@ -53,16 +53,22 @@ from optuna.trial import FrozenTrial, TrialState
 
 from harness.config import StudyConfig, dump_study, load_study
 from harness.errors import HarnessError
-from harness.grid import Trial, build_splits, trial_key
+from harness.grid import Trial, build_splits
 from harness.files import process_alive
 from harness.interrupts import deferred, sigterm_as_interrupt
+from harness.keys import trial_key
 from harness.scheduler import PRELOAD, LocalPool, Outcome, Slot, WorkerContext, build_slots, warm_trial_worker
 from harness.search import PrunerConfig, SamplerConfig, SearchPlan
-from harness.tracking import TAG, Tracker, git_tags, version_tags
+from harness.store import (
+    ATTEMPT, DEFAULT, FAILURE, FAILURE_KIND, HEARTBEAT, HOST, KIND, KIND_SEARCH, KIND_TUNE_RUN,
+    KIND_TUNE_TRIAL, METHOD, OBJECTIVE, OPTUNA_DEFAULT, OPTUNA_DISTRIBUTIONS, OPTUNA_NUMBER,
+    OPTUNA_PARAMS, OPTUNA_STATE, OPTUNA_STUDIES, OPTUNA_STUDY, OWNER, POOL, PRUNED, RETRY_OF,
+    RUNNER_PID, SLOT, STORAGE, STUDY, SURPLUS,
+)
+from harness.tracking import Tracker, git_tags, version_tags
 
-#: user attributes of Optuna trials
-OWNER, HEARTBEAT, RETRY_OF, DEFAULT, SURPLUS, ATTEMPT = (
-    "harness.owner", "harness.heartbeat", "harness.retry_of", "harness.default", "harness.surplus", "harness.attempt")
+# the user attributes of Optuna trials named harness.* (OWNER, HEARTBEAT, RETRY_OF, DEFAULT, SURPLUS,
+# ATTEMPT, FAILURE) are harness.store's
 HEARTBEAT_EVERY = 30.0
 #: user attributes of Optuna trials that point at their MLflow runs
 MLFLOW_RUN_ID, MLFLOW_EXPERIMENT_ID, MLFLOW_RUN_PATH, MLFLOW_RUN_URL, MLFLOW_PARENT_RUN_ID, MLFLOW_SEED_RUN_IDS = (
@@ -295,8 +301,8 @@ def _train_units(job: TuneJob, slot: Slot, otrial: optuna.trial.Trial, tracker: 
         key = trial_key(job.study, si, job.method, job.params, seed, precision)
         trial = Trial(job.study.name, split.name, job.method, f"optuna{job.number}", seed, job.params, key,
                       precision)
-        tags = {f"{TAG}kind": "tune_run", f"{TAG}optuna_study": job.optuna_study,
-                f"{TAG}optuna_number": job.number}
+        tags = {KIND: KIND_TUNE_RUN, OPTUNA_STUDY: job.optuna_study,
+                OPTUNA_NUMBER: job.number}
         run_id = open_trial_run(tracker, job.experiment_id, job.study, trial, parent_run_id=job.run_id,
                                 extra_tags=tags)
         seed_runs.append(run_id)
@@ -315,7 +321,7 @@ def _train_units(job: TuneJob, slot: Slot, otrial: optuna.trial.Trial, tracker: 
 
         try:
             final = execute_trial(job.study, trial, tracker, run_id, data=data, device=slot.device,
-                                  extra_tags={f"{TAG}slot": slot.name}, epoch_hook=report, diagnose=False)
+                                  extra_tags={SLOT: slot.name}, epoch_hook=report, diagnose=False)
         except EarlyStop as e:
             return {"state": "PRUNED", "values": values, "value": state["value"], "step": state["step"],
                     "reason": f"pruned {e}"}
@@ -386,14 +392,14 @@ class Search:
         (between ``tell`` and the run's end) take the state Optuna has."""
         by_name = {s.study_name: s for s in self.studies.values()}
         host = platform.node()
-        for r in self.tracker.find(self.exp, {f"{TAG}kind": "tune_trial"}, ("RUNNING",)):
+        for r in self.tracker.find(self.exp, {KIND: KIND_TUNE_TRIAL}, ("RUNNING",)):
             tags = r.data.tags
-            study = by_name.get(tags.get(f"{TAG}optuna_study", ""))
+            study = by_name.get(tags.get(OPTUNA_STUDY, ""))
             if study is None:
                 continue
-            o_host, _, o_pid = tags.get(f"{TAG}owner", "").rpartition(":")
+            o_host, _, o_pid = tags.get(OWNER, "").rpartition(":")
             trials = {t.number: t for t in study.get_trials(deepcopy=False)}
-            t = trials.get(int(tags.get(f"{TAG}optuna_number", -1)))
+            t = trials.get(int(tags.get(OPTUNA_NUMBER, -1)))
             if t is None or t.state in (TrialState.RUNNING, TrialState.WAITING):
                 continue
             ended = t.datetime_complete.timestamp() if t.datetime_complete else 0.0
@@ -403,12 +409,12 @@ class Search:
             if t.state == TrialState.COMPLETE and t.value is not None:
                 self.tracker.log_metrics(r.info.run_id, {"objective": t.value})
             self.tracker.finish_if_running(r.info.run_id, "FAILED" if t.state == TrialState.FAIL else "FINISHED",
-                                           {f"{TAG}optuna_state": t.state.name})
+                                           {OPTUNA_STATE: t.state.name})
             self._kill_runs(study.study_name, t.number, "stale: the search running it was killed")
 
     def _kill_runs(self, optuna_study: str, number: int, why: str) -> None:
-        tags = {f"{TAG}optuna_state": "FAIL", f"{TAG}failure": why, f"{TAG}failure_kind": why.split(":")[0]}
-        for r in self.tracker.find(self.exp, {f"{TAG}optuna_study": optuna_study, f"{TAG}optuna_number": str(number)},
+        tags = {OPTUNA_STATE: "FAIL", FAILURE: why, FAILURE_KIND: why.split(":")[0]}
+        for r in self.tracker.find(self.exp, {OPTUNA_STUDY: optuna_study, OPTUNA_NUMBER: str(number)},
                                    ("RUNNING",)):
             self.tracker.finish_if_running(r.info.run_id, "KILLED", tags)
 
@@ -476,12 +482,12 @@ class Search:
         values = dict(trial.params)
         dists = {p: optuna.distributions.distribution_to_json(plan.distributions[p]) for p in plan.paths[method]}
         tags = {
-            f"{TAG}kind": "tune_trial", f"{TAG}study": plan.study.name, f"{TAG}method": method,
-            f"{TAG}optuna_study": self.studies[method].study_name, f"{TAG}optuna_number": trial.number,
-            f"{TAG}optuna_state": "RUNNING", f"{TAG}optuna_default": str(bool(attrs.get(DEFAULT))).lower(),
-            f"{TAG}optuna_params": json.dumps(values), f"{TAG}optuna_distributions": json.dumps(dists),
-            f"{TAG}objective": plan.search.objective, f"{TAG}owner": self.owner,
-            **({f"{TAG}retry_of": attrs[RETRY_OF]} if RETRY_OF in attrs else {}), **self.provenance,
+            KIND: KIND_TUNE_TRIAL, STUDY: plan.study.name, METHOD: method,
+            OPTUNA_STUDY: self.studies[method].study_name, OPTUNA_NUMBER: trial.number,
+            OPTUNA_STATE: "RUNNING", OPTUNA_DEFAULT: str(bool(attrs.get(DEFAULT))).lower(),
+            OPTUNA_PARAMS: json.dumps(values), OPTUNA_DISTRIBUTIONS: json.dumps(dists),
+            OBJECTIVE: plan.search.objective, OWNER: self.owner,
+            **({RETRY_OF: attrs[RETRY_OF]} if RETRY_OF in attrs else {}), **self.provenance,
         }
         return self.tracker.start(self.exp, f"{method}/optuna{trial.number}", tags, values, self.parent)
 
@@ -511,15 +517,15 @@ class Search:
             return
         if out.ok:  # pruned
             study.tell(f.trial, state=TrialState.PRUNED)
-            self._end_run(f, "PRUNED", out.result["value"], seconds, {f"{TAG}pruned": out.result["reason"]})
+            self._end_run(f, "PRUNED", out.result["value"], seconds, {PRUNED: out.result["reason"]})
             print(f"{tag} {out.result['reason']}")
             return
         retry = out.kind == "worker_died" and f.attempt < self.plan.search.retries
-        f.trial.set_user_attr("harness.failure", out.error[:500])
+        f.trial.set_user_attr(FAILURE, out.error[:500])
         study.tell(f.trial, state=TrialState.FAIL)
         if retry:
             study.enqueue_trial(f.values, user_attrs={RETRY_OF: f.trial.number, ATTEMPT: f.attempt + 1})
-        self._end_run(f, "FAIL", math.nan, seconds, {f"{TAG}failure": out.error, f"{TAG}failure_kind": out.kind})
+        self._end_run(f, "FAIL", math.nan, seconds, {FAILURE: out.error, FAILURE_KIND: out.kind})
         print(f"{tag} failed: {out.error}{' (queued again)' if retry else ''}")
 
     def _end_run(self, f: _Flight, state: str, value: float, seconds: float, tags: dict[str, Any] | None = None,
@@ -527,9 +533,9 @@ class Search:
         if math.isfinite(value):
             self.tracker.log_metrics(f.run_id, {"objective": value})
         self.tracker.log_metrics(f.run_id, {"trial_seconds": seconds})
-        self.tracker.set_tags(f.run_id, {f"{TAG}optuna_state": state, **(tags or {})})
-        for r in self.tracker.find(self.exp, {f"{TAG}optuna_study": self.studies[f.method].study_name,
-                                              f"{TAG}optuna_number": str(f.trial.number), f"{TAG}kind": "tune_run"},
+        self.tracker.set_tags(f.run_id, {OPTUNA_STATE: state, **(tags or {})})
+        for r in self.tracker.find(self.exp, {OPTUNA_STUDY: self.studies[f.method].study_name,
+                                              OPTUNA_NUMBER: str(f.trial.number), KIND: KIND_TUNE_RUN},
                                    ("RUNNING",)):  # seed runs of a worker that died
             self.tracker.finish_if_running(r.info.run_id, "FAILED" if state == "FAIL" and status != "KILLED" else "KILLED",
                                            tags)
@@ -549,7 +555,7 @@ class Search:
                 study.tell(f.trial, state=TrialState.FAIL)
                 study.enqueue_trial(f.values, user_attrs={RETRY_OF: f.trial.number, ATTEMPT: f.attempt})
             finally:
-                tags = {f"{TAG}failure": "interrupted: the search was stopped", f"{TAG}failure_kind": "interrupted"}
+                tags = {FAILURE: "interrupted: the search was stopped", FAILURE_KIND: "interrupted"}
                 self._end_run(f, "FAIL", math.nan, time.time() - f.started, tags, status="KILLED")
         self.inflight.clear()
 
@@ -668,9 +674,9 @@ def tune(
         print(f"pool: {pool.describe()}; each trial trains {len(plan.units())} run(s) "
               f"(splits {', '.join(plan.splits)} x seeds {', '.join(map(str, plan.seeds))})")
         search.parent = tracker.start(exp, f"search/{time.strftime('%Y%m%d-%H%M%S')}", {
-            f"{TAG}kind": "search", f"{TAG}study": study.name, f"{TAG}storage": storage_spec,
-            f"{TAG}optuna_studies": ",".join(s.study_name for s in search.studies.values()),
-            f"{TAG}host": platform.node(), f"{TAG}runner_pid": os.getpid(), f"{TAG}pool": pool.describe(),
+            KIND: KIND_SEARCH, STUDY: study.name, STORAGE: storage_spec,
+            OPTUNA_STUDIES: ",".join(s.study_name for s in search.studies.values()),
+            HOST: platform.node(), RUNNER_PID: os.getpid(), POOL: pool.describe(),
             **search.provenance, **version_tags(),
         })
         from harness.trial import prepare_teachers, study_split_dataset, teacher_seeds_of
@@ -688,7 +694,7 @@ def tune(
                     raise
         except BaseException as e:
             reason = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"[:500]
-            tracker.set_tags(search.parent, {f"{TAG}failure": reason})
+            tracker.set_tags(search.parent, {FAILURE: reason})
             tracker.finish(search.parent, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
             raise
     finally:

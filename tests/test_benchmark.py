@@ -23,7 +23,7 @@ import tests.plugins_for_tests  # noqa: F401  (test_sleep: slow trials to stop t
 from harness.benchmark import Benchmark, benchmark
 from harness.cli import main
 from harness.methods.base import get_method
-from harness.tracking import TAG
+from harness.store import TAG
 from harness.tune import counted, storage_for
 from tests.conftest import TINY, isolated_dir
 from tests.waiting import bound, wait_for

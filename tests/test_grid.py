@@ -9,9 +9,11 @@ from typing import Any, Iterator
 import pytest
 
 import harness.grid as grid
+import harness.keys as key_module
 from harness.config import StudyConfig, parse_study
 from harness.errors import HarnessError
-from harness.grid import expand, trial_key
+from harness.grid import expand
+from harness.keys import trial_key
 from harness.methods.base import get_method
 
 BASE: dict[str, Any] = {
@@ -156,7 +158,7 @@ def test_seed_precision_and_results_version_change_the_key(monkeypatch: pytest.M
     keys = _keys(BASE)
     assert keys[("a", "kd", "full", 0)] != keys[("a", "kd", "full", 1)]
     assert _keys(BASE, "bf16")[("a", "kd", "full", 0)] != _keys(BASE, "fp32")[("a", "kd", "full", 0)]
-    monkeypatch.setattr(grid, "RESULTS_VERSION", grid.RESULTS_VERSION + 1)
+    monkeypatch.setattr(key_module, "RESULTS_VERSION", key_module.RESULTS_VERSION + 1)
     assert _keys(BASE)[("a", "kd", "full", 0)] != keys[("a", "kd", "full", 0)]
 
 

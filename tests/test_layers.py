@@ -1,5 +1,7 @@
 """The floors hold (docs/layers.md): no import circle inside ``harness/``, no module uses another's
-private names, and the study schema (``harness.config``) stands on the ground floor only.
+private names, the study schema (``harness.config``) stands on the ground floor only, the keys
+(``harness.keys``) on the study schema, for its type only, and the store's schema
+(``harness.store``) on nothing at all.
 
 The import graph is read from the source with :mod:`ast`, so it sees every import a module can
 run: at module level, inside functions (the "lazy" imports that hide a circle from Python but not
@@ -50,6 +52,11 @@ CONFIG_FLOOR = frozenset({
     "harness.data",  # an empty __init__
     "harness.data.catalog",
 })
+
+#: What ``harness.keys`` (``stable_hash``, ``RESULTS_VERSION``, ``trial_key``) may import, at any
+#: depth: the study schema (``trial_key`` takes a ``StudyConfig``; named under ``TYPE_CHECKING``
+#: only, so importing the keys runs no harness module) and what that stands on.
+KEYS_FLOOR = CONFIG_FLOOR | {"harness.config"}
 
 
 @dataclass(frozen=True)
@@ -278,12 +285,12 @@ def private_uses() -> list[str]:
     return found
 
 
-def config_reaches() -> dict[str, list[str]]:
-    """Every harness module that importing ``harness.config`` and running all its functions can
-    import, with the chain that gets there."""
+def config_reaches(start: str = "harness.config") -> dict[str, list[str]]:
+    """Every harness module that importing ``start`` (``harness.config``) and running all its
+    functions can import, with the chain that gets there."""
     graph, _ = import_graph()
-    chains = {"harness.config": ["harness.config"]}
-    frontier = ["harness.config"]
+    chains = {start: [start]}
+    frontier = [start]
     while frontier:
         nxt = []
         for v in frontier:
@@ -328,6 +335,24 @@ def test_the_study_schema_imports_only_the_ground_floor():
 
 def test_the_ground_floor_is_real_modules():
     assert CONFIG_FLOOR <= set(harness_modules()), CONFIG_FLOOR - set(harness_modules())
+
+
+def test_the_store_schema_imports_nothing():
+    """``harness.store`` (the names of the MLflow store) imports no module at all, harness or not:
+    the report, the status and the results API read the store by its names without torch, and
+    the schema itself without mlflow."""
+    tree = ast.parse(harness_modules()["harness.store"].read_text())
+    found = [f"harness/store.py:{n.lineno}" for n in ast.walk(tree) if isinstance(n, (ast.Import, ast.ImportFrom))
+             and not (isinstance(n, ast.ImportFrom) and n.module == "__future__")]
+    assert not found, f"harness.store imports: {found}"
+
+
+def test_the_keys_stand_on_the_study_schema_for_its_type_only():
+    above = {m: chain for m, chain in config_reaches("harness.keys").items() if m != "harness.keys" and m not in KEYS_FLOOR}
+    assert not above, "harness.keys reaches above the study schema:\n" + "\n".join(
+        " -> ".join(chain) for chain in above.values())
+    run_time = [i.where() for i in imports_of("harness.keys") if not i.type_checking]
+    assert not run_time, f"harness.keys imports harness modules at run time: {run_time}"
 
 
 def test_the_built_in_method_is_registered_like_the_baselines():

@@ -20,7 +20,8 @@ import tests.plugins_for_tests  # noqa: F401  (registers the test methods here; 
 from harness.cli import main
 from harness.methods.base import Batch, Params, register
 from harness.runner import run_study
-from harness.tracking import TAG, tag_seconds
+from harness.store import TAG
+from harness.tracking import tag_seconds
 from tests.plugins_for_tests import _KD
 from tests.waiting import bound, wait_for
 

@@ -7,7 +7,8 @@ import torch
 
 from harness.config import DatasetConfig, SplitConfig, TeacherConfig
 from harness.data.splits import build_split
-from harness.teachers import cache_root, get_teachers, stable_hash, teacher_spec
+from harness.keys import stable_hash
+from harness.teachers import cache_root, get_teachers, teacher_spec
 
 DS = DatasetConfig(name="digits")
 SPLIT = build_split(SplitConfig(name="s", tasks=[[0, 1, 2], [3, 4]]), DS)

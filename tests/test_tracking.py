@@ -12,7 +12,8 @@ from mlflow.exceptions import MlflowException
 
 from harness import tracking
 from harness.scheduler import LocalPool, WorkerContext, build_slots
-from harness.tracking import TAG, Tracker, flatten
+from harness.store import TAG
+from harness.tracking import Tracker, flatten
 from tests import plugins_for_tests as plug
 from tests.waiting import wait_for
 

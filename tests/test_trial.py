@@ -98,7 +98,7 @@ def test_a_trial_keyed_for_another_precision_fails_before_training(isolated: Pat
 
 
 def test_the_trial_run_records_its_precision_and_results_version(probes: dict[int, list]) -> None:
-    from harness.grid import RESULTS_VERSION
+    from harness.keys import RESULTS_VERSION
 
     tracker, exp = STORE["tracker"], STORE["experiment"]
     runs = tracker.find(exp, {"harness.kind": "trial"}, ("FINISHED",))

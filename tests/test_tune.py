@@ -20,8 +20,9 @@ import tests.plugins_for_tests  # noqa: F401  (registers the test methods here; 
 from harness.cli import main
 from harness.config import dump_study, load_study
 from harness.scheduler import Slot
+from harness.store import DEFAULT, OWNER, RETRY_OF, SURPLUS
 from harness.tracking import Tracker
-from harness.tune import DEFAULT, OWNER, RETRY_OF, SURPLUS, TuneJob, counted, run_tune_job, storage_for
+from harness.tune import TuneJob, counted, run_tune_job, storage_for
 from tests.conftest import TINY, isolated_dir, write_study
 from tests.waiting import bound, wait_for
 

@@ -35,7 +35,8 @@ from harness.report.frames import StudyData, load_study, search_runs
 from harness.report.leaderboard import Leaderboard, write_leaderboard
 from harness.report.tables import markdown
 from harness.report.tuning import best_trial, default_trial, format_value, load_tuning
-from harness.tracking import TAG, resolve_uri
+from harness.store import KIND_BENCHMARK, KIND_TRIAL, KIND_TUNE_RUN, SEED, STUDY, TRIAL_KEY
+from harness.tracking import resolve_uri
 
 BUDGET_COLUMNS = ["method", "task", "started", "counted", "complete", "pruned", "failed", "retried", "seconds"]
 
@@ -112,12 +113,12 @@ def seeds_frame(uri: str, experiment_id: str, tasks: Sequence[TaskKeys]) -> pd.D
     client = MlflowClient(uri)
     names = {t.name for t in tasks}
     scoped = {k for t in tasks for k in (*t.tuned, *t.defaults)}
-    tune = sorted({int(r.data.tags.get(f"{TAG}seed", -1))
-                   for r in search_runs(client, experiment_id, "tune_run")
-                   if r.data.tags.get(f"{TAG}study") in names})
-    evaluate = sorted({int(r.data.tags.get(f"{TAG}seed", -1))
-                       for r in search_runs(client, experiment_id, "trial")
-                       if r.data.tags.get(f"{TAG}trial_key") in scoped and r.info.status == "FINISHED"})
+    tune = sorted({int(r.data.tags.get(SEED, -1))
+                   for r in search_runs(client, experiment_id, KIND_TUNE_RUN)
+                   if r.data.tags.get(STUDY) in names})
+    evaluate = sorted({int(r.data.tags.get(SEED, -1))
+                       for r in search_runs(client, experiment_id, KIND_TRIAL)
+                       if r.data.tags.get(TRIAL_KEY) in scoped and r.info.status == "FINISHED"})
     return pd.DataFrame({"phase": ["tune", "evaluate"], "seeds": [" ".join(map(str, tune)),
                                                                   " ".join(map(str, evaluate))],
                          "disjoint": [not set(tune) & set(evaluate)] * 2})
@@ -129,7 +130,7 @@ def phase_frame(uri: str, experiment_id: str) -> pd.DataFrame:
     client = MlflowClient(uri)
     totals: dict[str, float] = {}
     runs: dict[str, int] = {}
-    for r in search_runs(client, experiment_id, "benchmark"):
+    for r in search_runs(client, experiment_id, KIND_BENCHMARK):
         for k, v in r.data.metrics.items():
             if k.startswith("phase_seconds/"):
                 phase = k.split("/", 1)[1]

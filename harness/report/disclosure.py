@@ -14,6 +14,7 @@ import pandas as pd
 
 from harness.report.frames import REFERENCE_METHOD, StudyData, row_label
 from harness.report.tables import ROUTING_GAP, markdown, routing_caps
+from harness.store import DETERMINISTIC, TRIAL_KEY
 
 OTHERS_TITLE = "Runs of other configurations in this experiment"
 _TUNED_HEADER = re.compile(r"^# Tuned by `harness tune", re.M)
@@ -32,7 +33,7 @@ def scope_line(data: StudyData) -> str:
     left = (f"{len(others)} trial run{'s' if len(others) != 1 else ''} of other configurations in this experiment "
             f"{'are' if len(others) != 1 else 'is'} left out of every table, figure and statistic (section "
             f"*{OTHERS_TITLE}*)." if len(others) else "No trial run of another configuration is in this experiment.")
-    return (f"Scope: only trial runs whose `harness.trial_key` is one of the {len(data.keys)} trial keys of the "
+    return (f"Scope: only trial runs whose `{TRIAL_KEY}` is one of the {len(data.keys)} trial keys of the "
             f"study ({data.scope}); {done} of them have a finished run. {left}\n")
 
 
@@ -176,7 +177,7 @@ def determinism_sentence(used: pd.DataFrame) -> str:
     flags = used["deterministic"].fillna("").astype(str)
     n, yes, known = len(used), int((flags == "true").sum()), int(flags.isin(["true", "false"]).sum())
     what = ("deterministic algorithms, cuDNN deterministic without autotuning and, on a GPU, the cuBLAS workspace "
-            "setting, as read back inside each trial's process (tag `harness.deterministic`)")
+            f"setting, as read back inside each trial's process (tag `{DETERMINISTIC}`)")
     if known == 0:
         return "Determinism: not recorded (the trials ran with a harness that did not tag it).\n"
     unknown = f"; {n - known} not recorded (an older harness)" if known < n else ""

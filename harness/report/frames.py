@@ -49,8 +49,14 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from harness.errors import HarnessError
+from harness.store import (
+    DETERMINISTIC, FAILURE, FAILURE_KIND, KIND, KIND_STUDY, KIND_TEACHER, KIND_TRIAL, METHOD, POOL,
+    PROVENANCE_TAGS, SEED, SEEDED, SOURCE_ARTIFACT, SPLIT, STUDY, STUDY_ARTIFACT, TASK,
+    TEACHER_DIGEST, TEACHER_DIGESTS, TEACHER_KEY, TEACHER_KEYS, TRIAL_KEY, TRIAL_KEYS_ARTIFACT,
+    USES_LABELS, VARIANT,
+)
 from harness.tracking import (  # noqa: F401
-    KIND_TEACHER, TAG, TRIAL_KEYS_ARTIFACT, bestval, flatten, missing_store, resolve_uri, row_label,
+    bestval, flatten, missing_store, resolve_uri, row_label,
 )
 
 KEYS = ["split", "method", "variant", "seed"]
@@ -59,15 +65,11 @@ FINAL_PREFIXES = ("test/", "diag/")
 #: ``cuda_max_allocated_mb`` (the older GPU metric, still logged beside it)
 FINAL_KEYS = ("val/union_acc_best", "best_epoch", "trial_seconds", "peak_rss_mb", "gpu_peak_mb",
               "cuda_max_allocated_mb", "pool_size")
-PROVENANCE = ("version", "torch_version", "mlflow_version", "numpy_version", "python_version", "git_commit",
-              "git_dirty")  # harness.<name> tags of a trial run
+PROVENANCE = tuple(PROVENANCE_TAGS)  # the provenance columns, each a tag of the trial run (harness.store)
 INFO_COLUMNS = ["run_id", "run_name", "status", "start_time", "end_time", "split", "method", "variant",
                 "seed", "trial_key", "uses_labels", "failure", "failure_kind", "seeded", *PROVENANCE,
                 "deterministic", "pool"]  # harness.deterministic: "true"/"false" as the trial read it back, "" if
 # older; harness.pool: what the student learned from, "train" or "transfer:<dataset>:<fraction>", "" if older
-STUDY_ARTIFACT = "study.yaml"
-#: the study file as written (comments kept) beside the resolved ``study.yaml``; older runners logged only the latter
-SOURCE_ARTIFACT = "study_source.yaml"
 #: a study file's text -> its trial keys (``harness.grid.expand``; the CLI supplies it)
 KeyExpander = Callable[[str], Sequence[str]]
 REFERENCE_METHOD = "teachers"  # the reference rows (claiming-teacher ensemble), seed-independent
@@ -198,7 +200,7 @@ def search_runs(client: MlflowClient, experiment_id: str, kind: str) -> list:
     runs, token = [], None
     while True:
         page = client.search_runs(
-            [experiment_id], f"tags.`{TAG}kind` = '{kind}'", max_results=1000, page_token=token
+            [experiment_id], f"tags.`{KIND}` = '{kind}'", max_results=1000, page_token=token
         )
         runs.extend(page)
         token = page.token
@@ -222,18 +224,18 @@ def run_info(run: Any) -> dict[str, Any]:
         "status": run.info.status,
         "start_time": int(run.info.start_time or 0),
         "end_time": int(run.info.end_time or 0),
-        "split": tags.get(f"{TAG}split", ""),
-        "method": tags.get(f"{TAG}method", ""),
-        "variant": tags.get(f"{TAG}variant", "full") or "full",
-        "seed": to_int(tags.get(f"{TAG}seed")),
-        "trial_key": tags.get(f"{TAG}trial_key", ""),
-        "uses_labels": tags.get(f"{TAG}uses_labels", "false").lower() == "true",
-        "failure": tags.get(f"{TAG}failure", ""),
-        "failure_kind": tags.get(f"{TAG}failure_kind", ""),
-        "seeded": tags.get(f"{TAG}seeded", ""),
-        **{name: tags.get(f"{TAG}{name}", "") for name in PROVENANCE},
-        "deterministic": tags.get(f"{TAG}deterministic", ""),
-        "pool": tags.get(f"{TAG}pool", ""),
+        "split": tags.get(SPLIT, ""),
+        "method": tags.get(METHOD, ""),
+        "variant": tags.get(VARIANT, "full") or "full",
+        "seed": to_int(tags.get(SEED)),
+        "trial_key": tags.get(TRIAL_KEY, ""),
+        "uses_labels": tags.get(USES_LABELS, "false").lower() == "true",
+        "failure": tags.get(FAILURE, ""),
+        "failure_kind": tags.get(FAILURE_KIND, ""),
+        "seeded": tags.get(SEEDED, ""),
+        **{name: tags.get(tag, "") for name, tag in PROVENANCE_TAGS.items()},
+        "deterministic": tags.get(DETERMINISTIC, ""),
+        "pool": tags.get(POOL, ""),
     }
 
 
@@ -306,9 +308,9 @@ def _logged_study(client: MlflowClient, experiment_id: str, uri: str = "",
     """(``study.yaml``, ``trial_keys.json``, ``study_source.yaml``) of the latest study run (of
     ``study`` when given) that logged either of the first two (the runner logs all three; older
     runners only the first, or the first two); Nones when no study run did."""
-    runs = sorted(search_runs(client, experiment_id, "study"), key=lambda r: (r.info.start_time or 0, r.info.run_id))
+    runs = sorted(search_runs(client, experiment_id, KIND_STUDY), key=lambda r: (r.info.start_time or 0, r.info.run_id))
     if study is not None:
-        runs = [r for r in runs if r.data.tags.get(f"{TAG}study") == study]
+        runs = [r for r in runs if r.data.tags.get(STUDY) == study]
     for run in reversed(runs):
         try:
             moved = local_artifacts(uri, run)
@@ -374,9 +376,9 @@ def _used_teachers(trial: Any, ntasks: int) -> list[tuple[int, dict[str, str]]]:
     ..}`` from its ``harness.teacher_keys``/``teacher_digests`` tags (task order), else the teacher
     params of its logged config (``teacher.*``, ``val_fraction``, ``image_size``); [] when neither."""
     tags, params = trial.data.tags, trial.data.params
-    keys = [k for k in tags.get(f"{TAG}teacher_keys", "").split(",") if k]
+    keys = [k for k in tags.get(TEACHER_KEYS, "").split(",") if k]
     if keys:
-        digests = [d for d in tags.get(f"{TAG}teacher_digests", "").split(",") if d]
+        digests = [d for d in tags.get(TEACHER_DIGESTS, "").split(",") if d]
         return [(k, {"teacher_key": key, **({"teacher_digest": digests[k]} if len(digests) == len(keys) else {})})
                 for k, key in enumerate(keys)]
     out = []
@@ -437,7 +439,7 @@ def load_study(study: str, tracking_uri: str | None = None, history: bool = True
     logged_text, logged_keys, logged_source = _logged_study(client, exp.experiment_id, uri,
                                                             name if experiment else None)
     scope_keys, scope = _scope(keys, text, logged_text, logged_keys, expand)
-    trial_runs = {r.info.run_id: r for r in search_runs(client, exp.experiment_id, "trial")}
+    trial_runs = {r.info.run_id: r for r in search_runs(client, exp.experiment_id, KIND_TRIAL)}
     every = pd.DataFrame([run_info(r) for r in trial_runs.values()], columns=INFO_COLUMNS)
     every = every.sort_values(KEYS + ["start_time", "run_id"], kind="stable").reset_index(drop=True)
     inside = every["trial_key"].isin(scope_keys) if scope_keys is not None else pd.Series(True, index=every.index)
@@ -447,13 +449,13 @@ def load_study(study: str, tracking_uri: str | None = None, history: bool = True
     if finished.empty and not allow_empty:
         extra = f" ({len(others)} trial runs of other configurations)" if len(others) else ""
         raise HarnessError(f"report: experiment '{name}' has no finished trial runs in {uri}{extra}")
-    trials = with_metrics(_latest(finished, KEYS), trial_runs, final_only=True, kind="trial")
+    trials = with_metrics(_latest(finished, KEYS), trial_runs, final_only=True, kind=KIND_TRIAL)
 
-    teacher_runs = {r.info.run_id: r for r in search_runs(client, exp.experiment_id, "teacher")}
+    teacher_runs = {r.info.run_id: r for r in search_runs(client, exp.experiment_id, KIND_TEACHER)}
     trows = pd.DataFrame(
-        [{**run_info(r), "task": to_int(r.data.tags.get(f"{TAG}task")),
-          "teacher_key": r.data.tags.get(f"{TAG}teacher_key", ""),
-          "teacher_digest": r.data.tags.get(f"{TAG}teacher_digest", "")} for r in teacher_runs.values()],
+        [{**run_info(r), "task": to_int(r.data.tags.get(TASK)),
+          "teacher_key": r.data.tags.get(TEACHER_KEY, ""),
+          "teacher_digest": r.data.tags.get(TEACHER_DIGEST, "")} for r in teacher_runs.values()],
         columns=INFO_COLUMNS + ["task", "teacher_key", "teacher_digest"],
     )
     trows = trows[trows["status"] == "FINISHED"]

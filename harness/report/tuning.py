@@ -34,9 +34,12 @@ from mlflow.tracking import MlflowClient
 from harness.report.frames import PROVENANCE, search_runs, to_int
 from harness.report.paths import show_uri
 from harness.report.tables import Fmt, markdown
-from harness.tracking import TAG
+from harness.store import (
+    FAILURE, KIND_SEARCH, KIND_TUNE_TRIAL, METHOD, OBJECTIVE, OPTUNA_DEFAULT, OPTUNA_DISTRIBUTIONS,
+    OPTUNA_NUMBER, OPTUNA_PARAMS, OPTUNA_STATE, OPTUNA_STUDIES, OPTUNA_STUDY, PROVENANCE_TAGS,
+    RETRY_OF, STORAGE,
+)
 
-TRIAL_KIND, SEARCH_KIND = "tune_trial", "search"
 STATES = ("COMPLETE", "PRUNED", "FAIL", "RUNNING")  # Optuna trial states, in display order
 STATE_WORDS = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running"}
 OBJECTIVES = {
@@ -95,18 +98,18 @@ def _json(text: str | None, fallback: Any) -> Any:
 
 def _row(run: Any) -> dict[str, Any]:
     tags, metrics = run.data.tags, run.data.metrics
-    state = tags.get(f"{TAG}optuna_state", "").upper()
+    state = tags.get(OPTUNA_STATE, "").upper()
     if state not in STATES:  # no state tag: read it from the run's status
         state = {"FINISHED": "COMPLETE", "RUNNING": "RUNNING"}.get(run.info.status, "FAIL")
     start, end = int(run.info.start_time or 0), int(run.info.end_time or 0)
     duration = metrics.get("trial_seconds", (end - start) / 1000 if end > start else math.nan)
-    method = tags.get(f"{TAG}method", "")
+    method = tags.get(METHOD, "")
     return {
-        "optuna_study": tags.get(f"{TAG}optuna_study") or method or "(unnamed)",
+        "optuna_study": tags.get(OPTUNA_STUDY) or method or "(unnamed)",
         "method": method,
-        "number": to_int(tags.get(f"{TAG}optuna_number")),
+        "number": to_int(tags.get(OPTUNA_NUMBER)),
         "state": state,
-        "default": tags.get(f"{TAG}optuna_default", "false").lower() == "true",
+        "default": tags.get(OPTUNA_DEFAULT, "false").lower() == "true",
         "value": float(metrics["objective"]) if state in ("COMPLETE", "PRUNED") and "objective" in metrics
         else math.nan,
         "duration": float(duration),
@@ -114,13 +117,13 @@ def _row(run: Any) -> dict[str, Any]:
         "status": run.info.status,
         "start_time": start,
         "end_time": end,
-        "objective": tags.get(f"{TAG}objective", ""),
-        "failure": tags.get(f"{TAG}failure", ""),
-        "params": _json(tags.get(f"{TAG}optuna_params"), dict(run.data.params)),
-        "distributions": _json(tags.get(f"{TAG}optuna_distributions"), {}),
+        "objective": tags.get(OBJECTIVE, ""),
+        "failure": tags.get(FAILURE, ""),
+        "params": _json(tags.get(OPTUNA_PARAMS), dict(run.data.params)),
+        "distributions": _json(tags.get(OPTUNA_DISTRIBUTIONS), {}),
         #: the number of the failed trial this one reruns (that one then used no budget)
-        "retry_of": to_int(tags.get(f"{TAG}retry_of")),
-        **{name: tags.get(f"{TAG}{name}", "") for name in PROVENANCE},
+        "retry_of": to_int(tags.get(RETRY_OF)),
+        **{name: tags.get(tag, "") for name, tag in PROVENANCE_TAGS.items()},
     }
 
 
@@ -130,7 +133,7 @@ def load_tuning(tracking_uri: str, experiment_id: str, curves: bool = True) -> T
     A trial logged by several runs (a resumed or repeated search) keeps one: a finished state
     before RUNNING, then the latest end time (then start time, then run id)."""
     client = MlflowClient(tracking_uri)
-    rows = [_row(r) for r in search_runs(client, experiment_id, TRIAL_KIND)]
+    rows = [_row(r) for r in search_runs(client, experiment_id, KIND_TUNE_TRIAL)]
     runs = pd.DataFrame(rows, columns=COLUMNS)
     runs["terminal"] = runs["state"] != "RUNNING"
     order = runs.sort_values(["optuna_study", "number", "terminal", "end_time", "start_time", "run_id"],
@@ -140,9 +143,9 @@ def load_tuning(tracking_uri: str, experiment_id: str, curves: bool = True) -> T
     superseded = order[~keep].drop(columns="terminal").reset_index(drop=True)
     searches = pd.DataFrame(
         [{"run_id": r.info.run_id, "start_time": int(r.info.start_time or 0),
-          "storage": r.data.tags.get(f"{TAG}storage", ""),
-          "optuna_studies": r.data.tags.get(f"{TAG}optuna_studies", "")}
-         for r in search_runs(client, experiment_id, SEARCH_KIND)],
+          "storage": r.data.tags.get(STORAGE, ""),
+          "optuna_studies": r.data.tags.get(OPTUNA_STUDIES, "")}
+         for r in search_runs(client, experiment_id, KIND_SEARCH)],
         columns=["run_id", "start_time", "storage", "optuna_studies"],
     ).sort_values(["start_time", "run_id"], kind="stable").reset_index(drop=True)
     records = []
@@ -278,7 +281,7 @@ def param_importances(td: TuningData, study: str) -> Importances:
     if len(done) < 2:
         return Importances({}, len(done), f"fewer than 2 complete trials ({len(done)})")
     if not any(done["distributions"]):
-        return Importances({}, len(done), "the trials carry no search space (tag `harness.optuna_distributions`)")
+        return Importances({}, len(done), f"the trials carry no search space (tag `{OPTUNA_DISTRIBUTIONS}`)")
     import optuna  # here only: a report without tuning runs never imports it
 
     frozen, left_out = [], 0

@@ -39,6 +39,10 @@ from harness.devices import cpu_cores
 from harness.errors import HarnessError
 from harness.scheduler._slots import Slot
 from harness.scheduler._worker import Outcome, Target, TrialJob, WorkerContext, enter_worker
+from harness.store import (
+    ATTEMPT, FAILURE, FAILURE_KIND, GIT_COMMIT, GIT_DIRTY, KIND, KIND_TRIAL, SLURM_ARRAY_INDEX,
+    SLURM_JOB, SLURM_JOB_ID, SLURM_RESTARTS, STUDY, TRIAL_KEY,
+)
 
 if TYPE_CHECKING:
     from harness.config import SlurmConfig, StudyConfig
@@ -223,13 +227,13 @@ class TeacherJob:
 def run_teacher_job(job: TeacherJob, slot: Slot) -> dict[str, list[float]]:
     """Job side of a teacher stage: teacher seed -> the teachers' test accuracies."""
     from harness.data.splits import build_split
-    from harness.tracking import TAG, Tracker
+    from harness.tracking import Tracker
     from harness.trial import TeacherStage, prepare_teachers
 
     index, cfg = next((i, s) for i, s in enumerate(job.study.splits) if s.name == job.split)
     data = build_split(cfg, job.study.dataset, f"splits[{index}]")
     tracker = Tracker(job.tracking_uri)
-    stage = TeacherStage(tracker, job.experiment_id, job.parent, {f"{TAG}study": job.study.name}) \
+    stage = TeacherStage(tracker, job.experiment_id, job.parent, {STUDY: job.study.name}) \
         if job.parent else None
     out = {}
     try:
@@ -256,12 +260,10 @@ def this_job() -> tuple[str, str, str]:
 
 
 def slurm_tags(restarts: int) -> dict[str, str]:
-    from harness.tracking import TAG
-
     full, jid, index = this_job()
-    tags = {f"{TAG}slurm_job": full, f"{TAG}slurm_job_id": jid, f"{TAG}slurm_array_index": index}
+    tags = {SLURM_JOB: full, SLURM_JOB_ID: jid, SLURM_ARRAY_INDEX: index}
     if restarts:
-        tags[f"{TAG}slurm_restarts"] = str(restarts)
+        tags[SLURM_RESTARTS] = str(restarts)
     return tags
 
 
@@ -273,7 +275,7 @@ def _this_start(job: TrialJob) -> TrialJob | dict[str, float]:
     failure, ``scontrol requeue``) starts again with ``SLURM_RESTART_COUNT`` > 0: the runs its
     earlier starts left RUNNING end KILLED (``preempted``) and this start opens a fresh run of
     the trial (same parent and attempt), so the key ends with exactly one FINISHED run."""
-    from harness.tracking import TAG, Tracker
+    from harness.tracking import Tracker
     from harness.trial import open_trial_run
 
     tracker = Tracker(job.tracking_uri)
@@ -284,17 +286,17 @@ def _this_start(job: TrialJob) -> TrialJob | dict[str, float]:
         return job
     first = tracker.run(job.run_id)
     exp = first.info.experiment_id
-    same = {f"{TAG}trial_key": job.trial.key, f"{TAG}kind": "trial"}
+    same = {TRIAL_KEY: job.trial.key, KIND: KIND_TRIAL}
     done = tracker.find(exp, same, ("FINISHED",))
     if done:
         return dict(done[0].data.metrics)
-    reason = {f"{TAG}failure": f"preempted: Slurm requeued job {tags[f'{TAG}slurm_job']} (start {restarts + 1})",
-              f"{TAG}failure_kind": "preempted"}
+    reason = {FAILURE: f"preempted: Slurm requeued job {tags[SLURM_JOB]} (start {restarts + 1})",
+              FAILURE_KIND: "preempted"}
     tracker.finish_if_running(job.run_id, "KILLED", reason)
-    for r in tracker.find(exp, {**same, f"{TAG}slurm_job": tags[f"{TAG}slurm_job"]}, ("RUNNING",)):
+    for r in tracker.find(exp, {**same, SLURM_JOB: tags[SLURM_JOB]}, ("RUNNING",)):
         tracker.finish_if_running(r.info.run_id, "KILLED", reason)
     keep = {k: v for k, v in first.data.tags.items()
-            if k.startswith((f"{TAG}attempt", f"{TAG}git", "mlflow.source.git"))}
+            if k.startswith((ATTEMPT, GIT_COMMIT, GIT_DIRTY, "mlflow.source.git"))}
     run_id = open_trial_run(tracker, exp, job.study, job.trial, parent_run_id=first.data.tags.get("mlflow.parentRunId"),
                             extra_tags={**keep, **tags})
     return replace(job, run_id=run_id)
@@ -650,16 +652,16 @@ class SlurmPool:
         it opened itself), marked FAILED with Slurm's reason."""
         if not isinstance(j.payload, TrialJob):
             return
-        from harness.tracking import TAG, Tracker
+        from harness.tracking import Tracker
 
         try:
             tracker = Tracker(j.payload.tracking_uri)
             exp = tracker.run(j.payload.run_id).info.experiment_id
-            same = {f"{TAG}trial_key": j.payload.trial.key, f"{TAG}slurm_job": j.job_id}
+            same = {TRIAL_KEY: j.payload.trial.key, SLURM_JOB: j.job_id}
             for r in tracker.find(exp, same, ("RUNNING",)):
                 if r.info.run_id != j.payload.run_id:
-                    tracker.finish_if_running(r.info.run_id, "FAILED", {f"{TAG}failure": reason,
-                                                                        f"{TAG}failure_kind": "worker_died"})
+                    tracker.finish_if_running(r.info.run_id, "FAILED", {FAILURE: reason,
+                                                                        FAILURE_KIND: "worker_died"})
         except Exception:  # best effort: a rerun marks such runs stale
             pass
 
@@ -704,15 +706,15 @@ def _quiet_cancel(ids: list[str]) -> None:
 def _tag_runs(jobs: list[tuple[Any, str]]) -> None:
     """Tag each trial's run with its job as soon as it is submitted (``harness status`` finds the
     job of a run whose job never started); the job tags it again when it starts."""
-    from harness.tracking import TAG, Tracker
+    from harness.tracking import Tracker
 
     trackers: dict[str, Any] = {}
     for payload, job_id in jobs:
         if isinstance(payload, TrialJob):
             tracker = trackers.setdefault(payload.tracking_uri, Tracker(payload.tracking_uri))
             jid, _, index = job_id.partition("_")
-            tracker.set_tags(payload.run_id, {f"{TAG}slurm_job": job_id, f"{TAG}slurm_job_id": jid,
-                                              f"{TAG}slurm_array_index": index})
+            tracker.set_tags(payload.run_id, {SLURM_JOB: job_id, SLURM_JOB_ID: jid,
+                                              SLURM_ARRAY_INDEX: index})
 
 
 def _label(payload: Any, study: str) -> str | None:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from harness.console import quiet
 from harness.files import write_atomic
 from harness.scheduler._slots import Slot
+from harness.store import SLOT
 
 if TYPE_CHECKING:
     from harness.config import StudyConfig
@@ -116,8 +117,8 @@ def warm_trial_worker(args: tuple[str, "StudyConfig"]) -> None:
 
 def run_trial_job(job: TrialJob, slot: Slot) -> dict[str, float]:
     """Worker side of a trial: execute it on the slot's device, logging to its open run."""
-    from harness.tracking import TAG, Tracker
+    from harness.tracking import Tracker
     from harness.trial import execute_trial
 
     return execute_trial(job.study, job.trial, Tracker(job.tracking_uri), job.run_id, device=slot.device,
-                         extra_tags={f"{TAG}slot": slot.name})
+                         extra_tags={SLOT: slot.name})

@@ -19,7 +19,8 @@ from mlflow.tracking import MlflowClient
 from harness.methods.base import discover
 from harness.routing import SCORES, STANDARDIZE, TARGETS
 from harness.runner import run_study
-from harness.tracking import TAG, tag_seconds
+from harness.store import TAG
+from harness.tracking import tag_seconds
 
 CUDA = torch.cuda.is_available()
 REHEARSAL = os.environ.get("HARNESS_GPU_REHEARSAL") == "1"

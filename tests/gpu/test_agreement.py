@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from harness.tracking import TAG
+from harness.store import TAG
 from tests.gpu.common import (
     AMP_PRECISION, DEVICE, ON_GPU, RULES, TEST_IMAGES, assert_all_finished, by, metric, run, study,
 )

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.tracking import TAG
+from harness.store import TAG
 from tests.gpu.common import (
     AMP_PRECISION, DEVICE, FEW_RULES, ON_GPU, RULES, TEST_IMAGES, assert_all_finished, expected_trials, metric,
     methods, run, study, trains,

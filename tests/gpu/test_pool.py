@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from harness.tracking import TAG
+from harness.store import TAG
 from tests.gpu.common import (
     DEVICE, ON_GPU, assert_all_finished, by, metric, peak_concurrency, run, slot_names, study,
 )
