@@ -264,3 +264,25 @@ def test_a_parameter_the_suite_fixes_is_searched_over_that_value_only(tmp_path):
     assert task.defaults.methods["kd"] == {"T": 4.0}
     assert {"train.lr", "train.lr_mult.head"} <= set(plan.paths["kd"])  # the recipe is still searched
     assert "methods.test_sleep.seconds" not in plan.paths["test_sleep"]  # not declared: not searched
+
+
+SUITES = sorted((REPO / "studies/suites").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SUITES, ids=[p.stem for p in SUITES])
+def test_every_committed_suite_is_valid_with_distinct_tasks(path: Path) -> None:
+    from harness.grid import expand
+    from harness.keys import stable_hash
+
+    assert path.read_text().lstrip().startswith("#"), "a committed suite says what it is for"
+    bench = Benchmark(path)
+    contents = set()
+    for task in bench.tasks:
+        assert expand(task.defaults) and expand(task.tune)
+        for m in task.tuned:
+            assert expand(task.evaluation(m, {})), (task.name, m)
+        d = task.defaults
+        contents.add(stable_hash({"dataset": d.dataset.model_dump(mode="json"),
+                                  "split": d.splits[0].model_dump(mode="json", exclude={"name"}),
+                                  "teachers": [t.model_dump(mode="json") for t in d.teachers_for(d.splits[0])]}))
+    assert len(contents) == len(bench.tasks), "two tasks of the suite are one task under two names"
