@@ -391,7 +391,10 @@ class Benchmark:
     def estimate(self, workers: int | None, tracking_uri: str | None) -> int:
         """Each task's defaults study calibrated and planned (:func:`harness.estimate.estimate_study`);
         the tune phase as the tuned methods' full variants on the tuning seeds times the budget (no
-        pruning: an upper bound); the evaluate phase as the defaults study (tuned recipes move it)."""
+        pruning: an upper bound); the evaluate phase as the defaults study (tuned recipes move it).
+        Every ``harness tune`` / ``run-study`` invocation of a phase (one per task for tune and
+        defaults, one per task and tuned method for evaluate) adds the measured fixed cost of one
+        invocation: start-up, the worker pool and its first workers' set-up."""
         from harness.estimate import estimate_study, format_duration
 
         b, s = self.suite.budget, self.suite.seeds
@@ -406,17 +409,20 @@ class Benchmark:
                         "per method (the estimate's probe)")
             d = estimate_study(t.path("defaults"), workers, tracking_uri)
             p = estimate_study(t.path("estimate"), workers, tracking_uri, overheads=False)
-            tune_s, eval_s = p.makespan_seconds * b.trials, d.makespan_seconds
+            fixed = d.wall_seconds - d.makespan_seconds - d.teacher_stage_seconds  # one invocation's own cost
+            tune_s = fixed + p.makespan_seconds * b.trials
+            eval_s, dflt_s = fixed * len(t.tuned) + d.makespan_seconds, fixed + d.makespan_seconds
             total["tune"] += tune_s
             total["evaluate"] += eval_s
-            total["defaults"] += eval_s
+            total["defaults"] += dflt_s
             total["teachers"] += d.teacher_stage_seconds
             print(f"| {t.name} | {format_duration(d.teacher_stage_seconds)} | {format_duration(tune_s)} | "
-                  f"{format_duration(eval_s)} | {format_duration(eval_s)} |")
+                  f"{format_duration(eval_s)} | {format_duration(dflt_s)} |")
         wall = sum(total.values())
-        print(f"total: about {format_duration(wall)} of wall time on this machine's pool (tune {format_duration(total['tune'])}"
-              f" at {b.trials} trials x {len(s.tune)} seed(s) without pruning, evaluate and defaults "
-              f"{format_duration(total['evaluate'])} each before trials shared by both are counted once)")
+        print(f"total: about {format_duration(wall)} of wall time on this machine's pool (teachers "
+              f"{format_duration(total['teachers'])}, tune {format_duration(total['tune'])} at {b.trials} trials x "
+              f"{len(s.tune)} seed(s) without pruning, evaluate {format_duration(total['evaluate'])}, defaults "
+              f"{format_duration(total['defaults'])}; trials shared by evaluate and defaults counted in both)")
         return 0
 
 

@@ -286,3 +286,20 @@ def test_every_committed_suite_is_valid_with_distinct_tasks(path: Path) -> None:
                                   "split": d.splits[0].model_dump(mode="json", exclude={"name"}),
                                   "teachers": [t.model_dump(mode="json") for t in d.teachers_for(d.splits[0])]}))
     assert len(contents) == len(bench.tasks), "two tasks of the suite are one task under two names"
+
+
+def test_estimate_calibrates_every_task_and_writes_no_run(tmp_path, capsys):
+    """``--estimate``: one row per task with the cost of each phase, a total; it trains nothing and
+    opens no experiment of the suite."""
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(TINY, sort_keys=False))
+    path = tmp_path / "est.yaml"
+    path.write_text(yaml.safe_dump({**SUITE, "tasks": SUITE["tasks"][:1], "methods": ["kd"]}, sort_keys=False))
+    with isolated_dir(tmp_path):
+        assert main(["benchmark", str(path), "--estimate"]) == 0
+    out = capsys.readouterr().out
+    assert "| task | teachers | tune (upper bound) | evaluate | defaults |" in out
+    row = next(line for line in out.splitlines() if line.startswith("| two |"))
+    assert all(cell.strip() for cell in row.strip("|").split("|"))
+    assert "total: about" in out and "at 3 trials x 1 seed(s) without pruning" in out
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    assert client.get_experiment_by_name("mini") is None
