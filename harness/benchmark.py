@@ -32,10 +32,9 @@ import time
 from pathlib import Path
 from typing import Any, Literal, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from harness.config import StudyConfig, dump_study, format_validation_error, parse_study
+from harness.config import StudyConfig, dump_study, format_validation_error, parse_study, read_yaml
 from harness.errors import HarnessError
 from harness.search_schema import PrunerConfig, SamplerConfig
 
@@ -130,12 +129,7 @@ class SuiteConfig(_Strict):
 def load_suite(path: str | Path) -> SuiteConfig:
     """Read and validate a suite file (``yaml.safe_load``); one line naming the field on any error."""
     p = Path(path)
-    if not p.is_file():
-        raise HarnessError(f"{p}: suite file not found")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise HarnessError(f"{p}: not valid YAML: {str(e).splitlines()[0]}") from None
+    data = read_yaml(p, "suite")
     if not isinstance(data, dict):
         raise HarnessError(f"{p}: the suite file must be a YAML mapping of fields")
     try:

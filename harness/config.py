@@ -535,19 +535,24 @@ def parse_study(data: Any, source: str = "study") -> StudyConfig:
         raise HarnessError(format_validation_error(e, source)) from None
 
 
-def load_study(path: str | Path) -> StudyConfig:
-    """Read and validate a study file (``yaml.safe_load``)."""
+def read_yaml(path: str | Path, what: str = "study") -> Any:
+    """A YAML file's document (``yaml.safe_load``); a missing file or bad YAML is one line naming
+    the file (``what``: the kind of file, for the message)."""
     p = Path(path)
     if not p.is_file():
-        raise HarnessError(f"{p}: study file not found")
+        raise HarnessError(f"{p}: {what} file not found")
     try:
-        data = yaml.safe_load(p.read_text())
+        return yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise HarnessError(f"{p}: not valid YAML{where}: {problem}") from None
-    return parse_study(data, str(p))
+
+
+def load_study(path: str | Path) -> StudyConfig:
+    """Read and validate a study file (``yaml.safe_load``)."""
+    return parse_study(read_yaml(path), str(Path(path)))
 
 
 def dump_study(study: StudyConfig) -> str:

@@ -77,20 +77,18 @@ def suite(tmp_path_factory):
         env = {**os.environ, "PYTHONPATH": str(REPO), "GIT_PYTHON_REFRESH": "quiet"}
         cmd = [sys.executable, "-m", "harness.cli", "benchmark", str(path), "--workers", "2"]
 
-        def tuning_midway() -> bool:
-            runs = _runs(uri, "tune_trial")
-            return (any(r.info.status == "FINISHED" for r in runs)
-                    and any(r.info.status == "RUNNING" and r.data.tags[f"{TAG}method"] == "test_sleep" for r in runs))
+        def midway(kind: str) -> Any:
+            """One run of ``kind`` finished and a slow one running."""
+            def cond() -> bool:
+                runs = _runs(uri, kind)
+                return (any(r.info.status == "FINISHED" for r in runs)
+                        and any(r.info.status == "RUNNING" and r.data.tags[f"{TAG}method"] == "test_sleep"
+                                for r in runs))
+            return cond
 
-        _killed_when(cmd, env, "a finished tuning trial and a running one", tuning_midway)
+        _killed_when(cmd, env, "a finished tuning trial and a running one", midway("tune_trial"))
         killed_tuning = [r.info.run_id for r in _runs(uri, "tune_trial") if r.info.status == "RUNNING"]
-
-        def evaluating_midway() -> bool:
-            runs = _runs(uri, "trial")
-            return (any(r.info.status == "FINISHED" for r in runs)
-                    and any(r.info.status == "RUNNING" and r.data.tags[f"{TAG}method"] == "test_sleep" for r in runs))
-
-        _killed_when(cmd, env, "a finished evaluation trial and a running one", evaluating_midway)
+        _killed_when(cmd, env, "a finished evaluation trial and a running one", midway("trial"))
         killed_eval = [r.info.run_id for r in _runs(uri, "trial") if r.info.status == "RUNNING"]
         code = benchmark(path, workers=2)
         yield {"code": code, "tmp": tmp, "uri": uri, "path": path, "bench": Benchmark(path),
