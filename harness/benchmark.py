@@ -28,6 +28,7 @@ files written under ``results/<suite>/studies/`` (readable, and runnable by hand
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -156,7 +157,7 @@ class Task:
             raise HarnessError(f"{where}.split: no split '{split_name}' in study '{base.name}' "
                                f"(splits: {', '.join(names)})")
         self.name = spec.name or f"{base.name}-{split_name}"
-        if not _fits(self.name):
+        if re.match(NAME, self.name) is None:
             raise HarnessError(f"{where}.name: '{self.name}' may use letters, digits, '_', '.' and '-' only; name it")
         methods: dict[str, dict[str, Any]] = {}
         for i, (m, fixed) in enumerate(suite.methods.items()):
@@ -197,10 +198,7 @@ class Task:
         self.eval_seeds = list(suite.seeds.evaluate)
 
     def _study(self, data: dict[str, Any], phase: str) -> StudyConfig:
-        try:
-            return parse_study(data, f"{self.where} ({phase} study)")
-        except HarnessError as e:
-            raise HarnessError(str(e)) from None
+        return parse_study(data, f"{self.where} ({phase} study)")
 
     def path(self, phase: str, method: str | None = None) -> Path:
         return self.dir / (f"{self.name}.{phase}.yaml" if method is None else f"{self.name}.{phase}.{method}.yaml")
@@ -219,10 +217,6 @@ class Task:
         return apply_params(base, values, f"{self.where} (best {method} configuration)")
 
 
-def _fits(name: str) -> bool:
-    import re
-
-    return re.match(NAME, name) is not None
 
 
 def _has_component(method: str, ablation: str) -> bool:
@@ -270,9 +264,6 @@ class Benchmark:
                                    "give each task its own name")
             seen[t.name] = i
         self.storage = str(self.out / "tune.journal")
-
-    def methods(self, task: Task) -> list[str]:
-        return list(task.data["methods"])
 
     # -- phases -----------------------------------------------------------------------------
     def run_tune(self, tracking_uri: str | None, workers: int | None, backend: str, slurm: dict | None) -> int:
