@@ -292,7 +292,7 @@ def tf32_flags() -> dict[str, bool]:
 def gpu_setup(method: Method, cfg: TrainConfig, device: torch.device) -> None:
     """No TF32 (:func:`no_tf32`), channels_last and optional torch.compile (cudnn flags:
     :func:`determinism`): what :func:`fit` does to a method on its device before the first step,
-    and the estimate's calibration does the same (:mod:`harness.estimate`)."""
+    and the estimate's calibration does the same (:mod:`harness.estimate.calibration`)."""
     no_tf32()  # on every device: the flags are global, and a CPU trial reads them back the same
     if cfg.compile:  # compiles the feature extractor in place; the state dict keeps its keys
         method.student.features = torch.compile(method.student.features)  # type: ignore[method-assign]
