@@ -60,7 +60,7 @@ from torch import Tensor, nn
 from baselines.kd import kd_term, kd_training_params
 from harness.methods.base import Batch, Method, Params, register
 from harness.precision import float32
-from harness.routing import RoutingConfig
+from harness.routing_schema import RoutingConfig
 from harness.spaces import log_float
 from harness.store import CRD_NEGATIVES
 

@@ -37,7 +37,7 @@ from torch import Tensor
 from baselines.kd import kd_term, kd_training_params
 from harness.methods.base import Batch, Method, Params, register
 from harness.precision import float32
-from harness.routing import RoutingConfig
+from harness.routing_schema import RoutingConfig
 from harness.spaces import log_float
 
 __all__ = ["RKD", "RKDParams", "angle_relation", "distance_relation", "huber", "rkd_angle", "rkd_distance"]

@@ -11,7 +11,8 @@ import torch
 from torch import Tensor
 
 from harness.methods.base import Batch, Method, Params, register
-from harness.routing import RoutingConfig, target_logits
+from harness.routing.rules import target_logits
+from harness.routing_schema import RoutingConfig
 
 
 class TeacherRefParams(Params):

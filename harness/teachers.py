@@ -40,7 +40,7 @@ from harness.keys import stable_hash
 from harness.methods.base import SplitInfo, TeacherSet
 from harness.methods.supervised import SupervisedCE
 from harness.models import Net, build_model
-from harness.routing import RoutingStats, TeacherStats, fit_background, fit_stats
+from harness.routing.stats import RoutingStats, TeacherStats, fit_background, fit_stats
 from harness.train import fit
 
 CACHE_VERSION = 1

@@ -447,7 +447,7 @@ def test_feature_scores_in_row_chunks_equal_the_whole_computation(close_calls, m
                 largest.append(out.numel())
             return out
 
-    monkeypatch.setattr(routing, "CHUNK_ELEMENTS", chunk)
+    monkeypatch.setattr(routing.scores, "CHUNK_ELEMENTS", chunk)
     with Sizes():
         got = raw_score(name, logits[2], f, st)
     assert torch.allclose(got, whole, rtol=1e-5, atol=1e-4)

@@ -27,7 +27,9 @@ from torch import Tensor, nn
 from harness.errors import HarnessError
 from harness.models import Net
 from harness.registry import Registry
-from harness.routing import RoutingConfig, TeacherStats, route
+from harness.routing.rules import route
+from harness.routing.stats import TeacherStats
+from harness.routing_schema import RoutingConfig
 from harness.spaces import Dist
 
 if TYPE_CHECKING:

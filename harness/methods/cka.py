@@ -36,7 +36,8 @@ from torch import Tensor, nn
 
 from harness import losses
 from harness.methods.base import Batch, Method, Params, register
-from harness.routing import RoutingConfig, target_logits
+from harness.routing.rules import target_logits
+from harness.routing_schema import RoutingConfig
 from harness.spaces import log_float
 
 

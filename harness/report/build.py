@@ -27,13 +27,17 @@ import pandas as pd
 from harness.errors import HarnessError
 from typing import Collection
 
-from harness.report import appendix, decomposition, disclosure, plots, scaling, stats
+from harness.report import appendix, decomposition, disclosure, scaling, stats
+from harness.report.figures import palette
 from harness.report.frames import KeyExpander, StudyData, load_study, row_label
 from harness.report.paths import redact_paths, show_uri
-from harness.report.tuning import TuningData, load_tuning, param_importances, tuning_frame, tuning_markdown
+from harness.report.tuning import (
+    TuningData, load_tuning, param_importances, tuning_curves_plot, tuning_frame, tuning_history_plot,
+    tuning_importance_plot, tuning_markdown,
+)
 from harness.report.tables import (
-    METRIC_TITLES, ablation_display, ablation_frame, comparison_display, comparison_frame, diagnostics_display, latex,
-    markdown, seed_differences,
+    METRIC_TITLES, ablation_display, ablation_frame, ablation_plot, accuracy_plot, comparison_display, comparison_frame,
+    curves_plot, diagnostics_display, latex, loss_plot, markdown, seed_differences,
 )
 
 BUILT_PREFIX = "_Built:"
@@ -79,7 +83,7 @@ def build_report(study: str, tracking_uri: str | None = None, out_dir: str | Pat
         latex(ablation_display(abl, s, m, metric, "tex"), f"ablation, split {s}, {m}, {METRIC_TITLES[metric]}")
         for s, m, metric in _ablation_tables(abl)))
     figures = _figures(data, comp, abl, out)
-    if (fig := plots.decomposition_plot(dec, out / "decomposition.png")) is not None:
+    if (fig := decomposition.decomposition_plot(dec, out / "decomposition.png")) is not None:
         figures["decomposition"] = fig
     if (fig := _scaling_figure(data, comp, abl, out)) is not None:
         figures["scaling"] = fig
@@ -106,9 +110,9 @@ def _tuning(tuning: TuningData, out: Path) -> list[str]:
         return []
     tuning_frame(tuning).to_csv(out / "tuning.csv", index=False)
     imps = {s: param_importances(tuning, s) for s in tuning.studies}
-    figs = [(plots.tuning_history_plot(tuning, out / "tuning_history.png"), "Objective per trial"),
-            (plots.tuning_curves_plot(tuning, out / "tuning_curves.png"), "Running objective per trial"),
-            (plots.tuning_importance_plot(imps, out / "tuning_importance.png"), "Parameter importances")]
+    figs = [(tuning_history_plot(tuning, out / "tuning_history.png"), "Objective per trial"),
+            (tuning_curves_plot(tuning, out / "tuning_curves.png"), "Running objective per trial"),
+            (tuning_importance_plot(imps, out / "tuning_importance.png"), "Parameter importances")]
     return tuning_markdown(tuning, imps, [f"![{alt}]({p.name})\n" for p, alt in figs if p is not None])
 
 
@@ -132,19 +136,19 @@ def _orders(comp: pd.DataFrame, kinds: tuple[str, ...] = ("reference", "method")
 def _figures(data: StudyData, comp: pd.DataFrame, abl: pd.DataFrame, out: Path) -> dict[str, Path]:
     trials = data.trials.assign(label=[row_label(m, v) for m, v in zip(data.trials["method"], data.trials["variant"])])
     labels = list(comp.loc[comp["kind"] != "teacher", "row"]) + list(abl["row"])
-    pal = plots.palette(labels)
+    pal = palette(labels)
     figs: dict[str, Path | None] = {
-        "accuracy": plots.accuracy_plot(trials, _orders(comp), pal, out / "accuracy.png"),
-        "curves": plots.curves_plot(data.history, _orders(comp, ("method",)), pal, out / "curves.png"),
-        "ablation": plots.ablation_plot(abl, seed_differences(data, abl), pal, out / "ablation.png"),
+        "accuracy": accuracy_plot(trials, _orders(comp), pal, out / "accuracy.png"),
+        "curves": curves_plot(data.history, _orders(comp, ("method",)), pal, out / "curves.png"),
+        "ablation": ablation_plot(abl, seed_differences(data, abl), pal, out / "ablation.png"),
     }
     for split, method in _loss_blocks(data, abl):
         order = [row_label(method, v) for v in dict.fromkeys(
             ["full"] + list(abl.loc[(abl["split"] == split) & (abl["method"] == method), "variant"]))]
         ran = trials.loc[(trials["split"] == split) & (trials["method"] == method), "label"]
         order += sorted(set(ran) - set(order))
-        figs[f"losses/{split}/{method}"] = plots.loss_plot(data.history, split, method, order, pal,
-                                                           out / f"losses_{split}_{method}.png")
+        figs[f"losses/{split}/{method}"] = loss_plot(data.history, split, method, order, pal,
+                                                     out / f"losses_{split}_{method}.png")
     return {k: v for k, v in figs.items() if v is not None}
 
 
@@ -296,7 +300,7 @@ def _scaling_figure(data: StudyData, comp: pd.DataFrame, abl: pd.DataFrame, out:
     if scaling.write_csv(frame, out / "scaling.csv") is None:
         return None
     labels = list(comp.loc[comp["kind"] != "teacher", "row"]) + list(abl["row"])  # the palette of _figures
-    return plots.scaling_plot(frame, plots.palette(labels), out / "scaling.png")
+    return scaling.scaling_plot(frame, palette(labels), out / "scaling.png")
 
 
 def _scaling_section(data: StudyData, comp: pd.DataFrame, figs: dict[str, Path]) -> list[str]:

@@ -20,6 +20,8 @@ The gap to the supervised student splits exactly into three terms:
 The *largest loss* is the largest of ``Sup - C`` (the teachers cap the student), ``C - E``
 (routing) and ``E - S`` (distillation loses what the ensemble had). Reference rows (the claiming
 ensemble of ``teachers``) have no student: their decomposition stops at ``C`` and ``E``.
+
+:func:`decomposition_plot` draws the terms as stacked bars per split (``decomposition.png``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Any
 
 import pandas as pd
 
+from harness.report.figures import figure, save
 from harness.report.tables import PRIMARY, Fmt
 
 ORACLE, ENSEMBLE = "diag/oracle_ensemble_acc", "diag/ensemble_union_acc"
@@ -126,3 +129,43 @@ def write_csv(frame: pd.DataFrame, path: Path) -> Path | None:
         return None
     frame.to_csv(path, index=False)
     return path
+
+
+#: colours of the decomposition's terms (teachers, routing, distillation)
+DECOMPOSITION_COLOURS = {"teachers": "#7f7f7f", "routing": "#d62728", "distillation_loss": "#1f77b4"}
+
+
+def decomposition_plot(frame: pd.DataFrame, path: Path) -> Path | None:
+    """Per split, each label-free student's gap to the supervised student split into its three
+    terms (:mod:`harness.report.decomposition`): stacked bars, losses right of 0, gains left of
+    0; the diamond is the total gap, the sum of the bars."""
+    d = frame[(frame["kind"] == "method")].dropna(subset=["student", "supervised"])
+    if d.empty:
+        return None
+    splits = list(dict.fromkeys(d["split"]))
+    rows = max(int((d["split"] == s).sum()) for s in splits)
+    fig, axes = figure(len(splits), 1, 7.5, 1.2 + (0.36 * rows + 0.9) * len(splits))
+    names = {"teachers": "supervised − teachers' ceiling", "routing": "routing loss (oracle − claiming)",
+             "distillation_loss": "distillation loss (claiming ensemble − student)"}
+    for i, split in enumerate(splits):
+        ax = axes[i][0]
+        sub = d[d["split"] == split].reset_index(drop=True)
+        pos = [0.0] * len(sub)
+        neg = [0.0] * len(sub)
+        for term, colour in DECOMPOSITION_COLOURS.items():
+            vals = [100 * float(v) for v in sub[term]]
+            left = [p if v >= 0 else n + v for v, p, n in zip(vals, pos, neg)]
+            ax.barh(range(len(sub)), [abs(v) for v in vals], left=left, color=colour, height=0.6,
+                    label=names[term] if i == 0 else None, edgecolor="white", linewidth=0.5)
+            pos = [p + max(v, 0) for v, p in zip(vals, pos)]
+            neg = [n + min(v, 0) for v, n in zip(vals, neg)]
+        ax.plot(100 * sub["gap"], range(len(sub)), "D", color="black", markersize=6, zorder=3,
+                label="gap to supervised (sum)" if i == 0 else None)
+        ax.axvline(0, color="black", linewidth=1)
+        ax.set_yticks(range(len(sub)), list(sub["row"]))
+        ax.set_ylim(len(sub) - 0.5, -0.5)
+        ax.set_title(f"Split {split}: where the points go (supervised scratch: {100 * sub['supervised'].iloc[0]:.1f}%)")
+        ax.set_xlabel("percentage points of union accuracy (right of 0: lost; left: gained)")
+    fig.legend(loc="outside lower center", ncols=2, frameon=False)
+    fig.suptitle("Gap to the supervised student = teachers' ceiling + routing loss + distillation loss")
+    return save(fig, path)

@@ -43,7 +43,8 @@ Built from the MLflow store alone, like ``harness report``: each study's scoped 
 - the **ablation leaderboard** of ``cka``: per component, Δ = full − ablated paired by seed,
   aggregated over the tasks that ran the ablation with its interval, P(full > ablated), and the
   verdict *helps* / *hurts* / *inconclusive* (with the tasks needed);
-- figures: interval estimates (IQM and mean) and performance profiles.
+- figures: interval estimates (IQM and mean, :func:`leaderboard_intervals_plot`) and performance
+  profiles (:func:`performance_profile_plot`).
 
 Outputs (``--out``, default ``results/leaderboard``): ``leaderboard.md``, ``leaderboard.csv``
 (fractions, not percent), ``leaderboard_pairs.csv`` (every ordered pair),
@@ -62,8 +63,9 @@ import pandas as pd
 
 from harness.errors import HarnessError
 from harness.report import aggregate as agg
-from harness.report import plots, stats
+from harness.report import stats
 from harness.report import verdicts as vd
+from harness.report.figures import Palette, figure, palette, save
 from harness.report.frames import REFERENCE_METHOD, KeyExpander, StudyData, load_study, resolve_study
 from harness.report.paths import redact_paths, show_uri
 from harness.report.scaling import t_interval
@@ -613,6 +615,56 @@ def leaderboard_markdown(studies: Sequence[StudyData], board: Leaderboard, norma
     return "\n".join(md)
 
 
+# ----------------------------------------------------------------------------- figures
+def leaderboard_intervals_plot(frame: pd.DataFrame, names: dict[str, str], pal: Palette, axis: str,
+                               path: Path) -> Path | None:
+    """Interval estimates of the leaderboard (:mod:`.leaderboard`), ``rliable`` style: one panel
+    per aggregate (IQM, mean), one row per method in the frame's order (top first), the 95%
+    stratified bootstrap interval as a bar and the point estimate as a black tick (scores x 100)."""
+    d = frame.dropna(subset=["iqm", "mean"])
+    if d.empty:
+        return None
+    rows = list(d["row"])
+    fig, axes = figure(1, 2, 10.5, 1.3 + 0.42 * len(rows))
+    for ax, (estimator, title) in zip(axes[0], (("iqm", "IQM"), ("mean", "Mean"))):
+        for y, (_, r) in enumerate(d.iterrows()):
+            colour = pal.get(r["row"], (0.0, 0.0, 0.0))
+            lo, hi, point = 100 * r[f"{estimator}_low"], 100 * r[f"{estimator}_high"], 100 * r[estimator]
+            ax.barh(y, hi - lo, left=lo, height=0.6, color=colour, alpha=0.75, edgecolor=colour, linewidth=1.0)
+            ax.plot([point, point], [y - 0.3, y + 0.3], color="black", linewidth=2.0, zorder=3)
+        ax.set_yticks(range(len(rows)), [names.get(r, r) for r in rows])
+        ax.set_ylim(len(rows) - 0.5, -0.5)
+        ax.set_title(title)
+        ax.set_xlabel(axis)
+        ax.grid(axis="y", visible=False)
+    axes[0][1].set_yticklabels([])
+    fig.suptitle("Aggregate scores over every task: point estimate (black) and 95% stratified bootstrap interval")
+    return save(fig, path)
+
+
+def performance_profile_plot(profiles: pd.DataFrame, names: dict[str, str], pal: Palette, axis: str,
+                             path: Path) -> Path | None:
+    """Performance profiles of the leaderboard: per method, the fraction of seed x task scores
+    above τ against τ (x 100), with its pointwise 95% stratified bootstrap band; drawn as steps
+    (the value at a grid point holds until the next one)."""
+    if profiles.empty:
+        return None
+    fig, axes = figure(1, 1, 8.2, 4.6)
+    ax = axes[0][0]
+    for row in dict.fromkeys(profiles["row"]):
+        d = profiles[profiles["row"] == row]
+        colour = pal.get(row, (0.0, 0.0, 0.0))
+        tau = 100 * d["tau"].to_numpy()
+        ax.fill_between(tau, d["low"], d["high"], color=colour, alpha=0.2, linewidth=0, step="post")
+        ax.plot(tau, d["fraction"], color=colour, linewidth=1.8, label=names.get(row, row), drawstyle="steps-post")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlabel(f"τ: {axis}")
+    ax.set_ylabel("fraction of seed × task scores > τ")
+    fig.legend(loc="outside right center", frameon=False)
+    fig.suptitle("Performance profiles (bands: pointwise 95% stratified bootstrap intervals)")
+    return save(fig, path)
+
+
 # ----------------------------------------------------------------------------- build
 def resolve(study: str) -> tuple[str, str | None]:
     """(experiment name, study-file text or None) of a study name or file; errors say ``leaderboard:``."""
@@ -695,11 +747,11 @@ def write_leaderboard(datas: Sequence[StudyData], out_dir: str | Path | None = N
     pairs.to_csv(out / "leaderboard_pairs.csv", index=False)
     ablations.to_csv(out / "leaderboard_ablations.csv", index=False)
     complete = frame[frame["complete"].astype(bool)]
-    pal = plots.palette(list(frame["row"]))
+    pal = palette(list(frame["row"]))
     names_of = {r: display_name(r, k, bool(u)) for r, k, u in zip(frame["row"], frame["kind"], frame["uses_labels"])}
-    figs = {"intervals": plots.leaderboard_intervals_plot(complete, names_of, pal, AXIS[normalise],
+    figs = {"intervals": leaderboard_intervals_plot(complete, names_of, pal, AXIS[normalise],
                                                           out / "leaderboard_intervals.png"),
-            "profiles": plots.performance_profile_plot(profiles, names_of, pal, AXIS[normalise],
+            "profiles": performance_profile_plot(profiles, names_of, pal, AXIS[normalise],
                                                        out / "leaderboard_profiles.png")}
     figures = {k: v for k, v in figs.items() if v is not None}
     (out / "leaderboard.md").write_text(leaderboard_markdown(datas, board, normalise, reps, seed, figures, power, cap))

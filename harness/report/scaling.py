@@ -29,6 +29,8 @@ A group of splits is shown only when it has at least two different K.
 its split: pooling their seeds would mix the spread between partitions into a spread over seeds
 and give an interval that describes neither. Sentences name each split at the smallest and largest
 K when several share it.
+
+:func:`scaling_plot` draws the view (``scaling.png``): union accuracy vs K per row, 95% t-intervals.
 """
 
 from __future__ import annotations
@@ -41,8 +43,10 @@ from typing import Any, Hashable
 
 import pandas as pd
 import yaml
+from matplotlib.lines import Line2D
 from scipy import stats as sps
 
+from harness.report.figures import Palette, figure, save
 from harness.report.frames import StudyData
 from harness.report.paths import redact_paths
 from harness.report.stats import CONFIDENCE
@@ -331,3 +335,75 @@ def write_csv(frame: pd.DataFrame, path: Path) -> Path | None:
         return None
     frame.to_csv(path, index=False)
     return path
+
+
+#: K spanning more than this factor is drawn on a log axis; markers of the splits in the scaling view
+SCALING_LOG_RATIO = 4
+SCALING_MARKERS = "osD^vPXph*"
+
+
+def scaling_plot(frame: pd.DataFrame, pal: Palette, path: Path) -> Path | None:
+    """Union accuracy (%, last epoch) against the number of teachers K (:mod:`.scaling`), one facet
+    per group of splits over the same classes: one line per comparison row through its points in K
+    order, error bars = the 95% t-interval (none where n < 2), one marker per split. x on a log
+    scale when K spans more than :data:`SCALING_LOG_RATIO`, ticks at the K values. Points are
+    dodged sideways (by split where splits share a K, then by row) so that bars do not hide each
+    other; the ticks mark the true K."""
+    d = frame.dropna(subset=["mean"])
+    if d.empty:
+        return None
+    groups = list(dict.fromkeys(d["group"]))
+    every = list(dict.fromkeys(d["split"]))  # a split belongs to one group: one marker per split, figure-wide
+    marker = {s: SCALING_MARKERS[i % len(SCALING_MARKERS)] for i, s in enumerate(every)}
+    entries = len(set(d["row"])) + len(every)  # the legend's lines: it must fit beside the axes
+    fig, axes = figure(1, len(groups), 6.4 * len(groups) + 2.6, max(4.8, 1.4 + 0.26 * entries))
+    handles: dict[str, Line2D] = {}
+    for ax, group in zip(axes[0], groups):
+        g = d[d["group"] == group]
+        ks = sorted({int(k) for k in g["k"]})
+        log = ks[-1] > SCALING_LOG_RATIO * ks[0]
+        span = (math.log10(ks[-1] / ks[0]) if log else ks[-1] - ks[0]) or 1.0  # one K left: any width
+        width = 0.06 * span
+        splits = list(dict.fromkeys(g["split"]))  # K ascending, then the study's order
+        rows = list(dict.fromkeys(g["row"]))
+        k_of = {s: int(k) for s, k in zip(g["split"], g["k"])}
+        same_k = {s: [t for t in splits if k_of[t] == k_of[s]] for s in splits}
+        slots = {s: len(same_k[s]) * len(rows) for s in splits}
+
+        def x_of(k: int, split: str, row: str) -> float:
+            slot = same_k[split].index(split) * len(rows) + rows.index(row)
+            off = (slot - (slots[split] - 1) / 2) * width / max(slots[split] - 1, 1)
+            return k * 10 ** off if log else k + off
+
+        for row in rows:
+            r = g[g["row"] == row]
+            colour = pal.get(row, (0.0, 0.0, 0.0))
+            xs = [x_of(int(k), s, row) for k, s in zip(r["k"], r["split"])]
+            ys = list(100 * r["mean"])
+            ax.plot(xs, ys, color=colour, linewidth=1.6, zorder=2)
+            ci = r["ci_low"].notna().to_numpy()
+            if ci.any():
+                yv = 100 * r.loc[ci, "mean"]
+                ax.errorbar([x for x, c in zip(xs, ci) if c], yv,
+                            yerr=[yv - 100 * r.loc[ci, "ci_low"], 100 * r.loc[ci, "ci_high"] - yv],
+                            fmt="none", ecolor=colour, elinewidth=1.3, capsize=3, zorder=2)
+            for x, y, s in zip(xs, ys, r["split"]):
+                ax.plot([x], [y], marker=marker[s], color=colour, markersize=6, markeredgecolor="white",
+                        markeredgewidth=0.5, zorder=3, linestyle="none")
+            handles.setdefault(row, Line2D([], [], color=colour, linewidth=1.6))
+        for s in splits:
+            handles.setdefault(f"split {s} (K = {k_of[s]})", Line2D(
+                [], [], marker=marker[s], color="grey", linestyle="none"))
+        if log:
+            ax.set_xscale("log")
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.minorticks_off()
+        pad = 0.12 * span
+        ax.set_xlim(*((ks[0] / 10 ** pad, ks[-1] * 10 ** pad) if log else (ks[0] - pad, ks[-1] + pad)))
+        ax.set_title(f"Data set {group}")
+        ax.set_xlabel("number of teachers K (tasks of the split)" + (", log scale" if log else ""))
+        ax.set_ylabel("union accuracy on the test split (%)")
+    fig.legend(list(handles.values()), list(handles), loc="outside right center", frameon=False)
+    fig.suptitle("Union accuracy (last epoch) vs number of teachers K\n"
+                 "mean over seeds; bars: 95% t-interval (none where n < 2)")
+    return save(fig, path)

@@ -1,4 +1,5 @@
-"""Comparison and ablation tables: numeric frames (the CSVs) and their Markdown/LaTeX renderings.
+"""Comparison and ablation tables: numeric frames (the CSVs), their Markdown/LaTeX renderings and
+the sections' figures.
 
 Numeric frames keep raw fractions (``<metric>.mean``, ``<metric>.std``, ``<metric>.n``); the
 renderings show percentages with one decimal, ``mean ± std`` over seeds. Row order: teachers
@@ -6,15 +7,27 @@ renderings show percentages with one decimal, ``mean ± std`` over seeds. Row or
 (``scratch``, ``kd``, ``cfl``, ``cka``, then any other alphabetically), each method's ``full``
 run first and its named variants after it. Ablation variants (``-intra`` ...) go to the
 ablation table, which compares each with its method's ``full`` run over matching seeds.
+
+Figures (PNG, in the shared style of :mod:`.figures`):
+
+- :func:`accuracy_plot`: union accuracy per method, mean ± std over seeds with the seeds as dots;
+- :func:`curves_plot`: validation union accuracy per epoch, mean and ± std band over seeds;
+- :func:`loss_plot`: every logged loss term of one method, per epoch, one line per variant;
+- :func:`ablation_plot`: Δ vs the full method with its 95% CI and the per-seed differences.
 """
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import pandas as pd
+import seaborn as sns
+from matplotlib.ticker import MaxNLocator
 
 from harness.report import stats
+from harness.report.figures import Palette, figure, save
 from harness.report.frames import REFERENCE_METHOD, StudyData, is_final, natural_key, row_label
 
 PREFERRED = (REFERENCE_METHOD, "scratch", "kd", "cfl", "cka")
@@ -458,3 +471,141 @@ def latex(df: pd.DataFrame, caption: str) -> str:
     body = df.style.hide(axis="index").to_latex(hrules=True, column_format="l" + "r" * (len(df.columns) - 1))
     return f"% {caption}\n{body}"
 
+
+# ----------------------------------------------------------------------------- figures
+LOG_RATIO = 20  # a loss curve spanning more than this factor is drawn on a log scale
+
+
+def _empty(ax) -> None:
+    ax.text(0.5, 0.5, "no finished run has this metric", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def accuracy_plot(trials: pd.DataFrame, orders: dict[str, list[str]], pal: Palette, path: Path) -> Path | None:
+    """Rows = splits, columns = last-epoch (primary) / best-validation (secondary) union accuracy (%)."""
+    metrics = [m for m in METRIC_TITLES if m in trials and trials[m].notna().any()]
+    orders = {s: o for s, o in orders.items() if o}
+    if not metrics or not orders:
+        return None
+    rows = max(len(o) for o in orders.values())
+    fig, axes = figure(len(orders), len(metrics), 5.2 * len(metrics), 0.9 + 0.42 * rows * len(orders) + 0.5)
+    for i, (split, order) in enumerate(orders.items()):
+        df = trials[(trials["split"] == split) & trials["label"].isin(order)]
+        for j, m in enumerate(metrics):
+            ax = axes[i][j]
+            d = df.assign(acc=100 * df[m]).dropna(subset=["acc"])
+            ax.set_title(f"Split {split}: union accuracy, {METRIC_SHORT[m]}")
+            if d.empty:
+                _empty(ax)
+                continue
+            kw = dict(data=d, x="acc", y="label", order=order, hue="label", hue_order=order, palette=pal, ax=ax,
+                      legend=False)
+            sns.stripplot(**kw, size=4, alpha=0.55, jitter=0.12, zorder=1)
+            sns.pointplot(**kw, errorbar="sd", linestyle="none", markers="D", markersize=6, capsize=0.25,
+                          err_kws={"linewidth": 1.4}, zorder=3)
+            ax.set_ylim(len(order) - 0.5, -0.5)
+            ax.set_xlabel("union accuracy on the test split (%)")
+            ax.set_ylabel("")
+    fig.suptitle("Union accuracy per method (diamond: mean ± std over seeds; dots: seeds)")
+    return save(fig, path)
+
+
+def curves_plot(history: pd.DataFrame, orders: dict[str, list[str]], pal: Palette, path: Path) -> Path | None:
+    """Validation union accuracy per epoch (mean line, ± std band over seeds): all epochs on the
+    left, the second half of training zoomed in on the right (where methods separate)."""
+    h = history[history["metric"] == "val/union_acc"]
+    splits = [s for s in orders if not h[(h["split"] == s) & h["label"].isin(orders[s])].empty]
+    if not splits:
+        return None
+    fig, axes = figure(len(splits), 2, 12.5, 3.6 * len(splits) + 0.4)
+    for i, split in enumerate(splits):
+        d = h[(h["split"] == split) & h["label"].isin(orders[split])]
+        d = d.assign(acc=100 * d["value"])
+        order = [o for o in orders[split] if o in set(d["label"])]
+        last = int(d["step"].max())
+        for j, (part, title) in enumerate(((d, "all epochs"), (d[d["step"] >= max(1, last // 2)], "second half"))):
+            ax = axes[i][j]
+            sns.lineplot(data=part, x="step", y="acc", hue="label", hue_order=order, palette=pal, errorbar="sd",
+                         ax=ax, linewidth=1.6, legend=j == 1)
+            ax.set_title(f"Split {split}: {title}")
+            ax.set_xlabel("epoch")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_ylabel("validation union accuracy (%)")
+        axes[i][1].legend(title="method", loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    fig.suptitle("Validation union accuracy per epoch (line: mean, band: ± std over seeds)")
+    return save(fig, path)
+
+
+def loss_plot(
+    history: pd.DataFrame, split: str, method: str, order: list[str], pal: Palette, path: Path
+) -> Path | None:
+    """Every ``loss/*`` term of ``method`` on ``split`` (unweighted batch means), one line per variant."""
+    h = history[(history["split"] == split) & (history["method"] == method) & history["metric"].str.startswith("loss/")]
+    if h.empty:
+        return None
+    terms = sorted(set(h["metric"]), key=lambda t: (t == "loss/total", t))
+    ncols = min(3, len(terms))
+    nrows = math.ceil(len(terms) / ncols)
+    fig, axes = figure(nrows, ncols, 4.4 * ncols + 1.6, 3.0 * nrows + 0.6)
+    hue_order = [o for o in order if o in set(h["label"])]
+    for idx, term in enumerate(terms):
+        ax = axes[idx // ncols][idx % ncols]
+        d = h[h["metric"] == term]
+        sns.lineplot(data=d, x="step", y="value", hue="label", hue_order=hue_order, palette=pal, errorbar="sd",
+                     ax=ax, linewidth=1.4, legend=idx == 0)
+        title = term + (" (weighted sum)" if term == "loss/total" else " (unweighted)")
+        if (d["value"] > 0).all() and d["value"].max() > LOG_RATIO * d["value"].min():
+            ax.set_yscale("log")  # a first-epoch spike would flatten the rest of the curve
+            title += ", log scale"
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel("loss (mean over batches)")
+    for idx in range(len(terms), nrows * ncols):
+        axes[idx // ncols][idx % ncols].set_visible(False)
+    leg = axes[0][0].get_legend()
+    if leg is not None:
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        leg.remove()
+        fig.legend(handles, labels, title="variant", loc="outside right center", frameon=False)
+    fig.suptitle(f"Split {split}: loss terms of {method} per epoch (mean, band = ± std over seeds)")
+    return save(fig, path)
+
+
+def ablation_plot(abl: pd.DataFrame, diffs: pd.DataFrame, pal: Palette, path: Path) -> Path | None:
+    """Δ (pp) vs the full method: mean (diamond), 95% CI (bar: t-interval, bootstrap from 30 pairs),
+    per-seed differences (dots)."""
+    a = abl[abl["variant"] != "full"]
+    if a.empty:
+        return None
+    blocks = list(dict.fromkeys(zip(a["split"], a["method"])))
+    metrics = [m for m in METRIC_TITLES if m in set(a["metric"])]
+    nvar = max(len(set(a[(a["split"] == s) & (a["method"] == m)]["variant"])) for s, m in blocks)
+    fig, axes = figure(len(blocks), len(metrics), 5.2 * len(metrics), 1.0 + (0.45 * nvar + 0.8) * len(blocks))
+    for i, (split, method) in enumerate(blocks):
+        for j, metric in enumerate(metrics):
+            ax = axes[i][j]
+            d = a[(a["split"] == split) & (a["method"] == method) & (a["metric"] == metric)].reset_index(drop=True)
+            order = list(d["row"])
+            pts = diffs[(diffs["split"] == split) & (diffs["method"] == method) & (diffs["metric"] == metric)]
+            if not pts.empty:
+                sns.stripplot(data=pts.assign(pp=100 * pts["diff"]), x="pp", y="row", order=order, hue="row",
+                              hue_order=order, palette=pal, ax=ax, size=4, alpha=0.55, jitter=0.1, legend=False,
+                              zorder=1)
+            ax.set_yticks(range(len(order)), order)
+            for y, r in d.iterrows():
+                colour = pal.get(r["row"], "black")
+                if not pd.isna(r["ci_low"]):
+                    ax.plot([100 * r["ci_low"], 100 * r["ci_high"]], [y, y], color=colour, linewidth=2.2, zorder=2)
+                if not pd.isna(r["delta"]):
+                    ax.plot([100 * r["delta"]], [y], marker="D", color=colour, markersize=7, zorder=3,
+                            markeredgecolor="black", markeredgewidth=0.6)
+            ax.axvline(0, color="black", linewidth=1, linestyle="--")
+            ax.set_ylim(len(order) - 0.5, -0.5)
+            ax.set_title(f"Split {split} · {method}: {METRIC_SHORT[metric]}")
+            ax.set_xlabel(f"Δ union accuracy vs full {method} (percentage points)")
+            ax.set_ylabel("")
+    fig.suptitle("Ablations: mean Δ (diamond), 95% CI (bar, n ≥ 3 only; t-interval below 30 pairs), "
+                 "per-seed Δ (dots)")
+    return save(fig, path)

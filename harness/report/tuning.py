@@ -12,10 +12,10 @@ parent run per invocation (its Optuna storage). This module turns them into:
   COMPLETE trials of an in-memory Optuna study, seeded);
 - :func:`tuning_markdown`: the report's ``## Tuning`` section; importances resting on fewer than
   :data:`FEW_TRIALS` complete trials carry a warning (:func:`few_trials_warning`) that says the
-  same of optuna-dashboard's importances (PED-ANOVA over the same complete trials).
-
-The figures are in :mod:`harness.report.plots` (``tuning_*_plot``); :mod:`harness.report.build`
-writes the files.
+  same of optuna-dashboard's importances (PED-ANOVA over the same complete trials);
+- the figures, one facet per Optuna study, coloured by trial state: :func:`tuning_history_plot`
+  (objective per trial), :func:`tuning_curves_plot` (running objective),
+  :func:`tuning_importance_plot` (importances); :mod:`harness.report.build` writes the files.
 
 Optuna is imported only when importances are computed; nothing here imports torch.
 """
@@ -26,11 +26,16 @@ import json
 import math
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import pandas as pd
+import seaborn as sns
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 from mlflow.tracking import MlflowClient
 
+from harness.report.figures import figure, save
 from harness.report.frames import PROVENANCE, search_runs, to_int
 from harness.report.paths import show_uri
 from harness.report.tables import Fmt, markdown
@@ -443,3 +448,121 @@ def _study_markdown(td: TuningData, study: str, imp: Importances) -> list[str]:
             f"#{r.number} ({r.status}" + (f": {_cell(r.failure)[:120]}" if r.failure else "") + ")"
             for r in failed.itertuples(index=False)) + ".\n")
     return md
+
+
+# ----------------------------------------------------------------------------- figures
+STATE_COLOURS = {"COMPLETE": "#1f77b4", "PRUNED": "#ff7f0e", "FAIL": "#d62728", "RUNNING": "#7f7f7f"}  # Optuna
+STATE_MARKERS = {"COMPLETE": "o", "PRUNED": "v", "FAIL": "X", "RUNNING": "s"}
+
+
+def _facets(n: int, width: float, height: float) -> tuple[Any, list]:
+    ncols = min(3, n)
+    nrows = math.ceil(n / ncols)
+    fig, axes = figure(nrows, ncols, width * ncols + 1.8, height * nrows + 0.7)
+    flat = [ax for row in axes for ax in row]
+    for ax in flat[n:]:
+        ax.set_visible(False)
+    return fig, flat[:n]
+
+
+def _state_legend(fig: Any, states: list[str], extra: list[tuple[Line2D, str]], marker: bool = True) -> None:
+    handles = [Line2D([], [], color=STATE_COLOURS[s], marker=STATE_MARKERS[s] if marker else None,
+                      linestyle="none" if marker else "-") for s in states]
+    labels = [STATE_WORDS[s] for s in states] + [label for _, label in extra]
+    fig.legend(handles + [h for h, _ in extra], labels, loc="outside right center", frameon=False)
+
+
+def tuning_history_plot(td: TuningData, path: Path) -> Path | None:
+    """Objective (%) per trial number, one facet per Optuna study: points by state, the running
+    best of the COMPLETE trials as a step line, the default trial circled, failed trials as
+    crosses along the bottom."""
+    studies = td.studies
+    if not studies:
+        return None
+    fig, axes = _facets(len(studies), 4.6, 3.4)
+    for ax, study in zip(axes, studies):
+        t = td.of(study).sort_values("number")
+        has = t[t["value"].notna()]
+        for state in STATES:
+            d = has[has["state"] == state]
+            if not d.empty:
+                sns.scatterplot(x=d["number"], y=100 * d["value"], color=STATE_COLOURS[state],
+                                marker=STATE_MARKERS[state], s=36, ax=ax, zorder=3, edgecolor="white", linewidth=0.4)
+        done = t[(t["state"] == "COMPLETE") & t["value"].notna()]
+        last = int(t["number"].max())
+        if not done.empty:
+            xs, ys = list(done["number"]), list(100 * done["value"].cummax())
+            ax.step(xs + [last], ys + ys[-1:], where="post", color="black", linewidth=1.2, zorder=2)
+        none = t[t["value"].isna()]
+        for state in ("FAIL", "RUNNING"):
+            d = none[none["state"] == state]
+            if not d.empty:
+                ax.scatter(d["number"], [0.03] * len(d), transform=ax.get_xaxis_transform(), clip_on=False,
+                           color=STATE_COLOURS[state], marker=STATE_MARKERS[state], s=30, zorder=3)
+        d = default_trial(t)
+        if d is not None and not pd.isna(d["value"]):
+            ax.scatter([d["number"]], [100 * d["value"]], s=150, facecolors="none", edgecolors="black",
+                       linewidths=1.3, zorder=4)
+        ax.set_xlim(int(t["number"].min()) - 0.5, last + 0.5)
+        ax.set_title(study)
+        ax.set_xlabel("trial number")
+        ax.set_ylabel("objective (%)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    states = [s for s in STATES if (td.trials["state"] == s).any()]
+    _state_legend(fig, states, [(Line2D([], [], color="black", linewidth=1.2), "best so far"),
+                                (Line2D([], [], marker="o", markersize=11, markerfacecolor="none",
+                                        markeredgecolor="black", linestyle="none"), "default trial")])
+    fig.suptitle("Objective per trial (failed and running trials: marks along the bottom)")
+    return save(fig, path)
+
+
+def tuning_curves_plot(td: TuningData, path: Path) -> Path | None:
+    """The running objective (%) of every trial against its step, one facet per Optuna study;
+    pruned trials stop early (a cross at their last step); the best trial is drawn thick, the
+    default trial dashed."""
+    c = td.curves
+    studies = [s for s in td.studies if (c["optuna_study"] == s).any()]
+    if not studies:
+        return None
+    fig, axes = _facets(len(studies), 4.6, 3.4)
+    for ax, study in zip(axes, studies):
+        d = c[c["optuna_study"] == study].assign(pct=lambda x: 100 * x["value"])
+        hue = [s for s in STATES if (d["state"] == s).any()]
+        sns.lineplot(data=d, x="step", y="pct", hue="state", hue_order=hue, palette=STATE_COLOURS, units="number",
+                     estimator=None, linewidth=0.9, alpha=0.55, ax=ax, legend=False)
+        ends = d[d["state"] == "PRUNED"].sort_values("step").groupby("number").tail(1)
+        ax.scatter(ends["step"], ends["pct"], marker="x", color=STATE_COLOURS["PRUNED"], s=28, zorder=3)
+        t = td.of(study)
+        for trial, style in ((best_trial(t), {"linewidth": 2.4, "color": "black"}),
+                             (default_trial(t), {"linewidth": 1.6, "color": "black", "linestyle": "--"})):
+            if trial is not None:
+                one = d[d["number"] == trial["number"]].sort_values("step")
+                ax.plot(one["step"], one["pct"], zorder=4, **style)
+        ax.set_title(study)
+        ax.set_xlabel("step (unit × epochs + epoch)")
+        ax.set_ylabel("running objective (%)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    states = [s for s in STATES if (c["state"] == s).any()]
+    _state_legend(fig, states, [(Line2D([], [], color="black", linewidth=2.4), "best trial"),
+                                (Line2D([], [], color="black", linewidth=1.6, linestyle="--"), "default trial")],
+                  marker=False)
+    fig.suptitle("Running objective of each trial (pruned trials stop early)")
+    return save(fig, path)
+
+
+def tuning_importance_plot(imps: dict[str, Importances], path: Path) -> Path | None:
+    """fANOVA importance per parameter, one facet per Optuna study that has them."""
+    have = {s: i for s, i in imps.items() if i.values}
+    if not have:
+        return None
+    n = max(len(i.values) for i in have.values())
+    fig, axes = _facets(len(have), 5.0, 0.9 + 0.38 * n)
+    for ax, (study, imp) in zip(axes, have.items()):
+        d = pd.DataFrame({"param": list(imp.values), "importance": list(imp.values.values())})
+        sns.barplot(data=d, x="importance", y="param", color=STATE_COLOURS["COMPLETE"], ax=ax)
+        ax.set_xlim(0, 1)
+        ax.set_title(f"{study} ({imp.n_trials} complete trials)")
+        ax.set_xlabel("importance (fANOVA, sums to 1)")
+        ax.set_ylabel("")
+    fig.suptitle("Parameter importances")
+    return save(fig, path)

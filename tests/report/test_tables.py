@@ -15,7 +15,7 @@ import pytest
 from scipy.stats import t as student_t
 from scipy.stats import ttest_rel
 
-from harness.report import plots, tables
+from harness.report import figures, tables
 
 SQRT2 = math.sqrt(2)
 T975_DF2 = 0.95 / math.sqrt(2 * 0.975 * 0.025)  # 0.975 quantile of t with 2 df, closed form
@@ -259,8 +259,8 @@ def test_orders_and_palette() -> None:
     variants = ["-task", "wide", "-intra-inter", "full", "-intra", "-zz"]
     assert sorted(variants, key=lambda v: tables.variant_rank(v, ["-intra", "-task"])) == [
         "full", "wide", "-intra", "-task", "-zz", "-intra-inter"]
-    a = plots.palette(["teachers", "scratch", "kd", "cka", "mine", "cka-intra"])
-    b = plots.palette(["cka", "cka-intra", "kd"])
+    a = figures.palette(["teachers", "scratch", "kd", "cka", "mine", "cka-intra"])
+    b = figures.palette(["cka", "cka-intra", "kd"])
     assert a["cka"] == b["cka"] and a["kd"] == b["kd"] and a["cka-intra"] == b["cka-intra"]
     assert len(set(a.values())) == len(a)
 
