@@ -187,12 +187,14 @@ def bench_overhead(device: str = "cpu", epochs: int = 4, reps: int = 3) -> dict[
 def bench_cache(device: str = "cpu", reps: int = 3) -> dict[str, float]:
     """One amalgamation epoch with cached teacher outputs vs teachers run live every batch."""
     from harness.config import TrainConfig
+    from harness.data.source import image_source
     from harness.train import teacher_outputs, train_epoch
 
     data, teachers, make_kd = _setup(device)
     cfg = TrainConfig(epochs=1, batch_size=128)
     x = data.parts["train"].x.to(device)
     cached = teacher_outputs(teachers, x)
+    source = image_source(x)
 
     def epoch(cache) -> Callable[[], float]:
         def run() -> float:
@@ -200,7 +202,7 @@ def bench_cache(device: str = "cpu", reps: int = 3) -> dict[str, float]:
             opt = torch.optim.Adam(m.parameters(), lr=1e-3)
             _sync(device)
             t0 = time.perf_counter()
-            train_epoch(m, opt, x, None, cache, cfg, torch.Generator().manual_seed(0))
+            train_epoch(m, opt, source, None, cache, cfg, torch.Generator().manual_seed(0))
             _sync(device)
             return time.perf_counter() - t0
 

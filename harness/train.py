@@ -5,11 +5,11 @@ Per epoch: seeded permutation of the training images, batches as index slices,
 validation union accuracy selects the best epoch. Training labels reach the method only when it
 declares ``uses_labels``.
 
-Two data paths give the same batches: in-memory parts are tensors on the trial's device and a
-batch is ``x[idx]``; streamed parts (``dataset.stream``, :class:`harness.data.stream.LazyImages`)
-are decoded batch by batch by a DataLoader (:class:`harness.data.stream.BatchLoader`: workers,
-prefetching, pinned memory on CUDA) fed the same index batches. Evaluation and teacher outputs
-read lazy parts in order in the same chunks as the in-memory slices.
+The loop reads one batch source (:class:`harness.data.source.ImageSource`), whatever holds the
+images: in memory, a tensor on the trial's device sliced as ``x[idx]``; streamed
+(``dataset.stream``), the same index batches decoded by a DataLoader (workers, prefetching, pinned
+memory on CUDA). Evaluation and teacher outputs read every part in order in the same chunks
+(:func:`harness.data.stream.in_chunks`), so nothing here asks where the images are.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from torch import Tensor
 
 from harness.config import TrainConfig
 from harness.data.splits import PartData, SplitData
-from harness.data.stream import BatchLoader, LazyImages, in_chunks, is_lazy, on_device
+from harness.data.source import ImageSource, image_source
+from harness.data.stream import LazyImages, images_device, in_chunks, on_device
 from harness.methods.base import PARAM_ROLES, Batch, Method
 
 
@@ -130,7 +131,7 @@ def predict_all(
     outs = [fn(xb) for xb in in_chunks(x, batch_size, device)]
     if outs:
         return torch.cat(outs)
-    return torch.zeros(0, device=device) if is_lazy(x) else x.new_zeros(0)  # type: ignore[union-attr]
+    return torch.zeros(0, device=images_device(x, device))
 
 
 @torch.no_grad()
@@ -196,37 +197,25 @@ def batch_indices(perm: Tensor, batch_size: int) -> list[Tensor]:
 
 
 def train_epoch(
-    method: Method, opt: torch.optim.Optimizer, x: Tensor | LazyImages, y: Tensor | None,
-    cache: TeacherOutputs | None, cfg: TrainConfig, gen: torch.Generator, loader: BatchLoader | None = None,
+    method: Method, opt: torch.optim.Optimizer, source: ImageSource, y: Tensor | None,
+    cache: TeacherOutputs | None, cfg: TrainConfig, gen: torch.Generator,
 ) -> dict[str, float]:
     """One pass over the training images; returns the mean of every term and of the total.
 
-    A tensor ``x`` is sliced by index on its device; a lazy ``x`` is decoded by ``loader`` (a
-    DataLoader over the same index batches; built here for this epoch when not given)."""
+    ``source`` gives each batch's images and indices on its device
+    (:class:`harness.data.source.ImageSource`: slices of a tensor, or decoded from disk)."""
     method.train()
-    n = len(x)
+    n = len(source)
     ids = opaque_ids(n)
     perm = torch.randperm(n, generator=gen)
     batches = batch_indices(perm, cfg.batch_size)
     n_batches = len(batches)
-    if is_lazy(x):
-        own = loader is None
-        loader = loader or BatchLoader(x, _device_of(method), persistent=False,  # type: ignore[arg-type]
-                                       batches_per_pass=n_batches)
-        device = loader.device
-        images = loader.pass_over(batches)
-    else:
-        own, device = False, x.device  # type: ignore[union-attr]
-    on_dev = [idx.to(device) for idx in batches]  # one host->device copy of each batch's indices
-    if not is_lazy(x):
-        images = (x[idx_d] for idx_d in on_dev)  # type: ignore[index]
+    device, images = source.device, source.take(batches)
     weights = method.weights()
     sums: dict[str, float] = {}
     try:
-        for b, xb in enumerate(images):  # the whole pass (a persistent loader's workers stay up)
-            idx, idx_d = batches[b], on_dev[b]
-            if device.type == "cuda" and loader is not None:
-                xb = xb.contiguous(memory_format=torch.channels_last)
+        for b, (xb, idx_d) in enumerate(images):  # the whole pass (a persistent loader's workers stay up)
+            idx = batches[b]
             if cfg.augment:
                 xb = augment(xb, gen, cfg.augment)
             if cache is not None:
@@ -248,14 +237,8 @@ def train_epoch(
                     raise NonFiniteLossError(f"loss/{t} is {val} at batch {b}")
                 sums[t] = sums.get(t, 0.0) + val
     finally:
-        if own:
-            loader.close()  # type: ignore[union-attr]
+        images.close()  # type: ignore[attr-defined]  (a pass stopped early stops its loader's workers now)
     return {f"loss/{t}": s / n_batches for t, s in sums.items()}
-
-
-def _device_of(module: torch.nn.Module) -> torch.device:
-    p = next(module.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 def effective_precision(cfg: TrainConfig, device: str | torch.device) -> str:
@@ -407,18 +390,13 @@ def _fit(
     gpu_setup(method, cfg, device)
     res = FitResult()
     sizes, offsets = data.sizes, data.offsets
-    loader: BatchLoader | None = None
+    source: ImageSource | None = None
     try:
         if method.trains:
             train = data.parts["train"]
-            if is_lazy(train.x):
-                x = train.x
-                n_batches = len(batch_indices(torch.arange(len(x)), cfg.batch_size))
-                loader = BatchLoader(x, device, persistent=True, batches_per_pass=n_batches)  # type: ignore[arg-type]
-            else:
-                x = train.x.to(device)
-                if device.type == "cuda":
-                    x = x.contiguous(memory_format=torch.channels_last)
+            n_batches = len(batch_indices(torch.arange(len(train.x)), cfg.batch_size))
+            source = image_source(train.x, device, channels_last=True, persistent=True, batches_per_pass=n_batches)
+            x = source.images
             y = train.y.to(device) if method.uses_labels else None  # unlabelled means unlabelled
             cache = None
             if not cfg.augment:
@@ -430,7 +408,7 @@ def _fit(
             best = -1.0
             for epoch in range(1, cfg.epochs + 1):
                 t0 = time.perf_counter()
-                metrics = train_epoch(method, opt, x, y, cache, cfg, gen, loader)
+                metrics = train_epoch(method, opt, source, y, cache, cfg, gen)
                 train_s = time.perf_counter() - t0
                 if sched is not None:
                     sched.step()
@@ -447,8 +425,8 @@ def _fit(
                 if on_epoch is not None:
                     on_epoch(epoch, metrics)
     finally:
-        if loader is not None:
-            loader.close()  # stop the training part's workers before the test pass starts its own
+        if source is not None:
+            source.close()  # stop the training part's workers before the test pass starts its own
     method.eval()
     last = evaluate(method.predict, data.parts["test"], sizes, offsets, device)
     best_m = last

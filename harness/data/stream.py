@@ -37,7 +37,7 @@ from harness.errors import HarnessError
 
 __all__ = [
     "LazyImages", "LazySet", "STREAMABLE", "is_lazy", "cat_images", "open_image_folder",
-    "loader_workers", "BatchLoader", "iter_batches", "in_chunks", "on_device",
+    "loader_workers", "BatchLoader", "iter_batches", "in_chunks", "images_device", "on_device",
 ]
 
 #: the data sets that ``dataset.stream: true`` supports
@@ -363,6 +363,11 @@ def iter_batches(images: LazyImages, batch_size: int, device: str | torch.device
         yield from loader.pass_over(batches)
     finally:
         loader.close()
+
+
+def images_device(x: "Tensor | LazyImages", device: str | torch.device | None = None) -> torch.device:
+    """Where :func:`in_chunks` puts the chunks of ``x``: a tensor's own device, else ``device`` (CPU)."""
+    return torch.device(device or "cpu") if is_lazy(x) else x.device  # type: ignore[union-attr]
 
 
 def in_chunks(x: "Tensor | LazyImages", batch_size: int, device: str | torch.device | None = None) -> Iterator[Tensor]:

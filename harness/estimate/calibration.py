@@ -100,14 +100,12 @@ def time_training(method: "Method", part: "PartData", cfg: "Recipe", device: str
     the recipe augments, else their outputs are computed beforehand (as ``fit`` does)."""
     import torch
 
-    from harness.data.stream import is_lazy, on_device
+    from harness.data.source import image_source
     from harness.train import make_optimizer, teacher_outputs, train_epoch
 
     bs = cfg.batch_size
     sub = _cycled(part, (WARMUP_BATCHES + TIMED_BATCHES) * bs)
-    x = on_device(sub.x, device)
-    if not is_lazy(x) and _kind(device) == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = image_source(sub.x, device, channels_last=True).images  # as fit() holds the training part
     y = sub.y.to(device) if method.uses_labels else None
     cache = None
     if not cfg.augment:
@@ -118,7 +116,8 @@ def time_training(method: "Method", part: "PartData", cfg: "Recipe", device: str
 
     def run(a: int, b: int) -> float:
         c = None if cache is None else ([t[a:b] for t in cache[0]], [t[a:b] for t in cache[1]])
-        return _timed(lambda: train_epoch(method, opt, x[a:b], None if y is None else y[a:b], c, cfg, gen), device)
+        part_ab = image_source(x[a:b], device, channels_last=True)
+        return _timed(lambda: train_epoch(method, opt, part_ab, None if y is None else y[a:b], c, cfg, gen), device)
 
     warm = WARMUP_BATCHES * bs
     per_batch = run(0, warm) / WARMUP_BATCHES
