@@ -19,9 +19,11 @@ module (each section's module imports it).
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
+import numpy as np
 import seaborn as sns
 from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
@@ -64,6 +66,23 @@ def figure(nrows: int, ncols: int, width: float, height: float) -> tuple[Figure,
         fig = Figure(figsize=(width, height), layout="constrained")
         axes = fig.subplots(nrows, ncols, squeeze=False)
     return fig, [list(r) for r in axes]
+
+
+#: seed of the jitter of the seeds' dots (seaborn's stripplot draws it from numpy's global generator)
+JITTER_SEED = 0
+
+
+@contextlib.contextmanager
+def seeded_jitter(seed: int = JITTER_SEED) -> Iterator[None]:
+    """Draw seaborn's strip-plot jitter from a seeded numpy global generator, then put the caller's
+    generator state back: a figure with jittered dots is the same PNG on every rebuild, and
+    drawing it changes no random stream of the caller's."""
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
 
 
 def save(fig: Figure, path: Path) -> Path:

@@ -27,7 +27,7 @@ import seaborn as sns
 from matplotlib.ticker import MaxNLocator
 
 from harness.report import stats
-from harness.report.figures import Palette, figure, save
+from harness.report.figures import Palette, figure, save, seeded_jitter
 from harness.report.frames import REFERENCE_METHOD, StudyData, is_final, natural_key, row_label
 
 PREFERRED = (REFERENCE_METHOD, "scratch", "kd", "cfl", "cka")
@@ -501,7 +501,8 @@ def accuracy_plot(trials: pd.DataFrame, orders: dict[str, list[str]], pal: Palet
                 continue
             kw = dict(data=d, x="acc", y="label", order=order, hue="label", hue_order=order, palette=pal, ax=ax,
                       legend=False)
-            sns.stripplot(**kw, size=4, alpha=0.55, jitter=0.12, zorder=1)
+            with seeded_jitter():
+                sns.stripplot(**kw, size=4, alpha=0.55, jitter=0.12, zorder=1)
             sns.pointplot(**kw, errorbar="sd", linestyle="none", markers="D", markersize=6, capsize=0.25,
                           err_kws={"linewidth": 1.4}, zorder=3)
             ax.set_ylim(len(order) - 0.5, -0.5)
@@ -590,9 +591,10 @@ def ablation_plot(abl: pd.DataFrame, diffs: pd.DataFrame, pal: Palette, path: Pa
             order = list(d["row"])
             pts = diffs[(diffs["split"] == split) & (diffs["method"] == method) & (diffs["metric"] == metric)]
             if not pts.empty:
-                sns.stripplot(data=pts.assign(pp=100 * pts["diff"]), x="pp", y="row", order=order, hue="row",
-                              hue_order=order, palette=pal, ax=ax, size=4, alpha=0.55, jitter=0.1, legend=False,
-                              zorder=1)
+                with seeded_jitter():
+                    sns.stripplot(data=pts.assign(pp=100 * pts["diff"]), x="pp", y="row", order=order, hue="row",
+                                  hue_order=order, palette=pal, ax=ax, size=4, alpha=0.55, jitter=0.1, legend=False,
+                                  zorder=1)
             ax.set_yticks(range(len(order)), order)
             for y, r in d.iterrows():
                 colour = pal.get(r["row"], "black")

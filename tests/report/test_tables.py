@@ -303,3 +303,22 @@ def test_routing_caps_names_the_best_rule_when_every_rule_is_capped_and_nothing_
                            "accuracy, 15.0 points below the weakest teacher on its own task (95.0%;")
     assert tables.routing_caps(_routing_frame(default=0.9, rule=0.92)) == {}
     assert routing_sentence(_routing_frame(default=0.9, rule=0.92), "3way") == []
+
+
+def test_the_jittered_dots_are_the_same_png_on_every_build_and_leave_numpy_alone(tmp_path: Path) -> None:
+    """seaborn draws the strip plot's jitter from numpy's global generator: seeded per figure, the
+    accuracy figure is byte-identical whatever state the caller's generator is in, and drawing it
+    does not advance the caller's stream."""
+    import numpy as np
+
+    trials = pd.DataFrame({"split": "2x5", "label": ["kd"] * 5 + ["cka"] * 5,
+                           "test/union_acc": [0.90, 0.91, 0.92, 0.93, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99]})
+    pal = figures.palette(["kd", "cka"])
+    pngs = []
+    for seed in (1, 2):
+        np.random.seed(seed)
+        before = np.random.get_state()[1].copy()
+        out = tables.accuracy_plot(trials, {"2x5": ["kd", "cka"]}, pal, tmp_path / f"accuracy-{seed}.png")
+        assert out is not None and (np.random.get_state()[1] == before).all()
+        pngs.append(out.read_bytes())
+    assert pngs[0] == pngs[1]
