@@ -506,10 +506,11 @@ class Tracker:
         for i in range(0, len(items), 1000):
             _retry(self.client.log_batch)(run_id, metrics=items[i : i + 1000])
 
-    def buffered(self, run_id: str, every: float = 5.0) -> "MetricBuffer":
-        """A per-run buffer of step metrics, written at most every ``every`` seconds (and on
-        ``flush``): per-epoch curves stay live while short epochs cost no store round trip each."""
-        return MetricBuffer(self, run_id, every)
+    def buffered(self, run_id: str, every: float | None = None) -> "MetricBuffer":
+        """A per-run buffer of step metrics, written at most every ``every`` seconds (default
+        :data:`FLUSH_SECONDS`; and on ``flush``): per-epoch curves stay live while short epochs cost
+        no store round trip each."""
+        return MetricBuffer(self, run_id, FLUSH_SECONDS if every is None else every)
 
     @_retry
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
@@ -578,6 +579,10 @@ class Tracker:
         if statuses is not None:
             runs = [r for r in runs if r.info.status in statuses]
         return runs
+
+
+#: how often a trial's step metrics are sent while it trains, in seconds (:class:`MetricBuffer`)
+FLUSH_SECONDS = 5.0
 
 
 class MetricBuffer:

@@ -3,6 +3,7 @@ isolation and retries, resume after SIGKILL (no duplicate, no lost trial), the R
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import signal
@@ -21,6 +22,7 @@ from harness.cli import main
 from harness.methods.base import Batch, Params, register
 from harness.runner import run_study
 from harness.store import TAG
+from harness import tracking
 from harness.tracking import tag_seconds
 from tests.plugins_for_tests import _KD
 from tests.waiting import bound, wait_for
@@ -473,11 +475,14 @@ def _stop_after_first_epoch(epoch: int, metrics: dict[str, float]) -> None:
     raise RuntimeError(f"stopped by the test after epoch {epoch}")
 
 
-def test_a_failing_flush_does_not_hide_why_the_trial_failed(env: dict[str, Any]) -> None:
+def test_a_failing_flush_does_not_hide_why_the_trial_failed(env: dict[str, Any], monkeypatch) -> None:
     """The trial fails; flushing its curves then fails too (a metric name the store refuses):
-    the trial's own exception is raised and recorded as the reason."""
+    the trial's own exception is raised and recorded as the reason. The curves wait for the final
+    flush however long the first epoch takes (on a loaded machine it took over the 5 s at which
+    they are sent while training, and the store refused the name before the trial failed)."""
     from harness.trial import execute_trial
 
+    monkeypatch.setattr(tracking, "FLUSH_SECONDS", math.inf)
     study, trial, tracker, run_id = _in_process(env, "flush-fails", "test_bad_term")
     with pytest.warns(UserWarning, match="could not log the last epochs"):
         with pytest.raises(RuntimeError, match="stopped by the test after epoch 1"):

@@ -92,6 +92,23 @@ def _queue(study: str) -> list[tuple[str, str]]:
     return [tuple(line.split("|")) for line in out.splitlines() if line]
 
 
+def _steps(job: str) -> list[str]:
+    """The job steps Slurm still has of ``job`` (its batch step included)."""
+    out = subprocess.run(["squeue", "-h", "-s", "-j", job, "-o", "%i"], capture_output=True, text=True, timeout=60,
+                         check=False).stdout
+    return [line for line in out.splitlines() if line.strip()]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _job_story(tmp: Path, study: str, job: str) -> str:
     """What Slurm recorded of ``job`` and the end of its logs: the message of a failed check."""
     acct = subprocess.run(["sacct", "-D", "-P", "-j", job.split("_")[0], "-o", "JobID,State,ExitCode,Reason,Start,End"],
@@ -206,9 +223,17 @@ def test_detach_status_rerun_requeue(cluster, cache, tmp_path_factory, capsys):
 
         victim = _until("the test_hold trial running (held) in Slurm", held)[0]
         job = victim.data.tags["harness.slurm_job"]
-        subprocess.run(["scontrol", "requeue", job], check=True, timeout=60)  # what a preemption does
+        # what a preemption does, held so that its next start waits until this start is gone: on a
+        # loaded node Slurm (22.05) could relaunch a plain requeue while the interrupted step was
+        # still being torn down, and the new start's batch step was cancelled before any of our code
+        # ran (FAILED, exit code 1, nothing in its log): Slurm's race, not the harness's (a trial
+        # whose job fails so is failed with Slurm's reason and resubmitted under max_retries)
+        subprocess.run(["scontrol", "requeuehold", job], check=True, timeout=60)
         _until("the requeued job to be pending", lambda: (job, "PENDING") in _queue(DET))
+        _until("the interrupted start's process and job steps to be gone",
+               lambda: not _pid_alive(int(victim.data.tags["harness.pid"])) and not _steps(job))
         (gate / "open").touch()  # its next start goes on
+        subprocess.run(["scontrol", "release", job], check=True, timeout=60)
         subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, timeout=60)
         _until("the study's jobs to end", lambda: not _queue(DET))
         assert main(["status", study]) == 0
