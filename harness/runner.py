@@ -41,14 +41,15 @@ from typing import Any, Iterable, Union
 from urllib.parse import urlparse
 
 from harness.config import StudyConfig, dump_study, load_study, slurm_config
+from harness.dispatch import dispatch
 from harness.errors import HarnessError
 from harness.files import process_alive, reason_fault, refused
-from harness.interrupts import deferred, sigterm_as_interrupt
+from harness.interrupts import sigterm_as_interrupt
 from harness.grid import Trial, build_splits, expand, method_variants
 from harness.methods.base import get_method
 from harness.progress import Progress, make_progress
 from harness.scheduler import (
-    LocalPool, PackingGuard, RayPool, Slot, SlurmPool, TeacherJob, TrialJob, WorkerContext, active_trials, build_slots,
+    LocalPool, Outcome, PackingGuard, RayPool, Slot, SlurmPool, TeacherJob, TrialJob, WorkerContext, active_trials, build_slots,
     check_packing, check_slurm, gpu_total_mb, job_precision, run_teacher_job, run_trial_job, warm_trial_worker,
 )
 from harness.store import (
@@ -410,46 +411,65 @@ def teacher_stage(s: Session, todo: list[Trial], splits: dict) -> list[Path]:
 
 
 def run_trials(s: Session, todo: list[Trial], progress: Progress) -> list[tuple[Trial, str]]:
-    """Keep the pool full until every trial finished or failed ``max_retries + 1`` times.
+    """Keep the pool full until every trial finished or failed ``max_retries + 1`` times
+    (:func:`harness.dispatch.dispatch` over :class:`GridJobs`); returns the failures."""
+    jobs = GridJobs(s, todo, progress)
+    dispatch(s.pool, jobs)
+    return jobs.failed
 
-    Each attempt is a new run opened here; if its worker dies, it is marked FAILED here. On an
-    interrupt, running workers are stopped and their runs marked KILLED. Returns the failures."""
-    queue = deque((t, 0) for t in todo)
-    inflight: dict[str, tuple[Trial, int]] = {}
-    failed: list[tuple[Trial, str]] = []
-    try:
-        while queue or inflight:
-            while queue and s.pool.has_room():
-                with deferred():  # a run opened is a run the pool knows (and stops on an interrupt)
-                    trial, attempt = queue.popleft()
-                    run_id, slot = submit(s, trial, attempt)
-                    inflight[run_id] = (trial, attempt)
-                progress.started(trial.run_name, slot.name if slot else None, attempt)
-            for out in s.pool.wait(timeout=1.0):
-                trial, attempt = inflight.pop(out.key)
-                result = out.result if out.ok else finished_result(s.tracker, out.key)
-                if result is not None:  # also a worker that ended its run FINISHED and died before replying
-                    cls = get_method(trial.method)
-                    progress.finished(trial.run_name, result, ranked=cls.trains and not cls.uses_labels)
-                    learn_packing(s, out.slot, result, progress)
-                    continue
-                reason = settle_failure(s.tracker, out.key, out.error, out.kind)
-                if refused(reason):  # a full or read-only disk fails every next trial too: one line, exit 2
-                    raise reason_fault(f"trial {trial.run_name}", reason, store_path(s.tracker.uri) or s.tracker.uri)
-                retry = attempt < s.study.max_retries
-                if retry:
-                    queue.append((trial, attempt + 1))
-                else:
-                    failed.append((trial, reason))
-                progress.failed_attempt(trial.run_name, reason, retry)
-            progress.tick()
-    except BaseException:
-        for run_id in s.pool.stop():
-            s.tracker.finish_if_running(run_id, "KILLED", {FAILURE: "interrupted: the study was stopped",
-                                                           FAILURE_KIND: "interrupted",
-                                                           END: utc_iso(time.time())})
-        raise
-    return failed
+
+class GridJobs:
+    """run-study's job source: the grid's trials in order, each attempt a new run opened here.
+
+    A failed attempt is queued again until the trial failed ``max_retries + 1`` times; a worker that
+    died without a word has its run marked FAILED here; a full or read-only disk stops the study
+    (every next trial would fail the same way); on a stop, the running trials' runs end KILLED."""
+
+    def __init__(self, s: Session, todo: list[Trial], progress: Progress) -> None:
+        self.s, self.progress = s, progress
+        self.queue = deque((t, 0) for t in todo)
+        self.inflight: dict[str, tuple[Trial, int]] = {}
+        self.failed: list[tuple[Trial, str]] = []
+
+    def start_next(self) -> bool:
+        if not self.queue:
+            return False
+        trial, attempt = self.queue.popleft()
+        run_id, slot = submit(self.s, trial, attempt)
+        self.inflight[run_id] = (trial, attempt)
+        self.progress.started(trial.run_name, slot.name if slot else None, attempt)
+        return True
+
+    def in_flight(self) -> int:
+        return len(self.inflight)
+
+    def settle(self, out: Outcome) -> None:
+        s = self.s
+        trial, attempt = self.inflight.pop(out.key)
+        result = out.result if out.ok else finished_result(s.tracker, out.key)
+        if result is not None:  # also a worker that ended its run FINISHED and died before replying
+            cls = get_method(trial.method)
+            self.progress.finished(trial.run_name, result, ranked=cls.trains and not cls.uses_labels)
+            learn_packing(s, out.slot, result, self.progress)
+            return
+        reason = settle_failure(s.tracker, out.key, out.error, out.kind)
+        if refused(reason):  # a full or read-only disk fails every next trial too: one line, exit 2
+            raise reason_fault(f"trial {trial.run_name}", reason, store_path(s.tracker.uri) or s.tracker.uri)
+        retry = attempt < s.study.max_retries
+        if retry:
+            self.queue.append((trial, attempt + 1))
+        else:
+            self.failed.append((trial, reason))
+        self.progress.failed_attempt(trial.run_name, reason, retry)
+
+    def tick(self) -> None:
+        self.progress.tick()
+
+    def stopped(self, keys: list[str]) -> None:
+        for run_id in keys:
+            self.s.tracker.finish_if_running(run_id, "KILLED", {FAILURE: "interrupted: the study was stopped",
+                                                                FAILURE_KIND: "interrupted",
+                                                                END: utc_iso(time.time())})
 
 
 def submit_detached(s: Session, todo: list[Trial]) -> list[tuple[Trial, str]]:

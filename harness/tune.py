@@ -52,10 +52,11 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from harness.config import StudyConfig, dump_study, load_study
+from harness.dispatch import dispatch
 from harness.errors import HarnessError
 from harness.grid import Trial, build_splits
 from harness.files import process_alive
-from harness.interrupts import deferred, sigterm_as_interrupt
+from harness.interrupts import sigterm_as_interrupt
 from harness.keys import trial_key
 from harness.scheduler import PRELOAD, LocalPool, Outcome, Slot, WorkerContext, build_slots, warm_trial_worker
 from harness.search import PrunerConfig, SamplerConfig, SearchPlan
@@ -426,24 +427,27 @@ class Search:
         return None
 
     def run(self) -> None:
-        """Refill the pool, settle what ended, beat. Each start, settle and heartbeat runs whole
-        (:func:`~harness.interrupts.deferred`): a Ctrl-C or SIGTERM comes between them, so every
-        trial asked of Optuna is in ``inflight`` or told (:meth:`interrupt` then fails and queues
-        exactly the ones in flight)."""
-        while True:
-            while self.pool.has_room() and (method := self.next_method()) is not None:
-                with deferred():
-                    self.start(method)
-            if not self.inflight:
-                return
-            for out in self.pool.wait(timeout=1.0):
-                with deferred():
-                    self.settle(out)
-            if time.time() - self._beat > HEARTBEAT_EVERY:
-                self._beat = time.time()
-                with deferred():
-                    for f in self.inflight.values():
-                        f.trial.set_user_attr(HEARTBEAT, self._beat)
+        """Refill the pool, settle what ended, beat, until every method's budget is used
+        (:func:`harness.dispatch.dispatch`, this search its job source). Each start, settle and
+        heartbeat runs whole, so every trial asked of Optuna is in ``inflight`` or told; on a stop,
+        the ones in flight fail and are queued again (:meth:`stopped`)."""
+        dispatch(self.pool, self)
+
+    # the job source of harness.dispatch ---------------------------------------------------
+    def start_next(self) -> bool:
+        if (method := self.next_method()) is None:
+            return False
+        self.start(method)
+        return True
+
+    def in_flight(self) -> int:
+        return len(self.inflight)
+
+    def tick(self) -> None:
+        if time.time() - self._beat > HEARTBEAT_EVERY:
+            self._beat = time.time()
+            for f in self.inflight.values():
+                f.trial.set_user_attr(HEARTBEAT, self._beat)
 
     def start(self, method: str) -> None:
         """Ask for a configuration, open its MLflow run and hand it to a worker. If anything stops
@@ -541,14 +545,9 @@ class Search:
                                            tags)
         self.tracker.finish(f.run_id, status or ("FAILED" if state == "FAIL" else "FINISHED"))
 
-    def interrupt(self) -> None:
-        """Stop the workers; their trials fail and are queued again for the next invocation (a
-        second Ctrl-C meanwhile is delivered once that is done)."""
-        with deferred():
-            self._interrupt()
-
-    def _interrupt(self) -> None:
-        self.pool.stop()
+    def stopped(self, keys: list[str]) -> None:
+        """The pool was stopped: the trials in flight fail and are queued again for the next
+        invocation, their runs end KILLED."""
         for f in list(self.inflight.values()):
             study = self.studies[f.method]
             try:
@@ -687,11 +686,7 @@ def tune(
                 for seed in teacher_seeds_of(study, plan.seeds):  # one set, or one per seed (per_seed)
                     prepare_teachers(study, splits[name], tracker, exp, device=pool.teacher_device, seed=seed)
             with sigterm_as_interrupt():
-                try:
-                    search.run()
-                except BaseException:
-                    search.interrupt()
-                    raise
+                search.run()
         except BaseException as e:
             reason = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"[:500]
             tracker.set_tags(search.parent, {FAILURE: reason})
