@@ -25,11 +25,10 @@ from harness.data.splits import SplitData, attach_pool, build_split
 from harness.grid import Trial, resolved_config
 from harness.methods.base import SplitInfo, TeacherSet, get_method
 from harness.models import build_model
+from harness.records import TeacherRunTags, TrialRunTags
 from harness.store import (
-    CACHED, CONFIG, DETERMINISTIC, DEVICE, END, FAILURE, FAILURE_KIND, HOST, KIND, KIND_TEACHER,
-    KIND_TEACHER_STAGE, KIND_TRIAL, METHOD, PID, POOL, PRECISION, RUN, SEED, SEEDED, SPLIT, START,
-    STUDY, TASK, TEACHER_DIGEST, TEACHER_DIGESTS, TEACHER_KEY, TEACHER_KEYS, TEACHER_SEED,
-    TRACEBACK, TRIAL_ARTIFACT, TRIAL_KEY, USES_LABELS, VARIANT, VERSION,
+    DETERMINISTIC, DEVICE, END, FAILURE, FAILURE_KIND, HOST, KIND, KIND_TEACHER_STAGE, KIND_TRIAL, PID, POOL,
+    PRECISION, START, TEACHER_DIGESTS, TEACHER_KEYS, TRACEBACK, TRIAL_ARTIFACT, TRIAL_KEY,
 )
 from harness.teachers import OutputsOf, TeacherRecord, cached_outputs, get_teachers
 from harness.tracking import (
@@ -58,22 +57,13 @@ def default_routing(study: StudyConfig, trial: Trial) -> str | None:
 
 
 def trial_tags(trial: Trial, uses_labels: bool, seeded: bool = True, default_rule: str | None = None) -> dict[str, str]:
-    """The schema tags of a trial run (:mod:`harness.tracking`); ``harness.run`` keeps the older
-    full name (``2x5/kd/seed0``), ``harness.config`` is what group-by averages over seeds."""
-    return {
-        STUDY: trial.study,
-        SPLIT: trial.split,
-        METHOD: trial.method,
-        VARIANT: trial.variant,
-        CONFIG: config_tag(trial.method, trial.variant, default_rule),
-        RUN: trial.run_name,
-        SEED: str(trial.seed),
-        TRIAL_KEY: trial.key,
-        KIND: KIND_TRIAL,
-        USES_LABELS: str(uses_labels).lower(),
-        SEEDED: str(seeded).lower(),
-        VERSION: __version__,
-    }
+    """The identity tags of a trial run (:class:`harness.records.TrialRunTags`); ``harness.run``
+    keeps the older full name (``2x5/kd/seed0``), ``harness.config`` is what group-by averages over seeds."""
+    return TrialRunTags(
+        study=trial.study, split=trial.split, method=trial.method, variant=trial.variant,
+        config=config_tag(trial.method, trial.variant, default_rule), run=trial.run_name, seed=trial.seed,
+        trial_key=trial.key, uses_labels=uses_labels, seeded=seeded, version=__version__,
+    ).to_tags()
 
 
 def teacher_metrics(rec: TeacherRecord) -> tuple[list[dict[str, float]], dict[str, float]]:
@@ -121,16 +111,11 @@ def log_teacher(tracker: Tracker, experiment_id: str, study: str, split: str, re
     none exists; a retrained teacher with other weights gets a run of its own), named
     ``teacher 0 · 2x5`` (with ``s<seed>`` when teachers are trained ``per_seed``), a child of
     ``parent()`` (the invocation's :class:`TeacherStage`) when given."""
-    same = {TEACHER_KEY: rec.key, TEACHER_DIGEST: rec.digest, SPLIT: split}
-    if tracker.find(experiment_id, same, ("FINISHED",)):
+    record = TeacherRunTags(study=study, split=split, task=rec.index, teacher_key=rec.key,
+                            teacher_digest=rec.digest, teacher_seed=rec.seed, cached=rec.cached)
+    if tracker.find(experiment_id, record.identity(), ("FINISHED",)):
         return
-    tags = {
-        STUDY: study, SPLIT: split, KIND: KIND_TEACHER, TASK: str(rec.index),
-        TEACHER_KEY: rec.key, TEACHER_DIGEST: rec.digest, TEACHER_SEED: str(rec.seed),
-        METHOD: "teacher", VARIANT: "full", CONFIG: f"teacher:task{rec.index}",
-        RUN: f"{split}/teacher{rec.index}",
-        CACHED: str(rec.cached).lower(), USES_LABELS: "true",
-    }
+    tags = record.to_tags()
     name = teacher_run_name(split, rec.index, rec.seed if per_seed else None)
     run_id = tracker.start(experiment_id, name, tags, rec.spec, parent() if parent is not None else None)
     history, final = teacher_metrics(rec)

@@ -347,6 +347,13 @@ def test_the_store_schema_imports_nothing():
     assert not found, f"harness.store imports: {found}"
 
 
+def test_the_store_records_stand_on_the_store_schema_only():
+    """``harness.records`` (typed trial and teacher run tags) reads and writes the store by
+    :mod:`harness.store`'s names and imports no other harness module: no torch, no mlflow."""
+    reached = set(config_reaches("harness.records")) - {"harness.records"}
+    assert reached <= {"harness", "harness.store"}, f"harness.records reaches {sorted(reached)}"
+
+
 def test_the_keys_stand_on_the_study_schema_for_its_type_only():
     above = {m: chain for m, chain in config_reaches("harness.keys").items() if m != "harness.keys" and m not in KEYS_FLOOR}
     assert not above, "harness.keys reaches above the study schema:\n" + "\n".join(

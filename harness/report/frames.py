@@ -49,11 +49,10 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from harness.errors import HarnessError
+from harness.records import TeacherRunTags, TrialRunTags
 from harness.store import (
-    DETERMINISTIC, FAILURE, FAILURE_KIND, KIND, KIND_STUDY, KIND_TEACHER, KIND_TRIAL, METHOD, POOL,
-    PROVENANCE_TAGS, SEED, SEEDED, SOURCE_ARTIFACT, SPLIT, STUDY, STUDY_ARTIFACT, TASK,
-    TEACHER_DIGEST, TEACHER_DIGESTS, TEACHER_KEY, TEACHER_KEYS, TRIAL_KEY, TRIAL_KEYS_ARTIFACT,
-    USES_LABELS, VARIANT,
+    DETERMINISTIC, FAILURE, FAILURE_KIND, KIND, KIND_STUDY, KIND_TEACHER, KIND_TRIAL, POOL,
+    PROVENANCE_TAGS, SOURCE_ARTIFACT, STUDY, STUDY_ARTIFACT, TEACHER_DIGESTS, TEACHER_KEYS, TRIAL_KEYS_ARTIFACT,
 )
 from harness.tracking import (  # noqa: F401
     bestval, flatten, missing_store, resolve_uri, row_label,
@@ -217,22 +216,25 @@ def to_int(value: str | None) -> int:
 
 
 def run_info(run: Any) -> dict[str, Any]:
+    """One row of a trial or teacher run: its info, its identity (:class:`harness.records.TrialRunTags`,
+    read the one way every reader reads it), why it failed, its provenance."""
     tags = run.data.tags
+    ident = TrialRunTags.from_tags(tags)
     return {
         "run_id": run.info.run_id,
         "run_name": run.info.run_name or "",
         "status": run.info.status,
         "start_time": int(run.info.start_time or 0),
         "end_time": int(run.info.end_time or 0),
-        "split": tags.get(SPLIT, ""),
-        "method": tags.get(METHOD, ""),
-        "variant": tags.get(VARIANT, "full") or "full",
-        "seed": to_int(tags.get(SEED)),
-        "trial_key": tags.get(TRIAL_KEY, ""),
-        "uses_labels": tags.get(USES_LABELS, "false").lower() == "true",
+        "split": ident.split,
+        "method": ident.method,
+        "variant": ident.variant,
+        "seed": ident.seed,
+        "trial_key": ident.trial_key,
+        "uses_labels": ident.uses_labels,
         "failure": tags.get(FAILURE, ""),
         "failure_kind": tags.get(FAILURE_KIND, ""),
-        "seeded": tags.get(SEEDED, ""),
+        "seeded": "" if ident.seeded is None else str(ident.seeded).lower(),  # "" on older runs
         **{name: tags.get(tag, "") for name, tag in PROVENANCE_TAGS.items()},
         "deterministic": tags.get(DETERMINISTIC, ""),
         "pool": tags.get(POOL, ""),
@@ -453,9 +455,8 @@ def load_study(study: str, tracking_uri: str | None = None, history: bool = True
 
     teacher_runs = {r.info.run_id: r for r in search_runs(client, exp.experiment_id, KIND_TEACHER)}
     trows = pd.DataFrame(
-        [{**run_info(r), "task": to_int(r.data.tags.get(TASK)),
-          "teacher_key": r.data.tags.get(TEACHER_KEY, ""),
-          "teacher_digest": r.data.tags.get(TEACHER_DIGEST, "")} for r in teacher_runs.values()],
+        [{**run_info(r), "task": (t := TeacherRunTags.from_tags(r.data.tags)).task,
+          "teacher_key": t.teacher_key, "teacher_digest": t.teacher_digest} for r in teacher_runs.values()],
         columns=INFO_COLUMNS + ["task", "teacher_key", "teacher_digest"],
     )
     trows = trows[trows["status"] == "FINISHED"]
