@@ -430,7 +430,8 @@ def benchmark(path: str | Path, phases: list[str] | None = None, tracking_uri: s
     import os
     import platform
 
-    from harness.store import FAILURE, HOST, KIND, KIND_BENCHMARK, RUNNER_PID, SUITE
+    from harness.records import InvocationRunTags
+    from harness.store import FAILURE, KIND, KIND_BENCHMARK
     from harness.store import PHASES as PHASES_TAG
     from harness.tracking import Tracker, version_tags
 
@@ -440,14 +441,13 @@ def benchmark(path: str | Path, phases: list[str] | None = None, tracking_uri: s
     from harness.files import process_alive
 
     for r in tracker.find(exp, {KIND: KIND_BENCHMARK}, ("RUNNING",)):  # invocations killed here
-        tags = r.data.tags
-        pid = int(tags.get(RUNNER_PID, "0") or 0)
-        if tags.get(HOST) == platform.node() and pid != os.getpid() and not process_alive(pid):
+        pid = InvocationRunTags.from_tags(r.data.tags).runner_on(platform.node())
+        if pid and pid != os.getpid() and not process_alive(pid):
             tracker.finish_if_running(r.info.run_id, "KILLED", {FAILURE: "stale: the invocation was killed"})
     # this invocation: its phases' wall times as metrics ``phase_seconds/<phase>`` (the report sums them)
     run = tracker.start(exp, f"benchmark/{time.strftime('%Y%m%d-%H%M%S')}", {
-        KIND: KIND_BENCHMARK, SUITE: bench.suite.name, PHASES_TAG: ",".join(chosen),
-        HOST: platform.node(), RUNNER_PID: os.getpid(), **version_tags()})
+        **InvocationRunTags(KIND_BENCHMARK, bench.suite.name, platform.node(), os.getpid()).to_tags(),
+        PHASES_TAG: ",".join(chosen), **version_tags()})
     code = 0
     walls: dict[str, float] = {}
     try:

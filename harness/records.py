@@ -1,4 +1,5 @@
-"""Typed records of the runs in the MLflow store: what identifies a trial run and a teacher run,
+"""Typed records of the runs in the MLflow store: what identifies a trial run, a teacher run and
+the run of one invocation (``run-study``, ``tune``, ``benchmark``),
 each with one writer (:meth:`to_tags`, used where the run is opened) and one reader
 (:meth:`from_tags`, used by the report, the status, the results API and the runner's resume).
 
@@ -13,8 +14,9 @@ from dataclasses import dataclass
 from typing import Mapping
 
 from harness.store import (
-    CACHED, CONFIG, KIND, KIND_TEACHER, KIND_TRIAL, METHOD, RUN, SEED, SEEDED, SPLIT, STUDY, TASK, TEACHER_DIGEST,
-    TEACHER_KEY, TEACHER_SEED, TRIAL_KEY, USES_LABELS, VARIANT, VERSION,
+    BACKEND, CACHED, CONFIG, HOST, KIND, KIND_BENCHMARK, KIND_TEACHER, KIND_TRIAL, METHOD, POOL, RUN, RUNNER_PID,
+    SEED, SEEDED, SPLIT, STUDY, SUITE, TASK, TEACHER_DIGEST, TEACHER_KEY, TEACHER_SEED, TRIAL_KEY, USES_LABELS,
+    VARIANT, VERSION,
 )
 
 
@@ -110,3 +112,37 @@ class TeacherRunTags:
             teacher_key=tags.get(TEACHER_KEY, ""), teacher_digest=tags.get(TEACHER_DIGEST, ""),
             teacher_seed=_int(tags.get(TEACHER_SEED)), cached=_flag(tags.get(CACHED)) is True,
         )
+
+
+@dataclass(frozen=True)
+class InvocationRunTags:
+    """What identifies the run of one invocation: a study run (``run-study``, kind ``study``), a
+    search run (``tune``, ``search``) or a benchmark run (``benchmark``): its kind, the study or
+    suite it ran, and the process that ran it (host and pid), by which a later invocation on the
+    same host tells a run still going from one left RUNNING by a process that is gone."""
+
+    kind: str
+    name: str
+    host: str
+    runner_pid: int = 0
+    backend: str = ""
+    pool: str = ""
+    run: str = ""
+
+    def to_tags(self) -> dict[str, str]:
+        tags = {KIND: self.kind, SUITE if self.kind == KIND_BENCHMARK else STUDY: self.name, HOST: self.host,
+                RUNNER_PID: str(self.runner_pid)}
+        tags.update({tag: value for tag, value in ((BACKEND, self.backend), (POOL, self.pool), (RUN, self.run))
+                     if value})
+        return tags
+
+    @classmethod
+    def from_tags(cls, tags: Mapping[str, str]) -> "InvocationRunTags":
+        kind = tags.get(KIND, "")
+        pid = _int(tags.get(RUNNER_PID))
+        return cls(kind=kind, name=tags.get(SUITE if kind == KIND_BENCHMARK else STUDY, ""), host=tags.get(HOST, ""),
+                   runner_pid=max(pid, 0), backend=tags.get(BACKEND, ""), pool=tags.get(POOL, ""), run=tags.get(RUN, ""))
+
+    def runner_on(self, host: str) -> int:
+        """The pid of the process that ran it when that was on ``host``, else 0 (another host's, or unknown)."""
+        return self.runner_pid if self.host == host else 0

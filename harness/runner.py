@@ -48,13 +48,14 @@ from harness.interrupts import sigterm_as_interrupt
 from harness.grid import Trial, build_splits, expand, method_variants
 from harness.methods.base import get_method
 from harness.progress import Progress, make_progress
+from harness.records import InvocationRunTags
 from harness.scheduler import (
     LocalPool, Outcome, PackingGuard, RayPool, Slot, SlurmPool, TeacherJob, TrialJob, WorkerContext, active_trials, build_slots,
     check_packing, check_slurm, gpu_total_mb, job_precision, run_teacher_job, run_trial_job, warm_trial_worker,
 )
 from harness.store import (
-    ATTEMPT, BACKEND, DETACHED, END, FAILURE, FAILURE_KIND, HOST, KIND, KIND_STUDY, KIND_TRIAL,
-    POOL, RUN, RUNNER_PID, SLURM_JOBS, SOURCE_ARTIFACT, STUDY, STUDY_ARTIFACT, TRIAL_KEY,
+    ATTEMPT, DETACHED, END, FAILURE, FAILURE_KIND, KIND, KIND_STUDY, KIND_TRIAL,
+    SLURM_JOBS, SOURCE_ARTIFACT, STUDY, STUDY_ARTIFACT, TRIAL_KEY,
     TRIAL_KEYS_ARTIFACT,
 )
 from harness.teachers import cache_files
@@ -112,9 +113,8 @@ def check_not_running(tracker: Tracker, experiment_id: str, study: str) -> None:
     """HarnessError if another runner on this host is running this study now (its runs would be
     marked stale and its trials run twice)."""
     for r in tracker.find(experiment_id, {KIND: KIND_STUDY}, ("RUNNING",)):
-        tags = r.data.tags
-        pid = int(tags.get(RUNNER_PID, "0") or 0)
-        if tags.get(HOST) == platform.node() and pid and pid != os.getpid() and process_alive(pid):
+        pid = InvocationRunTags.from_tags(r.data.tags).runner_on(platform.node())
+        if pid and pid != os.getpid() and process_alive(pid):
             raise HarnessError(f"study {study!r} is already being run by process {pid} on this host; "
                                "wait for it or stop it first")
 
@@ -251,8 +251,8 @@ def run_study(
         if backend == "ray" and address and urlparse(tracker.uri).scheme in ("", "file", "sqlite"):
             print(f"warning: workers on other machines cannot write to {tracker.uri}; give --tracking-uri "
                   "http://<mlflow server> (see docs/cluster.md)", file=sys.stderr)
+        check_not_running(tracker, exp_id, study.name)  # before the pool's start-up: a refusal leaves no process behind
         pool.warm()
-        check_not_running(tracker, exp_id, study.name)
         in_slurm = active_trials(study.name) if isinstance(pool, SlurmPool) else {}
         todo = [t for t in todo if t.key not in in_slurm]  # never a second job for a pending or running trial
         stale = mark_stale(tracker, exp_id, {t.key for t in todo})
@@ -332,11 +332,10 @@ def execute(session: Session, todo: list[Trial], splits: dict, backend: str, liv
     s = session
     describe_experiment(s)
     now = time.time()
+    invocation = InvocationRunTags(KIND_STUDY, s.study.name, platform.node(), os.getpid(), backend, s.pool.describe(),
+                                   f"study/{time.strftime('%Y%m%d-%H%M%S', time.localtime(now))}")
     s.parent = s.tracker.start(s.experiment_id, study_run_name(now), {
-        KIND: KIND_STUDY, STUDY: s.study.name, HOST: platform.node(),
-        RUN: f"study/{time.strftime('%Y%m%d-%H%M%S', time.localtime(now))}",
-        RUNNER_PID: os.getpid(), BACKEND: backend, POOL: s.pool.describe(),
-        **s.provenance, **version_tags(),
+        **invocation.to_tags(), **s.provenance, **version_tags(),
     }, {k: v for k, v in s.study.model_dump(mode="json").items() if not (k in ("search", "slurm") and v is None)})
     try:
         s.tracker.log_text(s.parent, dump_study(s.study), STUDY_ARTIFACT)

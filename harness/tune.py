@@ -58,13 +58,14 @@ from harness.grid import Trial, build_splits
 from harness.files import process_alive
 from harness.interrupts import sigterm_as_interrupt
 from harness.keys import trial_key
+from harness.records import InvocationRunTags
 from harness.scheduler import PRELOAD, LocalPool, Outcome, Slot, WorkerContext, build_slots, warm_trial_worker
 from harness.search import PrunerConfig, SamplerConfig, SearchPlan
 from harness.store import (
-    ATTEMPT, DEFAULT, FAILURE, FAILURE_KIND, HEARTBEAT, HOST, KIND, KIND_SEARCH, KIND_TUNE_RUN,
+    ATTEMPT, DEFAULT, FAILURE, FAILURE_KIND, HEARTBEAT, KIND, KIND_SEARCH, KIND_TUNE_RUN,
     KIND_TUNE_TRIAL, METHOD, OBJECTIVE, OPTUNA_DEFAULT, OPTUNA_DISTRIBUTIONS, OPTUNA_NUMBER,
-    OPTUNA_PARAMS, OPTUNA_STATE, OPTUNA_STUDIES, OPTUNA_STUDY, OWNER, POOL, PRUNED, RETRY_OF,
-    RUNNER_PID, SLOT, STORAGE, STUDY, SURPLUS,
+    OPTUNA_PARAMS, OPTUNA_STATE, OPTUNA_STUDIES, OPTUNA_STUDY, OWNER, PRUNED, RETRY_OF,
+    SLOT, STORAGE, STUDY, SURPLUS,
 )
 from harness.tracking import Tracker, git_tags, version_tags
 
@@ -673,9 +674,8 @@ def tune(
         print(f"pool: {pool.describe()}; each trial trains {len(plan.units())} run(s) "
               f"(splits {', '.join(plan.splits)} x seeds {', '.join(map(str, plan.seeds))})")
         search.parent = tracker.start(exp, f"search/{time.strftime('%Y%m%d-%H%M%S')}", {
-            KIND: KIND_SEARCH, STUDY: study.name, STORAGE: storage_spec,
-            OPTUNA_STUDIES: ",".join(s.study_name for s in search.studies.values()),
-            HOST: platform.node(), RUNNER_PID: os.getpid(), POOL: pool.describe(),
+            **InvocationRunTags(KIND_SEARCH, study.name, platform.node(), os.getpid(), pool=pool.describe()).to_tags(),
+            STORAGE: storage_spec, OPTUNA_STUDIES: ",".join(s.study_name for s in search.studies.values()),
             **search.provenance, **version_tags(),
         })
         from harness.trial import prepare_teachers, study_split_dataset, teacher_seeds_of

@@ -78,3 +78,19 @@ def test_the_writers_and_readers_go_through_the_records():
         used = names(path)
         assert reader_or_writer <= used, path
         assert not {"SEED", "SEEDED", "VARIANT", "USES_LABELS", "TASK", "TEACHER_SEED", "CACHED"} & used, path
+
+
+@pytest.mark.parametrize("kind, name_tag", [("study", "harness.study"), ("search", "harness.study"),
+                                            ("benchmark", "harness.suite")])
+def test_an_invocation_run_record_round_trips_and_says_whose_process_it_was(kind, name_tag):
+    from harness.records import InvocationRunTags
+    from harness.store import HOST, RUNNER_PID
+
+    rec = InvocationRunTags(kind, "digits", "node7", 4242, backend="local" if kind == "study" else "",
+                            pool="cpu x2", run="study/20261207-101500" if kind == "study" else "")
+    tags = rec.to_tags()
+    assert tags[KIND] == kind and tags[name_tag] == "digits" and tags[HOST] == "node7" and tags[RUNNER_PID] == "4242"
+    assert ("harness.backend" in tags) == (kind == "study") and ("harness.run" in tags) == (kind == "study")
+    assert InvocationRunTags.from_tags(tags) == rec
+    assert rec.runner_on("node7") == 4242 and rec.runner_on("elsewhere") == 0
+    assert InvocationRunTags.from_tags({KIND: kind}).runner_on("") == 0  # an older run that recorded no pid

@@ -602,3 +602,34 @@ def test_a_known_gpu_peak_that_does_not_fit_trials_per_device_stops_the_study_be
         f"(peak: gpu_peak_mb of the finished run {trials[0].run_name}); at most 2 fit: set trials_per_device: 2")
     check_packing_before(study, tracker, exp, keys, {"cuda:0": 24576.0})  # 3 x 6512 MB fit on a larger GPU
     check_packing_before(study, tracker, exp, keys, {})  # no GPU in the pool: nothing to check
+
+
+def test_a_study_another_live_runner_on_this_host_is_running_is_refused_in_one_line(
+        env: dict[str, Any], capfd: pytest.CaptureFixture) -> None:
+    """Its study run says which process runs it (harness.records.InvocationRunTags): while that
+    process lives, a second run-study of the study is one line, exit 2, and starts nothing; once it
+    is gone the study is not refused (its RUNNING runs are stale, marked KILLED by the next run)."""
+    import platform
+
+    from harness.records import InvocationRunTags
+    from harness.runner import check_not_running
+    from harness.tracking import Tracker
+
+    path = write_study(env, "busy", {"kd": {}}, [0])
+    tracker = Tracker(env["uri"])
+    exp = tracker.experiment("busy")
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        tracker.start(exp, "study/elsewhere", InvocationRunTags("study", "busy", platform.node(), other.pid).to_tags())
+        capfd.readouterr()
+        assert main(["run-study", str(path)]) == 2
+        # one line (the refusal comes before the pool's start-up: a forkserver started for nothing and
+        # stopped while it imported torch printed "Intel oneMKL FATAL ERROR" as pytest exited)
+        assert capfd.readouterr().err.strip() == (
+            f"harness: error: study 'busy' is already being run by process {other.pid} on this host; "
+            "wait for it or stop it first")
+        assert not trial_runs(env["uri"], "busy")  # nothing started
+    finally:
+        other.kill()
+        other.wait()
+    check_not_running(tracker, exp, "busy")  # its process is gone: not refused
