@@ -115,10 +115,13 @@ def _cmd_report(args: argparse.Namespace) -> int:
     """A study file given is expanded here and the report uses only runs of its trial keys; a
     study name uses the keys its latest study run logged (else its logged study file, expanded)."""
     from harness.report.build import build_report
-    from harness.report.frames import resolve_study
+    from harness.report.frames import recorded_keys, resolve_study
 
     _, text = resolve_study(args.study)  # a missing or broken study file: one line, exit 2
-    keys = study_keys(text, args.study, args.precision) if text is not None else None
+    keys = None
+    if text is not None:  # the keys its run recorded (no torch), else the file expanded
+        keys = (recorded_keys(args.study, args.tracking_uri) if args.precision is None else None) \
+            or study_keys(text, args.study, args.precision)
     out = build_report(args.study, tracking_uri=args.tracking_uri, out_dir=args.out, keys=keys,
                        expand=lambda t: study_keys(t, "study.yaml logged by the latest study run", args.precision))
     from harness.report.reproduce import committed_line
@@ -173,13 +176,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_leaderboard(args: argparse.Namespace) -> int:
     """A study file given is scoped by its own trial keys (as in ``report``); a study name by the
     keys its latest study run logged. One line on stderr per split left out of the aggregates."""
+    from harness.report.frames import recorded_keys
     from harness.report.leaderboard import build_leaderboard, resolve
 
     keys = {}
     for study in args.study:
         _, text = resolve(study)  # a missing or broken study file: one line, exit 2
-        if text is not None:
-            keys[study] = study_keys(text, study)
+        if text is not None:  # the keys its run recorded (no torch), else the file expanded
+            keys[study] = recorded_keys(study, args.tracking_uri) or study_keys(text, study)
     board = build_leaderboard(args.study, tracking_uri=args.tracking_uri, out_dir=args.out, normalise=args.normalise,
                               reps=args.reps, keys=keys, power=args.power, cap=args.max_tasks,
                               expand=lambda t: study_keys(t, "study.yaml logged by the latest study run"))

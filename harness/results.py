@@ -12,8 +12,9 @@ stores is ``test/union_acc_bestval``, a param logged as Python's ``None`` is ``n
 **Scope** (``scope=``):
 
 - ``"study"`` (default): the runs of the report's tables. ``study`` a study *file*: the trial keys
-  of that file (it is expanded as ``harness report FILE`` expands it; ``precision`` as the report's
-  ``--precision``); a study *name*: the keys that the latest study run of the experiment logged
+  of that file (those its latest study run recorded when it ran this very file, else the file
+  expanded as ``harness report FILE`` expands it; ``precision`` as the report's ``--precision``,
+  which always expands); a study *name*: the keys that the latest study run of the experiment logged
   (older stores: its logged study file, expanded). Of every key, the latest FINISHED run; one row
   per (split, method, variant, seed).
 - ``"all"``: every FINISHED trial run of the experiment, whatever its trial key: runs of an
@@ -37,8 +38,9 @@ Column conventions (:data:`INFO_COLUMNS`, then metrics, then params):
   prefixed :data:`PARAM_PREFIX`: ``param.train.epochs``, ``param.params.T`` (strings, as logged;
   NaN where a run has no such param).
 
-Reading a study name never imports torch (a notebook without a GPU stack can use it); a study file
-is expanded into its trial keys by the harness's grid, which does.
+Reading a study name, or a study file as its run ran it, never imports torch (a notebook without
+a GPU stack can use it); an edited study file is expanded into its trial keys by the harness's
+grid, which does.
 """
 
 from __future__ import annotations
@@ -142,7 +144,9 @@ def _load(study: str, tracking_uri: str | None, scope: str, precision: str | Non
         uri = resolve_uri(tracking_uri)
         if missing_store(uri):  # before a study file is expanded; opening it would create an empty store
             raise HarnessError(f"no experiment '{name}' in {uri} (no tracking store there)")
-        keys = study_keys(text, study, precision) if text is not None else None
+        keys = None
+        if text is not None:  # the keys its run recorded (no torch), else the file expanded
+            keys = (frames.recorded_keys(study, uri) if precision is None else None) or study_keys(text, study, precision)
         data = load_study(study, uri, history=history and scope == "study", allow_empty=scope == "all", keys=keys,
                           expand=lambda t: study_keys(t, f"{STUDY_ARTIFACT} logged by the latest study run", precision))
     except HarnessError as e:  # the report's messages, without its name

@@ -235,12 +235,19 @@ def test_export_parquet_round_trips_or_says_what_to_install(ran: dict[str, Any],
 
 # ----------------------------------------------------------------------------- no torch, errors
 def test_reading_a_study_by_name_never_imports_torch(ran: dict[str, Any], tmp_path: Path) -> None:
+    """By name, and by the study file its run ran as written: the scope is the keys that run
+    recorded, so neither the grid nor torch is imported (an edited file is expanded instead:
+    test_a_study_file_is_scoped_by_its_own_keys)."""
+    path = str(ran["study"])
     code = ("import sys\nimport harness.results\n"
             f"t = harness.results.trials({NAME!r}, {ran['uri']!r})\n"
             f"c = harness.results.curves({NAME!r}, {ran['uri']!r}, scope='all')\n"
+            f"f = harness.results.trials({path!r}, {ran['uri']!r})\n"
             "from harness.cli import main\n"
             f"assert main(['export', {NAME!r}, '--out', 't.csv', '--tracking-uri', {ran['uri']!r}]) == 0\n"
+            f"assert main(['report', {path!r}, '--out', 'r', '--tracking-uri', {ran['uri']!r}]) == 0\n"
             "assert 'torch' not in sys.modules, 'harness.results imported torch'\n"
+            "assert list(f['run_id']) == list(t['run_id'])\n"
             "print(len(t), len(c))\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,

@@ -339,6 +339,35 @@ def _logged_study(client: MlflowClient, experiment_id: str, uri: str = "",
     return None, None, None
 
 
+def experiment_of(text: str | None) -> str | None:
+    """The experiment a study file names (``experiment:``), None when it names none."""
+    if text:
+        with contextlib.suppress(yaml.YAMLError):
+            data = yaml.safe_load(text)
+            if isinstance(data, dict) and isinstance(data.get("experiment"), str):
+                return data["experiment"]
+    return None
+
+
+def recorded_keys(study: str, tracking_uri: str | None = None) -> list[str] | None:
+    """The trial keys of a study *file* as the store recorded them: those its latest study run
+    logged (``trial_keys.json``) when that run ran this very file (its ``study_source.yaml`` is the
+    file's text), so the report's scope needs no expansion of the file (no grid, no torch). None
+    when the file was edited since, never ran, or the store is older than these artifacts: then
+    the caller expands the file (:func:`harness.grid.study_keys`)."""
+    name, text = resolve_study(study)
+    uri = resolve_uri(tracking_uri)
+    if text is None or missing_store(uri):
+        return None
+    client = MlflowClient(uri)
+    experiment = experiment_of(text)
+    exp = client.get_experiment_by_name(experiment or name)
+    if exp is None or exp.lifecycle_stage == "deleted":
+        return None
+    _, keys, source = _logged_study(client, exp.experiment_id, uri, name if experiment else None)
+    return keys if source == text else None
+
+
 def _scope(keys: Collection[str] | None, given_text: str | None, logged_text: str | None,
            logged_keys: list[str] | None, expand: KeyExpander | None) -> tuple[frozenset[str] | None, str]:
     """The study's trial keys and where they came from (or None and why the report is not scoped)."""
@@ -426,11 +455,7 @@ def load_study(study: str, tracking_uri: str | None = None, history: bool = True
     ``experiment``: the experiment holding the study's runs when it is not the study's name (a
     benchmark suite's: then only this study's own study runs are read for its logged files)."""
     name, text = resolve_study(study)
-    if experiment is None and text:  # a study file that names its experiment (``experiment:``)
-        with contextlib.suppress(yaml.YAMLError):
-            data = yaml.safe_load(text)
-            if isinstance(data, dict) and isinstance(data.get("experiment"), str):
-                experiment = data["experiment"]
+    experiment = experiment or experiment_of(text)
     uri = resolve_uri(tracking_uri)
     if missing_store(uri):  # opening it would create an empty store: a report only reads
         raise HarnessError(f"report: no experiment '{name}' in {uri} (no tracking store there)")
