@@ -714,7 +714,12 @@ def _print_report(name: str, uri: str, experiment: str | None = None) -> None:
         from harness.report.build import build_report
     except ImportError:
         return
-    print(f"report written to {build_report(name, tracking_uri=uri, experiment=experiment)}")
+    from harness.report.reproduce import committed_line
+
+    out = build_report(name, tracking_uri=uri, experiment=experiment)
+    print(f"report written to {out}")
+    if (line := committed_line(out)) is not None:  # over a committed report (digits-tune): does it reproduce?
+        print(line)
 
 
 # -- searches on Slurm -----------------------------------------------------------------------

@@ -507,3 +507,27 @@ def test_a_journal_lock_left_by_a_killed_search_can_be_found_stale(tmp_path: Pat
     finally:
         lock.release()
     assert not lock_file.is_symlink()
+
+
+def test_the_report_after_a_search_says_whether_it_reproduced_the_committed_one(searched, capsys):
+    """``harness tune`` builds the study's report at the end; over a committed report (as
+    ``results/digits-tune`` is), it says in one line whether every accuracy cell reproduced, as
+    ``run-study`` and ``harness report`` do."""
+    import shutil
+
+    from harness.tune import _print_report
+
+    _, tmp, _ = searched
+    if shutil.which("git") is None:
+        pytest.skip("no git")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.org"]
+    with isolated_dir(tmp):
+        uri = f"sqlite:///{tmp}/mlflow.db"
+        _print_report("tiny", uri)
+        assert "reproduced" not in capsys.readouterr().out  # nothing committed yet
+        subprocess.run([*git, "init", "-q"], cwd=tmp, check=True)
+        subprocess.run([*git, "add", "results/tiny"], cwd=tmp, check=True)
+        subprocess.run([*git, "commit", "-q", "-m", "the tuned report"], cwd=tmp, check=True)
+        _print_report("tiny", uri)
+        out = capsys.readouterr().out
+    assert "report written to" in out and "reproduced: every accuracy cell equals the committed report" in out

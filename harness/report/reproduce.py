@@ -2,9 +2,11 @@
 
 ``harness run-study studies/digits.yaml`` rebuilds ``results/digits/`` in place, over committed
 files. When a report lands where a committed report is (its folder inside a git checkout, its
-``comparison.csv``/``ablation.csv`` in ``HEAD``), :func:`committed_line` says in one line whether
-every accuracy cell equals the committed one, or which differ. Accuracy cells (:func:`accuracy_cells`):
-the columns whose name contains ``acc`` (``test/union_acc.mean``, ``diag/probe_acc.std``, ...), and
+``comparison.csv``/``ablation.csv``/``tuning.csv`` in ``HEAD``), :func:`committed_line` says in one
+line whether every accuracy cell equals the committed one, or which differ. Accuracy cells
+(:func:`accuracy_cells`): the columns whose name contains ``acc`` (``test/union_acc.mean``,
+``diag/probe_acc.std``, ...) and a search's objective (``value`` of ``tuning.csv``, per Optuna
+study and trial number), and
 in a long table with a ``metric`` column (the ablation table) the value columns of the rows whose
 metric is an accuracy; never timings or memory. Cells are equal when both are empty or both hold
 the same number (the CSV's own text, read back the same way on both sides).
@@ -23,10 +25,12 @@ from pathlib import Path
 
 import pandas as pd
 
-#: the committed tables a rebuild is compared with
-TABLES = ("comparison.csv", "ablation.csv")
-#: columns that name a row (the first ones present, in this order)
-ROW_KEYS = ("split", "row", "metric")
+#: the committed tables a rebuild is compared with (a search's report has only ``tuning.csv``)
+TABLES = ("comparison.csv", "ablation.csv", "tuning.csv")
+#: columns that name a row (the ones present, in this order)
+ROW_KEYS = ("split", "row", "metric", "optuna_study", "number")
+#: columns that are accuracies without saying so: a search's objective (a validation accuracy)
+OBJECTIVE = ("value",)
 #: value columns of a long table's accuracy rows (``metric`` names the accuracy)
 LONG_VALUES = ("mean", "std", "delta", "delta_std", "ci_low", "ci_high")
 #: how many differing cells the line names
@@ -73,7 +77,7 @@ def accuracy_cells(frame: pd.DataFrame) -> dict[Cell, float | None]:
                 continue
             cols = [c for c in LONG_VALUES if c in frame.columns]
         else:
-            cols = [c for c in frame.columns if "acc" in str(c)]
+            cols = [c for c in frame.columns if "acc" in str(c) or c in OBJECTIVE]
         for c in cols:
             out[(row, str(c))] = _number(r[c])
     return out

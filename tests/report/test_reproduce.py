@@ -44,6 +44,17 @@ def test_a_changed_cell_is_named_with_both_values() -> None:
         "3x3/cka diag/probe_acc.mean: 0.6 → –")
 
 
+def test_a_search_table_compares_each_trials_objective_and_not_its_duration() -> None:
+    tuning = pd.DataFrame({"optuna_study": ["d/cka", "d/cka", "d/kd"], "method": ["cka", "cka", "kd"],
+                           "number": [0, 1, 0], "state": ["COMPLETE", "PRUNED", "COMPLETE"],
+                           "value": [0.9037, 0.81, 0.95], "duration": [5.5, 2.0, 4.0], "methods.cka.T": [1.0, 1.9, None]})
+    later = tuning.assign(duration=[9.0, 9.0, 9.0])
+    assert reproduce.compare(tuning, later) == (3, [])
+    later.loc[1, "value"] = 0.8
+    n, diff = reproduce.compare(tuning, later)
+    assert n == 3 and [(d.row, d.column, d.committed, d.now) for d in diff] == [("d/cka/1", "value", 0.81, 0.8)]
+
+
 def test_the_ablation_table_compares_the_values_of_its_accuracy_rows() -> None:
     """Long form: the rows whose metric is an accuracy, their value columns; never a p-value's
     column or a non-accuracy metric."""
